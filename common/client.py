@@ -1,0 +1,42 @@
+"""`pdserve generate`: a small gRPC client that streams a completion to the terminal."""
+
+import sys
+
+import grpc
+
+from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+def build_request(args) -> gateway_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams()
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    request = gateway_pb2.GenerateRequest(sampling=sampling, stop=args.stop)
+    if args.chat:
+        request.messages.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    if args.max_new_tokens is not None:
+        request.max_new_tokens = args.max_new_tokens
+    return request
+
+
+def stream_to_terminal(args) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        try:
+            for reply in stub.Generate(build_request(args), timeout=args.timeout_s):
+                sys.stdout.write(reply.text)
+                sys.stdout.flush()
+                if reply.finish_reason:
+                    reason = common_pb2.FinishReason.Name(reply.finish_reason)
+                    t = reply.timings
+                    print(f"\n[{reason}; {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} "
+                          f"completion tokens; TTFT {t.time_to_first_token_ms:.0f} ms, total {t.total_ms:.0f} ms]",
+                          file=sys.stderr)
+        except grpc.RpcError as error:
+            print(f"\npdserve generate: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,102 @@
+"""One frozen configuration per service, validated on construction and passed down explicitly.
+Built once in main() from CLI flags (common/cli.py); nothing here reads the environment."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.kv_wire import DTYPES
+
+DEFAULT_GATEWAY_PORT = 50051
+
+
+def default_model_dir(cache_home: str | None, home: str) -> Path:
+    """Where the prepared default model lives: $XDG_CACHE_HOME/pdserve/models/... (outside git)."""
+    base = Path(cache_home) if cache_home else Path(home) / ".cache"
+    return base / "pdserve" / "models" / "SmolLM2-135M-Instruct"
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in [0, 65535], got {port}")
+
+
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 means all available cores), got {threads}")
+
+
+def resolve_threads(threads: int) -> int:
+    return threads or len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """What prefill and decode share: the model, the KV layout and the process."""
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    block_size: int = 16
+    kv_dtype: str = "float32"
+    kv_memory_mb: int = 1024
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        _check_threads(self.threads)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_memory_mb < 1:
+            raise ValueError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig(TierConfig):
+    max_batch_size: int = 64
+    lease_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.lease_ms < 1:
+            raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
+
+
+@dataclass(frozen=True)
+class PrefillConfig(TierConfig):
+    kv_memory_mb: int = 256
+    chunk_size: int = 256
+    max_batch_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.max_batch_tokens < self.chunk_size:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= chunk_size ({self.chunk_size})")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model_dir: Path
+    prefill_addresses: tuple[str, ...]
+    decode_addresses: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_GATEWAY_PORT
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 4096
+    max_stop_strings: int = 16
+    lease_ms: int = 30_000
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        if not self.prefill_addresses or not self.decode_addresses:
+            raise ValueError("the gateway needs at least one prefill and one decode address")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must be in [1, max_new_tokens_limit]"
+            )

@@ -1,0 +1,114 @@
+"""`pdserve up`: the disaggregated topology as local processes (decode, prefill, gateway), the same
+commands compose.yaml runs in containers. Waits until every tier reports SERVING, prints how to call
+the gateway, and on Ctrl-C / SIGTERM (or a tier dying) stops them all."""
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common.grpc_util import is_serving
+from common.model.prepare import prepare_default_model
+
+_START_TIMEOUT_S = 180.0
+_STOP_TIMEOUT_S = 10.0
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[str]]:
+    base = [sys.executable, "-m", "common.cli"]
+    model = ["--model", str(args.model), "--host", args.host]
+    kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype]
+    return {
+        "decode": [*base, "decode", *model, "--port", str(decode_port), *kv,
+                   "--kv-memory-mb", str(args.decode_kv_memory_mb), "--max-batch-size", str(args.max_batch_size),
+                   "--threads", str(args.decode_threads)],
+        "prefill": [*base, "prefill", *model, "--port", str(prefill_port), *kv,
+                    "--kv-memory-mb", str(args.prefill_kv_memory_mb), "--chunk-size", str(args.chunk_size),
+                    "--max-batch-tokens", str(args.max_batch_tokens), "--threads", str(args.prefill_threads)],
+        "gateway": [*base, "gateway", *model, "--port", str(args.port),
+                    "--prefill", f"{args.host}:{prefill_port}", "--decode", f"{args.host}:{decode_port}",
+                    "--max-new-tokens-limit", str(args.max_new_tokens_limit)],
+    }
+
+
+def run_stack(args, default_model: Path) -> int:
+    if args.model == default_model:
+        prepare_default_model(default_model)
+    prefill_port = args.prefill_port or free_port(args.host)
+    decode_port = args.decode_port or free_port(args.host)
+    addresses = {"decode": f"{args.host}:{decode_port}", "prefill": f"{args.host}:{prefill_port}",
+                 "gateway": f"{args.host}:{args.port}"}
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in tier_commands(args, prefill_port, decode_port).items():
+            procs[name] = subprocess.Popen(command)
+        if not _wait_serving(procs, addresses, stop):
+            return 1
+        _print_banner(addresses, args.model)
+        while not stop.wait(0.5):
+            dead = [name for name, proc in procs.items() if proc.poll() is not None]
+            if dead:
+                print(f"pdserve up: the {', '.join(dead)} tier exited; stopping the stack", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        _stop_all(procs)
+
+
+def _wait_serving(procs: dict[str, subprocess.Popen], addresses: dict[str, str], stop: threading.Event) -> bool:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    pending = set(procs)
+    while pending and not stop.is_set():
+        for name in sorted(pending):
+            if procs[name].poll() is not None:
+                print(f"pdserve up: the {name} tier exited with code {procs[name].returncode} while starting",
+                      file=sys.stderr)
+                return False
+            if is_serving(addresses[name]):
+                pending.discard(name)
+        if time.monotonic() > deadline:
+            print(f"pdserve up: {', '.join(sorted(pending))} not serving after {_START_TIMEOUT_S:.0f} s", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    return not pending
+
+
+def _print_banner(addresses: dict[str, str], model: Path) -> None:
+    gateway = addresses["gateway"]
+    print(
+        f"\npdserve is serving {model.name}\n"
+        f"  gateway  {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n"
+        f"  prefill  {addresses['prefill']}\n"
+        f"  decode   {addresses['decode']}\n\n"
+        "Call it:\n"
+        f"  .venv/bin/pdserve generate --address {gateway} \"The capital of France is\"\n"
+        f"  .venv/bin/pdserve generate --address {gateway} --chat \"Write a haiku about GPUs\"\n"
+        f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 16}}' {gateway} pdserve.v1.Gateway/Generate\n"
+        "Stop with Ctrl-C.\n",
+        flush=True,
+    )
+
+
+def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_TIMEOUT_S
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,171 @@
+"""A Llama-family decoder in plain torch, reading and writing its KV through a paged KvPool.
+
+Two entry points, because they are different workloads: `prefill` runs the tokens of one or more
+prompts (or chunks of them) through every layer at once, attention per prompt over its own context;
+`decode` runs one new token for each sequence of a batch, attention over a padded gather of each
+sequence's KV slots.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from common.kv_pool import KvPool
+from common.model.config import ModelConfig
+
+# Called once per layer during prefill with the keys (after rotary) and values just computed:
+# (layer, key (num_tokens, num_kv_heads, head_dim), value (same)).
+LayerKvHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # (hidden,)
+    qkv: torch.Tensor  # ((heads + 2 * kv_heads) * head_dim, hidden)
+    out: torch.Tensor  # (hidden, heads * head_dim)
+    post_norm: torch.Tensor  # (hidden,)
+    gate_up: torch.Tensor  # (2 * intermediate, hidden)
+    down: torch.Tensor  # (hidden, intermediate)
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """One prompt chunk inside a prefill batch: tokens [offset, offset + num_tokens) of the batch."""
+
+    offset: int
+    num_tokens: int
+    start: int  # position of the chunk's first token in its sequence
+    context_slots: torch.Tensor  # (start + num_tokens,) KV slots of positions 0 .. end-1
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    token_ids: torch.Tensor  # (batch,)
+    positions: torch.Tensor  # (batch,)
+    slots: torch.Tensor  # (batch,) where each new token's KV goes
+    context_slots: torch.Tensor  # (batch, max_context) KV slots of positions 0 .. position, padded
+    context_mask: torch.Tensor  # (batch, 1, 1, max_context) 0 where valid, -inf at padding
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.config = config
+        w = {name: tensor.to(dtype) for name, tensor in weights.items()}
+        self.embed = w["model.embed_tokens.weight"]  # (vocab, hidden)
+        self.lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
+        self.final_norm = w["model.norm.weight"]
+        self.layers = [self._layer(w, i) for i in range(config.num_layers)]
+        self.cos, self.sin = _rotary_tables(config)  # (max_positions, head_dim) each
+        self.group = config.num_heads // config.num_kv_heads
+        self.scale = config.head_dim**-0.5
+
+    @classmethod
+    def load(cls, model_dir: Path, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+        config = ModelConfig.from_dir(model_dir)
+        weights: dict[str, torch.Tensor] = {}
+        for path in sorted(model_dir.glob("*.safetensors")):
+            weights.update(load_file(str(path)))
+        return cls(config, weights, dtype)
+
+    @staticmethod
+    def _layer(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        return LayerWeights(
+            input_norm=w[p + "input_layernorm.weight"],
+            qkv=torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]),
+            out=w[p + "self_attn.o_proj.weight"],
+            post_norm=w[p + "post_attention_layernorm.weight"],
+            gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+            down=w[p + "mlp.down_proj.weight"],
+        )
+
+    def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                spans: list[PrefillSpan], kv: KvPool, on_layer_kv: LayerKvHook | None = None) -> torch.Tensor:
+        """Runs prompt tokens (num_tokens,); returns logits (len(spans), vocab) at each span's last token."""
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self._attend_span(layer, q, span, kv) for span in spans])
+
+        hidden = self._forward(token_ids, positions, slots, kv, attend, on_layer_kv)
+        last = torch.tensor([span.offset + span.num_tokens - 1 for span in spans])
+        return self._logits(hidden[last])
+
+    def decode(self, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
+        """Runs one token per sequence; returns logits (batch, vocab)."""
+
+        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            return self._attend_batch(layer, q, batch, kv)
+
+        hidden = self._forward(batch.token_ids, batch.positions, batch.slots, kv, attend, None)
+        return self._logits(hidden)
+
+    def _forward(self, token_ids, positions, slots, kv: KvPool, attend, on_layer_kv) -> torch.Tensor:
+        c = self.config
+        x = self.embed[token_ids]  # (tokens, hidden)
+        cos, sin = self.cos[positions], self.sin[positions]  # (tokens, head_dim)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            q, k, v = F.linear(h, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q = _rotate(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # (tokens, heads, head_dim)
+            k = _rotate(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
+            v = v.reshape(-1, c.num_kv_heads, c.head_dim)
+            kv.write(index, slots, k, v)
+            if on_layer_kv is not None:
+                on_layer_kv(index, k, v)
+            x = x + F.linear(attend(index, q), layer.out)
+            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        return x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(hidden, self.final_norm, self.config.rms_norm_eps), self.lm_head).float()
+
+    def _attend_span(self, layer: int, q: torch.Tensor, span: PrefillSpan, kv: KvPool) -> torch.Tensor:
+        q = q[span.offset:span.offset + span.num_tokens].transpose(0, 1)  # (heads, tokens, head_dim)
+        k = kv.key[layer][span.context_slots].to(q.dtype).transpose(0, 1)  # (kv_heads, context, head_dim)
+        v = kv.value[layer][span.context_slots].to(q.dtype).transpose(0, 1)
+        if span.start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            rows = torch.arange(span.start, span.start + span.num_tokens)[:, None]
+            mask = torch.arange(span.start + span.num_tokens)[None, :] <= rows  # (tokens, context)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return out.transpose(0, 1).reshape(span.num_tokens, -1)  # (tokens, heads * head_dim)
+
+    def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
+        c = self.config
+        num_seqs = q.shape[0]
+        q = q.view(num_seqs, c.num_kv_heads, self.group, c.head_dim)  # (batch, kv_heads, group, head_dim)
+        k = kv.key[layer][batch.context_slots].to(q.dtype)  # (batch, context, kv_heads, head_dim)
+        v = kv.value[layer][batch.context_slots].to(q.dtype)
+        scores = q @ k.permute(0, 2, 3, 1) * self.scale  # (batch, kv_heads, group, context)
+        probs = torch.softmax(scores + batch.context_mask, dim=-1)
+        out = probs @ v.transpose(1, 2)  # (batch, kv_heads, group, head_dim)
+        return out.reshape(num_seqs, -1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face's rotate_half layout; x: (tokens, heads, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    positions = torch.arange(config.max_position_embeddings).float()
+    freqs = positions[:, None] * inv_freq[None, :]  # (positions, head_dim / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()

@@ -1,0 +1,88 @@
+"""ModelRunner: the only owner of tensors. Turns plain plans (token ids, positions, block tables) into
+model inputs, runs them under inference mode, and hands back logits."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from common.kv_pool import KvPool
+from common.model.llama import DecodeBatch, LlamaModel, PrefillSpan
+
+# (chunk index in the batch, layer, key (tokens, kv_heads, head_dim), value (same))
+ChunkKvHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Tokens [start, start + len(token_ids)) of one sequence, whose blocks are block_table."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+
+
+@dataclass(frozen=True)
+class DecodeItem:
+    """One sequence's next step: token_id sits at position; its KV goes into block_table."""
+
+    token_id: int
+    position: int
+    block_table: list[int]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KvPool) -> None:
+        self.model = model
+        self.kv = kv
+
+    @torch.inference_mode()
+    def run_prefill(self, chunks: list[PrefillChunk], on_chunk_kv: ChunkKvHook | None = None) -> torch.Tensor:
+        """Returns logits (len(chunks), vocab) at each chunk's last token."""
+        spans, slots, positions, token_ids, offset = [], [], [], [], 0
+        for chunk in chunks:
+            end = chunk.start + len(chunk.token_ids)
+            context = self.kv.slots(chunk.block_table, 0, end)  # (end,)
+            spans.append(PrefillSpan(offset=offset, num_tokens=len(chunk.token_ids), start=chunk.start,
+                                     context_slots=context))
+            slots.append(context[chunk.start:])
+            positions.append(torch.arange(chunk.start, end))
+            token_ids.extend(chunk.token_ids)
+            offset += len(chunk.token_ids)
+
+        def split_per_chunk(layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+            for index, span in enumerate(spans):
+                rows = slice(span.offset, span.offset + span.num_tokens)
+                on_chunk_kv(index, layer, key[rows], value[rows])
+
+        return self.model.prefill(
+            torch.tensor(token_ids), torch.cat(positions), torch.cat(slots), spans, self.kv,
+            split_per_chunk if on_chunk_kv is not None else None,
+        )
+
+    @torch.inference_mode()
+    def write_kv(self, layer: int, block_table: list[int], start: int, key: torch.Tensor,
+                 value: torch.Tensor) -> None:
+        """Stores received KV (tokens, kv_heads, head_dim) for positions [start, start + tokens)."""
+        self.kv.write(layer, self.kv.slots(block_table, start, start + key.shape[0]), key, value)
+
+    @torch.inference_mode()
+    def run_decode(self, items: list[DecodeItem]) -> torch.Tensor:
+        """Returns logits (len(items), vocab) for the token after each item's token."""
+        block_size = self.kv.block_size
+        positions = torch.tensor([item.position for item in items])  # (batch,)
+        max_blocks = max(len(item.block_table) for item in items)
+        tables = torch.tensor([item.block_table + [0] * (max_blocks - len(item.block_table)) for item in items])
+        context_len = int(positions.max()) + 1
+        offsets = torch.arange(context_len)  # (context,)
+        context_slots = tables[:, offsets // block_size] * block_size + offsets % block_size  # (batch, context)
+        valid = offsets[None, :] <= positions[:, None]
+        mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        batch = DecodeBatch(
+            token_ids=torch.tensor([item.token_id for item in items]),
+            positions=positions,
+            slots=context_slots.gather(1, positions[:, None]).squeeze(1),
+            context_slots=context_slots,
+            context_mask=mask,
+        )
+        return self.model.decode(batch, self.kv)

@@ -1,0 +1,57 @@
+"""Chooses next tokens from logits: greedy, or temperature / top-k / top-p with a per-request seed.
+
+Token i of a request is drawn with a generator seeded from (seed, i), so a seeded request gives the
+same tokens whichever tier samples it and whatever batch it shares.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+_SEED_MIX = 1_000_003
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Sequence[int]) -> list[int]:
+    """logits: (batch, vocab); steps[i] is the index of the token being drawn for row i."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, (config, step) in enumerate(zip(configs, steps)):
+        if not config.greedy:
+            tokens[row] = _sample_row(logits[row], config, step)
+    return tokens
+
+
+def _sample_row(logits: torch.Tensor, config: SamplingConfig, step: int) -> int:
+    scaled = logits.float() / config.temperature  # (vocab,)
+    if config.top_k:
+        kth = torch.topk(scaled, min(config.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if config.top_p < 1:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= config.top_p
+        scaled = scaled.index_fill(0, order[drop], float("-inf"))
+    generator = torch.Generator().manual_seed((config.seed * _SEED_MIX + step) % 2**63)
+    return int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator))

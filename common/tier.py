@@ -1,0 +1,60 @@
+"""What both model tiers build at start-up: the model, a KV pool sized by a memory budget, the block
+manager over it, the runner, and the compatibility fingerprint; and how a server runs until stopped."""
+
+import signal
+import threading
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common.block_manager import BlockManager
+from common.compat import Compat, compat_for
+from common.config import TierConfig, resolve_threads
+from common.kv_pool import KvPool
+from common.kv_wire import DTYPES
+from common.model.llama import LlamaModel
+from common.model.runner import ModelRunner
+
+
+@dataclass
+class TierRuntime:
+    runner: ModelRunner
+    blocks: BlockManager
+    compat: Compat
+
+
+def build_runtime(config: TierConfig) -> TierRuntime:
+    torch.set_num_threads(resolve_threads(config.threads))
+    if not (config.model_dir / "config.json").exists():
+        raise FileNotFoundError(
+            f"no model at {config.model_dir}: run `pdserve prepare-model` or pass --model with a Hugging Face "
+            "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
+        )
+    model = LlamaModel.load(config.model_dir, torch.float32)
+    c = model.config
+    kv_dtype = DTYPES[config.kv_dtype]
+    per_block = KvPool.bytes_per_block(num_layers=c.num_layers, block_size=config.block_size,
+                                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype)
+    num_blocks = config.kv_memory_mb * 2**20 // per_block
+    if num_blocks < 1:
+        raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no block of {per_block} bytes; raise it")
+    kv = KvPool(num_layers=c.num_layers, num_blocks=num_blocks, block_size=config.block_size,
+                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype)
+    compat = compat_for(config.model_dir, c, kv_dtype=config.kv_dtype, block_size=config.block_size)
+    return TierRuntime(ModelRunner(model, kv), BlockManager(num_blocks, config.block_size), compat)
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (in use?)")
+    return bound
+
+
+def wait_for_signal() -> None:
+    """Blocks until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()

@@ -1,0 +1,285 @@
+"""Decode engine. One request's life on the decode tier:
+
+  reserve()        -> reserved : blocks for prompt + max_new_tokens held under a lease
+  receive_kv()     -> receiving: KV chunks land in those blocks, each layer in token order
+  start_decode()   -> waiting  : a client listens; admitted once every layer has every prompt token
+  step()           -> running  : one token per step in the shared batch (continuous batching)
+                   -> finished : EOS, max_new_tokens or cancel; blocks freed, the outbox closed
+A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()).
+The engine loop thread runs step(); RPC threads call the rest. One condition variable guards state;
+the model runs outside it.
+"""
+
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from common.block_manager import BlockManager, OutOfBlocks
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from common.model.runner import DecodeItem, ModelRunner
+from common.sampling import SamplingConfig, sample
+from decode_svc.scheduler import Scheduler, SeqView
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass
+class Transfer:
+    """A reservation's KV arriving: tokens received so far per layer."""
+
+    handle: str
+    num_prompt_tokens: int
+    max_new_tokens: int
+    block_ids: list[int]
+    received: list[int]
+
+    @property
+    def complete(self) -> bool:
+        return all(n == self.num_prompt_tokens for n in self.received)
+
+
+@dataclass(frozen=True)
+class DecodeEvent:
+    token_ids: list[int]
+    finish_reason: str | None = None  # set on the last event
+    queue_ms: float = 0.0
+
+
+@dataclass
+class Sequence:
+    handle: str
+    transfer: Transfer
+    tokens: list[int]  # generated so far, the prefill tier's first token included
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_token_ids: frozenset[int]
+    outbox: "queue.Queue[DecodeEvent]" = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    finished: bool = False
+    arrived_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the input of the next step."""
+        return self.transfer.num_prompt_tokens + len(self.tokens) - 1
+
+
+@dataclass
+class DecodeStatsSnapshot:
+    num_blocks_total: int
+    num_blocks_free: int
+    num_reserved: int
+    num_running: int
+    num_steps: int
+    num_tokens_generated: int
+    max_batch_size: int
+    mean_batch_size: float
+    num_leases_expired: int
+    num_cancelled: int
+    block_size: int
+
+
+class DecodeEngine:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float) -> None:
+        self.runner = runner
+        self.blocks = blocks
+        self.scheduler = scheduler
+        self.lease_s = lease_s
+        self.transfers: dict[str, Transfer] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0}
+        self._handle_ids = itertools.count()
+
+    # Reservation and KV arrival (RPC threads).
+
+    def reserve(self, num_prompt_tokens: int, max_new_tokens: int, lease_s: float | None = None) -> tuple[str, int, float]:
+        """Returns (handle, num_blocks, lease end as Unix seconds)."""
+        if num_prompt_tokens < 1 or max_new_tokens < 1:
+            raise InvalidArgument("a reservation needs at least one prompt token and one new token")
+        handle = f"kv-{next(self._handle_ids)}-{uuid.uuid4().hex[:12]}"
+        lease = lease_s or self.lease_s
+        with self._cond:
+            try:
+                reservation = self.blocks.reserve(handle, num_prompt_tokens + max_new_tokens,
+                                                  lease_s=lease, now=time.monotonic())
+            except OutOfBlocks as error:
+                raise ResourceExhausted(f"decode KV pool is full: {error}; retry later") from None
+            self.transfers[handle] = Transfer(handle, num_prompt_tokens, max_new_tokens, reservation.block_ids,
+                                              [0] * self.runner.kv.num_layers)
+            self._cond.notify()
+        return handle, len(reservation.block_ids), time.time() + lease
+
+    def receive_kv(self, handle: str, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Stores one chunk: layer `layer`, positions [start, start + key.shape[0])."""
+        with self._cond:
+            transfer = self._transfer(handle)
+            if not 0 <= layer < len(transfer.received):
+                raise InvalidArgument(f"layer {layer} is out of range [0, {len(transfer.received)})")
+            if start != transfer.received[layer]:
+                raise InvalidArgument(f"layer {layer}: chunk starts at token {start}, expected {transfer.received[layer]}")
+            end = start + key.shape[0]
+            if end > transfer.num_prompt_tokens:
+                raise InvalidArgument(f"chunk ends at token {end}, past the {transfer.num_prompt_tokens} reserved")
+            # Under the lock: a concurrent release must not hand these blocks to another sequence mid-write.
+            self.runner.write_kv(layer, transfer.block_ids, start, key, value)
+            transfer.received[layer] = end
+            if transfer.complete:
+                self._cond.notify()
+
+    def transfer_complete(self, handle: str) -> bool:
+        with self._cond:
+            return self._transfer(handle).complete
+
+    def release(self, handle: str) -> bool:
+        with self._cond:
+            self.transfers.pop(handle, None)
+            return self.blocks.release(handle)
+
+    def _transfer(self, handle: str) -> Transfer:
+        transfer = self.transfers.get(handle)
+        if transfer is None:
+            raise NotFound(f"no KV reservation {handle!r} on this decode instance (expired, released or never made)")
+        return transfer
+
+    # Decoding (RPC threads start and cancel; the loop thread steps).
+
+    def start_decode(self, handle: str, first_token: int, max_new_tokens: int, sampling: SamplingConfig,
+                     stop_token_ids: frozenset[int]) -> Sequence:
+        with self._cond:
+            transfer = self._transfer(handle)
+            if max_new_tokens > transfer.max_new_tokens:
+                raise InvalidArgument(f"max_new_tokens {max_new_tokens} exceeds the {transfer.max_new_tokens} reserved")
+            self.blocks.claim(handle)
+            del self.transfers[handle]
+            seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids)
+            if first_token in stop_token_ids or max_new_tokens <= 1:
+                self._finish(seq, FINISH_STOP if first_token in stop_token_ids else FINISH_LENGTH, [])
+            else:
+                self.waiting.append(seq)
+                self._cond.notify()
+            return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._cond:
+            if not seq.finished:
+                seq.cancelled = True
+                self._cond.notify()
+
+    def step(self) -> bool:
+        """Runs one decode step; returns False when there was nothing to run."""
+        with self._cond:
+            self._expire_leases()
+            by_handle = {s.handle: s for s in (*self.waiting, *self.running)}
+            plan = self.scheduler.plan(
+                [SeqView(s.handle, s.transfer.complete, s.cancelled) for s in self.waiting],
+                [SeqView(s.handle, True, s.cancelled) for s in self.running],
+            )
+            for handle in plan.drop:
+                self._finish(by_handle[handle], FINISH_CANCELLED, [])
+            now = time.monotonic()
+            for handle in plan.admit:
+                by_handle[handle].admitted_at = now
+            self.waiting = deque(s for s in self.waiting if s.handle not in set(plan.admit) | set(plan.drop))
+            self.running = [by_handle[h] for h in plan.run]
+            batch = list(self.running)
+        if not batch:
+            return False
+        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids) for s in batch])
+        new_tokens = sample(logits, [s.sampling for s in batch], [len(s.tokens) for s in batch])
+        with self._cond:
+            self._record_step(len(batch))
+            for seq, token in zip(batch, new_tokens):
+                seq.tokens.append(token)
+                reason = self._finish_reason(seq, token)
+                if reason:
+                    self._finish(seq, reason, [token])
+                else:
+                    seq.outbox.put(DecodeEvent([token]))
+            self.running = [s for s in self.running if not s.finished]
+        return True
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        if token in seq.stop_token_ids:
+            return FINISH_STOP
+        if len(seq.tokens) >= seq.max_new_tokens:
+            return FINISH_LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, token_ids: list[int]) -> None:
+        """Frees the sequence's blocks and closes its outbox. Caller holds the lock."""
+        if seq.finished:
+            return
+        seq.finished = True
+        self.blocks.free(seq.transfer.block_ids)
+        if reason == FINISH_CANCELLED:
+            self._counts["cancelled"] += 1
+        start = seq.admitted_at if seq.admitted_at is not None else time.monotonic()
+        seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000))
+
+    def _expire_leases(self) -> None:
+        for handle in self.blocks.expire(time.monotonic()):
+            self.transfers.pop(handle, None)
+            self._counts["expired"] += 1
+
+    def _record_step(self, batch_size: int) -> None:
+        c = self._counts
+        c["steps"] += 1
+        c["tokens"] += batch_size
+        c["batch_sum"] += batch_size
+        c["batch_max"] = max(c["batch_max"], batch_size)
+
+    # The loop thread.
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            for seq in (*self.waiting, *self.running):
+                self._finish(seq, FINISH_CANCELLED, [])
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                idle = not self.running and not any(s.transfer.complete or s.cancelled for s in self.waiting)
+                if idle:
+                    self._expire_leases()
+                    self._cond.wait(timeout=0.5)
+                    continue
+            self.step()
+
+    def stats(self) -> DecodeStatsSnapshot:
+        with self._cond:
+            c = self._counts
+            return DecodeStatsSnapshot(
+                num_blocks_total=self.blocks.num_blocks,
+                num_blocks_free=self.blocks.num_free,
+                num_reserved=self.blocks.num_reserved,
+                num_running=len(self.running),
+                num_steps=c["steps"],
+                num_tokens_generated=c["tokens"],
+                max_batch_size=c["batch_max"],
+                mean_batch_size=c["batch_sum"] / c["steps"] if c["steps"] else 0.0,
+                num_leases_expired=c["expired"],
+                num_cancelled=c["cancelled"],
+                block_size=self.blocks.block_size,
+            )

@@ -1,0 +1,55 @@
+"""TextStream: generated token ids -> text deltas for the client, with stop strings.
+
+Text is released only as whole characters (IncrementalDetokenizer), and text that might be the start
+of a stop string is held back until it is clearly not one. When a stop string appears, the text up
+to it is released and the stream is done; the stop string itself is never sent.
+"""
+
+from common.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+
+class TextStream:
+    def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...]) -> None:
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stop = stop
+        self._text = ""  # all text decoded so far
+        self._sent = 0  # characters of _text already released
+        self.stopped = False
+
+    def push(self, token_ids: list[int]) -> str:
+        """Adds tokens; returns the text that can be released now. Sets `stopped` at a stop string."""
+        if self.stopped:
+            return ""
+        self._text += self._detokenizer.push(token_ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text when generation ended for another reason (EOS, length)."""
+        if self.stopped:
+            return ""
+        self._text += self._detokenizer.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        search_from = max(self._sent - max((len(s) for s in self._stop), default=0), 0)
+        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        elif final:
+            end = len(self._text)
+        else:
+            end = len(self._text) - self._stop_prefix_length()
+        end = max(end, self._sent)
+        delta, self._sent = self._text[self._sent:end], end
+        return delta
+
+    def _stop_prefix_length(self) -> int:
+        """Length of the longest end of the text that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self._stop:
+            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

@@ -1,0 +1,192 @@
+"""Prefill engine. One prompt's life on the prefill tier:
+
+  submit()    -> queued   : waits for local KV blocks (the whole prompt) in arrival order
+  step()      -> computing: one chunk of at most chunk_size tokens per step (chunked prefill); the
+                            prompts of a step share one forward pass under max_batch_tokens; every
+                            layer's new K/V goes to the prompt's KvSender as soon as it is computed
+  last chunk  -> sampled  : the first token is drawn, the sender closed, the local blocks freed
+The RPC thread then waits for the decode tier's acknowledgement and replies. A cancelled prompt
+leaves the queue (or the next step), aborts its sender and frees its blocks.
+"""
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from common.block_manager import BlockManager, OutOfBlocks
+from common.errors import ResourceExhausted
+from common.model.runner import ModelRunner, PrefillChunk
+from common.sampling import SamplingConfig, sample
+from prefill_svc.kv_sender import KvSender
+
+
+@dataclass
+class PrefillJob:
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingConfig
+    sender: KvSender
+    block_table: list[int] | None = None
+    num_computed: int = 0
+    num_chunks: int = 0
+    first_token: int | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    computed_at: float | None = None
+
+
+@dataclass
+class PrefillStatsSnapshot:
+    num_queued: int
+    num_queued_tokens: int
+    num_steps: int
+    num_prompts: int
+    max_batch_prompts: int
+    num_blocks_free: int
+    num_blocks_total: int
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, *, chunk_size: int, max_batch_tokens: int) -> None:
+        self.runner = runner
+        self.blocks = blocks
+        self.chunk_size = chunk_size
+        self.max_batch_tokens = max_batch_tokens
+        self.queued: deque[PrefillJob] = deque()
+        self.computing: list[PrefillJob] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._counts = {"steps": 0, "prompts": 0, "max_batch": 0}
+
+    def submit(self, job: PrefillJob) -> PrefillJob:
+        if self.blocks.blocks_needed(len(job.token_ids)) > self.blocks.num_blocks:
+            raise ResourceExhausted(
+                f"a prompt of {len(job.token_ids)} tokens does not fit this prefill instance's KV pool "
+                f"({self.blocks.num_blocks * self.blocks.block_size} tokens); raise --kv-memory-mb"
+            )
+        with self._cond:
+            self.queued.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: PrefillJob) -> None:
+        with self._cond:
+            if not job.done.is_set():
+                job.cancelled = True
+                self._cond.notify()
+
+    def step(self) -> bool:
+        with self._cond:
+            self._drop_cancelled()
+            self._admit()
+            batch, chunks = self._plan()
+        if not chunks:
+            return False
+
+        def push(index: int, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+            batch[index].sender.send(layer, chunks[index].start, key, value)
+
+        now = time.monotonic()
+        for job in batch:
+            job.started_at = job.started_at or now
+        logits = self.runner.run_prefill(chunks, push)
+        with self._cond:
+            self._counts["steps"] += 1
+            self._counts["max_batch"] = max(self._counts["max_batch"], len(batch))
+            finished = []
+            for row, (job, chunk) in enumerate(zip(batch, chunks)):
+                job.num_computed += len(chunk.token_ids)
+                job.num_chunks += 1
+                if job.num_computed == len(job.token_ids):
+                    finished.append((row, job))
+            if finished:
+                firsts = sample(logits[[row for row, _ in finished]], [j.sampling for _, j in finished],
+                                [0] * len(finished))
+                for (_, job), token in zip(finished, firsts):
+                    job.first_token = token
+                    job.computed_at = time.monotonic()
+                    job.sender.close()
+                    self._retire(job)
+        return True
+
+    def _admit(self) -> None:
+        while self.queued:
+            job = self.queued[0]
+            try:
+                job.block_table = self.blocks.allocate(len(job.token_ids))
+            except OutOfBlocks:
+                return
+            self.computing.append(self.queued.popleft())
+
+    def _plan(self) -> tuple[list[PrefillJob], list[PrefillChunk]]:
+        batch, chunks, budget = [], [], self.max_batch_tokens
+        for job in self.computing:
+            size = min(self.chunk_size, len(job.token_ids) - job.num_computed, budget)
+            if size <= 0:
+                break
+            start = job.num_computed
+            batch.append(job)
+            chunks.append(PrefillChunk(job.token_ids[start:start + size], start, job.block_table))
+            budget -= size
+        return batch, chunks
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in (*self.queued, *self.computing) if j.cancelled]:
+            job.sender.abort()
+            self._retire(job)
+        self.queued = deque(j for j in self.queued if not j.cancelled)
+
+    def _retire(self, job: PrefillJob) -> None:
+        """Frees the job's local blocks and wakes its RPC thread. Caller holds the lock."""
+        if job in self.computing:
+            self.computing.remove(job)
+            self.blocks.free(job.block_table)
+        if not job.cancelled:
+            self._counts["prompts"] += 1
+        job.done.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            for job in (*self.queued, *self.computing):
+                job.cancelled = True
+            self._drop_cancelled()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                if not self.queued and not self.computing:
+                    self._cond.wait(timeout=0.5)
+                    continue
+            if not self.step():
+                with self._cond:
+                    self._cond.wait(timeout=0.05)
+
+    def stats(self) -> PrefillStatsSnapshot:
+        with self._cond:
+            jobs = (*self.queued, *self.computing)
+            return PrefillStatsSnapshot(
+                num_queued=len(jobs),
+                num_queued_tokens=sum(len(j.token_ids) - j.num_computed for j in jobs),
+                num_steps=self._counts["steps"],
+                num_prompts=self._counts["prompts"],
+                max_batch_prompts=self._counts["max_batch"],
+                num_blocks_free=self.blocks.num_free,
+                num_blocks_total=self.blocks.num_blocks,
+            )
