@@ -1,0 +1,146 @@
+"""Bad input gets INVALID_ARGUMENT with an actionable message; failed, cancelled and timed-out
+requests give back every KV block; the service keeps serving."""
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from common import kv_wire
+from pdserve.v1 import common_pb2, decode_pb2
+
+from helpers import collect, request
+
+BAD_REQUESTS = {
+    "no input": (request(max_new_tokens=4), "set one of prompt, messages or prompt_token_ids"),
+    "empty prompt": (request("", max_new_tokens=4), "prompt is empty"),
+    "max_new_tokens 0": (request("Hi", max_new_tokens=0), "max_new_tokens must be at least 1"),
+    "max_new_tokens over limit": (request("Hi", max_new_tokens=5000), "exceeds this gateway's limit"),
+    "prompt plus max_new_tokens over context": (
+        request(token_ids=[42] * 8000, max_new_tokens=500), "exceeds the model's context of 8192"),
+    "negative temperature": (
+        request("Hi", sampling=common_pb2.SamplingParams(temperature=-0.5)), "temperature must be"),
+    "top_p zero": (request("Hi", sampling=common_pb2.SamplingParams(top_p=0.0)), "top_p must be in (0, 1]"),
+    "top_p above one": (request("Hi", sampling=common_pb2.SamplingParams(top_p=1.5)), "top_p must be in (0, 1]"),
+    "negative top_k": (request("Hi", sampling=common_pb2.SamplingParams(top_k=-1)), "top_k must be >= 0"),
+    "unknown role": (request(messages=[("wizard", "Hi")]), "has role 'wizard'"),
+    "empty messages": (request(messages=[]), "set one of prompt"),
+    "token id outside vocabulary": (request(token_ids=[1, 2, 49152]), "outside the vocabulary"),
+    "empty stop string": (request("Hi", stop=[""]), "stop strings must not be empty"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_input_is_invalid_argument_with_message(stack, name):
+    req, message = BAD_REQUESTS[name]
+    with pytest.raises(grpc.RpcError) as raised:
+        collect(stack.gateway, req, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.details()
+
+
+def _wait_for_free_blocks(stack, expected: int, timeout_s: float = 20) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (free := stack.decode_stats().num_blocks_free) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return free
+
+
+def test_cancelled_failed_and_timed_out_requests_free_every_block(stack):
+    free_at_start = stack.decode_stats().num_blocks_free
+    cancelled_before = stack.decode_stats().num_cancelled
+
+    # Cancelled mid-stream by the client.
+    stream = stack.gateway.Generate(request("Tell me a long story about a dragon.", max_new_tokens=200), timeout=60)
+    next(stream), next(stream)
+    stream.cancel()
+    # Deadline passes mid-decode.
+    with pytest.raises(grpc.RpcError) as raised:
+        collect(stack.gateway, request("Count from one to a thousand:", max_new_tokens=300), timeout=1.5)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Deadline passes during prefill (a long prompt, a tiny deadline).
+    with pytest.raises(grpc.RpcError):
+        collect(stack.gateway, request("word " * 1500, max_new_tokens=50), timeout=0.2)
+    # Invalid requests.
+    for req, _ in BAD_REQUESTS.values():
+        with pytest.raises(grpc.RpcError):
+            collect(stack.gateway, req, timeout=30)
+    # Ended early by a stop string (the gateway cancels the decode leg).
+    _, text, last = collect(stack.gateway, request("Count: one, two, three, four,", max_new_tokens=40, stop=[","]))
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP and "," not in text
+
+    assert _wait_for_free_blocks(stack, free_at_start) == free_at_start
+    assert stack.decode_stats().num_cancelled > cancelled_before
+    # And the service keeps serving.
+    token_ids, _, last = collect(stack.gateway, request("The capital of France is", max_new_tokens=4))
+    assert len(token_ids) == 4 and last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+def test_stop_string_ends_text_before_it(stack):
+    full_ids, full_text, _ = collect(stack.gateway, request("The capital of France is", max_new_tokens=20))
+    stop = full_text.strip().split()[2]
+    _, text, last = collect(stack.gateway, request("The capital of France is", max_new_tokens=20, stop=[stop]))
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert text == full_text[:full_text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible(stack):
+    sampling = common_pb2.SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    first, _, _ = collect(stack.gateway, request("My favourite animal is", max_new_tokens=16, sampling=sampling))
+    again, _, _ = collect(stack.gateway, request("My favourite animal is", max_new_tokens=16, sampling=sampling))
+    others = {tuple(collect(stack.gateway, request("My favourite animal is", max_new_tokens=16,
+                                                     sampling=common_pb2.SamplingParams(temperature=0.9, seed=s)))[0])
+              for s in (1, 2, 3)}
+    assert first == again
+    assert len(others | {tuple(first)}) > 1
+
+
+def test_request_id_is_echoed(stack):
+    replies = list(stack.gateway.Generate(request("Hello", max_new_tokens=3, request_id="req-42"), timeout=60))
+    assert {r.request_id for r in replies} == {"req-42"}
+
+
+def test_unclaimed_reservation_is_freed_when_its_lease_ends(stack):
+    free_at_start = stack.decode_stats().num_blocks_free
+    expired_before = stack.decode_stats().num_leases_expired
+    reply = stack.decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=100, max_new_tokens=28, lease_ms=300),
+                                 timeout=10)
+    assert reply.num_blocks == 8
+    assert stack.decode_stats().num_blocks_free == free_at_start - 8
+    assert _wait_for_free_blocks(stack, free_at_start, timeout_s=5) == free_at_start
+    assert stack.decode_stats().num_leases_expired == expired_before + 1
+    assert not stack.decode.Release(decode_pb2.ReleaseRequest(handle=reply.handle), timeout=10).released
+    with pytest.raises(grpc.RpcError) as raised:
+        next(stack.decode.Decode(decode_pb2.DecodeRequest(handle=reply.handle, first_token_id=1, max_new_tokens=2),
+                                 timeout=10))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "expired, released or never made" in raised.value.details()
+
+
+def _chunk(reserve_reply, **overrides) -> decode_pb2.KvChunk:
+    compat = reserve_reply.compat
+    key = torch.randn(4, compat.num_kv_heads, compat.head_dim)
+    key_bytes, value_bytes = kv_wire.to_bytes(key), kv_wire.to_bytes(key)
+    fields = dict(handle=reserve_reply.handle, fingerprint=compat.fingerprint, layer=0, token_start=0, token_end=4,
+                  dtype=compat.kv_dtype, shape=list(key.shape), key=key_bytes, value=value_bytes,
+                  crc32=kv_wire.checksum(key_bytes, value_bytes))
+    fields.update(overrides)
+    return decode_pb2.KvChunk(**fields)
+
+
+@pytest.mark.parametrize("overrides, code, message", [
+    ({"crc32": 12345}, grpc.StatusCode.INVALID_ARGUMENT, "failed its CRC-32 check"),
+    ({"fingerprint": "not-the-same"}, grpc.StatusCode.FAILED_PRECONDITION, "KV layout mismatch"),
+    ({"shape": [4, 3, 32]}, grpc.StatusCode.INVALID_ARGUMENT, "does not match tokens"),
+    ({"token_start": 2, "token_end": 6}, grpc.StatusCode.INVALID_ARGUMENT, "expected 0"),
+])
+def test_bad_kv_chunks_are_refused_and_released(stack, overrides, code, message):
+    free_at_start = stack.decode_stats().num_blocks_free
+    reply = stack.decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=4, max_new_tokens=4), timeout=10)
+    with pytest.raises(grpc.RpcError) as raised:
+        stack.decode.PushKv(iter([_chunk(reply, **overrides)]), timeout=10)
+    assert raised.value.code() == code
+    assert message in raised.value.details()
+    assert stack.decode.Release(decode_pb2.ReleaseRequest(handle=reply.handle), timeout=10).released
+    assert stack.decode_stats().num_blocks_free == free_at_start
