@@ -24,6 +24,8 @@ from common.block_manager import BlockManager, OutOfBlocks
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from common.model.runner import DecodeItem, ModelRunner
 from common.sampling import SamplingConfig, sample
+from common.stop_strings import StopWatcher
+from common.tokenizer import TextTokenizer
 from decode_svc.scheduler import Scheduler, SeqView
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
@@ -59,6 +61,7 @@ class Sequence:
     max_new_tokens: int
     sampling: SamplingConfig
     stop_token_ids: frozenset[int]
+    stop_watcher: StopWatcher | None = None  # set when the request has stop strings
     outbox: "queue.Queue[DecodeEvent]" = field(default_factory=queue.Queue)
     cancelled: bool = False
     finished: bool = False
@@ -87,8 +90,10 @@ class DecodeStatsSnapshot:
 
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float) -> None:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
+                 tokenizer: TextTokenizer) -> None:
         self.runner = runner
+        self.tokenizer = tokenizer
         self.blocks = blocks
         self.scheduler = scheduler
         self.lease_s = lease_s
@@ -155,16 +160,18 @@ class DecodeEngine:
     # Decoding (RPC threads start and cancel; the loop thread steps).
 
     def start_decode(self, handle: str, first_token: int, max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: frozenset[int]) -> Sequence:
+                     stop_token_ids: frozenset[int], stop_strings: tuple[str, ...] = ()) -> Sequence:
         with self._cond:
             transfer = self._transfer(handle)
             if max_new_tokens > transfer.max_new_tokens:
                 raise InvalidArgument(f"max_new_tokens {max_new_tokens} exceeds the {transfer.max_new_tokens} reserved")
             self.blocks.claim(handle)
             del self.transfers[handle]
-            seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids)
-            if first_token in stop_token_ids or max_new_tokens <= 1:
-                self._finish(seq, FINISH_STOP if first_token in stop_token_ids else FINISH_LENGTH, [])
+            watcher = StopWatcher(self.tokenizer, stop_strings) if stop_strings else None
+            seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher)
+            reason = self._finish_reason(seq, first_token)
+            if reason:
+                self._finish(seq, reason, [])
             else:
                 self.waiting.append(seq)
                 self._cond.notify()
@@ -211,6 +218,8 @@ class DecodeEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_token_ids:
+            return FINISH_STOP
+        if seq.stop_watcher is not None and seq.stop_watcher.push([token]):
             return FINISH_STOP
         if len(seq.tokens) >= seq.max_new_tokens:
             return FINISH_LENGTH

@@ -12,6 +12,7 @@ from common.errors import FailedPrecondition, InvalidArgument
 from common.grpc_util import add_health, make_server, maps_errors, set_serving
 from common.proto_convert import compat_to_proto, sampling_from_proto
 from common.tier import bind, build_runtime
+from common.tokenizer import TextTokenizer
 from common.tracing import incoming_context, tracer
 from decode_svc.convert import event_to_proto, stats_to_proto
 from decode_svc.engine import DecodeEngine
@@ -94,7 +95,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidArgument(str(error)) from None
         with self._tracer.start_as_current_span("decode", context=incoming_context(context)) as span:
             seq = self.engine.start_decode(request.handle, request.first_token_id, request.max_new_tokens,
-                                           sampling, frozenset(request.stop_token_ids))
+                                           sampling, frozenset(request.stop_token_ids), tuple(request.stop))
             context.add_callback(lambda: self.engine.cancel(seq))
             try:
                 while True:
@@ -133,7 +134,8 @@ class RunningDecode:
 
 def start_decode(config: DecodeConfig) -> RunningDecode:
     runtime = build_runtime(config)
-    engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000)
+    engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
+                          TextTokenizer(config.model_dir))
     server = make_server()
     health = add_health(server)
     decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, runtime.compat), server)

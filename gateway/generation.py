@@ -131,7 +131,7 @@ class Generation:
         request = decode_pb2.DecodeRequest(
             handle=handle, request_id=self.spec.request_id, first_token_id=first,
             max_new_tokens=self.spec.max_new_tokens, sampling=sampling_to_proto(self.spec.sampling),
-            stop_token_ids=sorted(self.eos_token_ids),
+            stop_token_ids=sorted(self.eos_token_ids), stop=self.spec.stop,
         )
         stream = self.stubs.decode[address].Decode(request, timeout=self._remaining(), metadata=self.metadata)
         self._track(stream)

@@ -5,6 +5,7 @@ of a stop string is held back until it is clearly not one. When a stop string ap
 to it is released and the stream is done; the stop string itself is never sent.
 """
 
+from common.stop_strings import find_stop, stop_prefix_length
 from common.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -31,25 +32,14 @@ class TextStream:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        search_from = max(self._sent - max((len(s) for s in self._stop), default=0), 0)
-        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
-        if hits:
+        stop_at = find_stop(self._text, self._stop, self._sent)
+        if stop_at >= 0:
             self.stopped = True
-            end = min(hits)
+            end = stop_at
         elif final:
             end = len(self._text)
         else:
-            end = len(self._text) - self._stop_prefix_length()
+            end = len(self._text) - stop_prefix_length(self._text, self._stop)
         end = max(end, self._sent)
         delta, self._sent = self._text[self._sent:end], end
         return delta
-
-    def _stop_prefix_length(self) -> int:
-        """Length of the longest end of the text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self._stop:
-            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest

@@ -80,9 +80,13 @@ def test_cancelled_failed_and_timed_out_requests_free_every_block(stack):
 def test_stop_string_ends_text_before_it(stack):
     full_ids, full_text, _ = collect(stack.gateway, request("The capital of France is", max_new_tokens=20))
     stop = full_text.strip().split()[2]
-    _, text, last = collect(stack.gateway, request("The capital of France is", max_new_tokens=20, stop=[stop]))
+    cancelled_before = stack.decode_stats().num_cancelled
+    token_ids, text, last = collect(stack.gateway, request("The capital of France is", max_new_tokens=20, stop=[stop]))
     assert last.finish_reason == common_pb2.FINISH_REASON_STOP
     assert text == full_text[:full_text.index(stop)]
+    assert token_ids == full_ids[:len(token_ids)] and len(token_ids) < len(full_ids)
+    # The decode tier saw the stop string itself: it finished the sequence rather than being cancelled.
+    assert stack.decode_stats().num_cancelled == cancelled_before
 
 
 def test_seeded_sampling_is_reproducible(stack):
