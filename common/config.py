@@ -96,6 +96,10 @@ class GatewayConfig:
         _check_port(self.port)
         if not self.prefill_addresses or not self.decode_addresses:
             raise ValueError("the gateway needs at least one prefill and one decode address")
+        if self.lease_ms < 1:
+            raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) must be in [1, max_new_tokens_limit]"

@@ -31,3 +31,7 @@ class DeadlineExceeded(PdserveError):
 
 class Cancelled(PdserveError):
     pass
+
+
+class Internal(PdserveError):
+    """A fault of the service, not the request; the tier's log has the details."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 _SEED_MIX = 1_000_003
+# Below this, logits / temperature can overflow float32; such a temperature is greedy in all but name.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Sequence[int]) -> list[int]:

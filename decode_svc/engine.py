@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.block_manager import BlockManager, OutOfBlocks
+from common.engine_loop import EngineLoop
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from common.model.runner import DecodeItem, ModelRunner
 from common.sampling import SamplingConfig, sample
@@ -29,6 +30,7 @@ from common.tokenizer import TextTokenizer
 from decode_svc.scheduler import Scheduler, SeqView
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
 
 
 @dataclass
@@ -101,8 +103,8 @@ class DecodeEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._cond = threading.Condition()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
+        self._loop = EngineLoop("decode-engine", self._cond, step=self.step, has_work=self._has_work,
+                                on_idle=self._expire_leases, on_error=self._fail_running)
         self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0}
         self._handle_ids = itertools.count()
 
@@ -251,30 +253,22 @@ class DecodeEngine:
     # The loop thread.
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         with self._cond:
-            self._stopped = True
             for seq in (*self.waiting, *self.running):
                 self._finish(seq, FINISH_CANCELLED, [])
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.stop()
 
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._cond:
-                if self._stopped:
-                    return
-                idle = not self.running and not any(s.transfer.complete or s.cancelled for s in self.waiting)
-                if idle:
-                    self._expire_leases()
-                    self._cond.wait(timeout=0.5)
-                    continue
-            self.step()
+    def _fail_running(self) -> None:
+        with self._cond:
+            for seq in self.running:
+                self._finish(seq, FINISH_ERROR, [])
+            self.running = []
+
+    def _has_work(self) -> bool:
+        return bool(self.running) or any(s.transfer.complete or s.cancelled for s in self.waiting)
 
     def stats(self) -> DecodeStatsSnapshot:
         with self._cond:

@@ -8,14 +8,14 @@ import grpc
 
 from common import kv_wire
 from common.config import DecodeConfig
-from common.errors import FailedPrecondition, InvalidArgument
+from common.errors import FailedPrecondition, Internal, InvalidArgument
 from common.grpc_util import add_health, make_server, maps_errors, set_serving
 from common.proto_convert import compat_to_proto, sampling_from_proto
 from common.tier import bind, build_runtime
 from common.tokenizer import TextTokenizer
 from common.tracing import incoming_context, tracer
 from decode_svc.convert import event_to_proto, stats_to_proto
-from decode_svc.engine import DecodeEngine
+from decode_svc.engine import FINISH_ERROR, DecodeEngine
 from decode_svc.scheduler import Scheduler
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -105,6 +105,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         if not context.is_active():
                             return
                         continue
+                    if event.finish_reason == FINISH_ERROR:
+                        raise Internal("a decode step failed; the decode tier's log has the details")
                     yield event_to_proto(event)
                     if event.finish_reason:
                         span.set_attribute("pdserve.decode.tokens", len(seq.tokens))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.block_manager import BlockManager, OutOfBlocks
+from common.engine_loop import EngineLoop
 from common.errors import ResourceExhausted
 from common.model.runner import ModelRunner, PrefillChunk
 from common.sampling import SamplingConfig, sample
@@ -34,6 +35,7 @@ class PrefillJob:
     num_chunks: int = 0
     first_token: int | None = None
     cancelled: bool = False
+    failed: bool = False  # a step computing it raised; the tier's log has the details
     done: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -60,8 +62,8 @@ class PrefillEngine:
         self.queued: deque[PrefillJob] = deque()
         self.computing: list[PrefillJob] = []
         self._cond = threading.Condition()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
+        self._loop = EngineLoop("prefill-engine", self._cond, step=self.step, has_work=self._has_work,
+                                on_error=self._fail_computing)
         self._counts = {"steps": 0, "prompts": 0, "max_batch": 0}
 
     def submit(self, job: PrefillJob) -> PrefillJob:
@@ -152,31 +154,23 @@ class PrefillEngine:
         job.done.set()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
         with self._cond:
-            self._stopped = True
             for job in (*self.queued, *self.computing):
                 job.cancelled = True
             self._drop_cancelled()
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.stop()
 
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            with self._cond:
-                if self._stopped:
-                    return
-                if not self.queued and not self.computing:
-                    self._cond.wait(timeout=0.5)
-                    continue
-            if not self.step():
-                with self._cond:
-                    self._cond.wait(timeout=0.05)
+    def _fail_computing(self) -> None:
+        with self._cond:
+            for job in self.computing:
+                job.cancelled = job.failed = True
+            self._drop_cancelled()
+
+    def _has_work(self) -> bool:
+        return bool(self.queued or self.computing)
 
     def stats(self) -> PrefillStatsSnapshot:
         with self._cond:

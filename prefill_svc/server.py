@@ -8,7 +8,7 @@ import grpc
 
 from common.compat import Compat
 from common.config import PrefillConfig
-from common.errors import Cancelled, FailedPrecondition, InvalidArgument, Unavailable
+from common.errors import Cancelled, FailedPrecondition, Internal, InvalidArgument, Unavailable
 from common.grpc_util import (REQUEST_ID_KEY, add_health, make_channel, make_server, maps_errors, metadata_value,
                               set_serving, time_remaining_s)
 from common.proto_convert import compat_from_proto, compat_to_proto, sampling_from_proto
@@ -83,6 +83,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             while not job.done.wait(_POLL_S):
                 if not context.is_active():
                     self.engine.cancel(job)
+            if job.failed:
+                raise Internal("a prefill step failed; the prefill tier's log has the details")
             if job.cancelled:
                 raise Cancelled("prefill was cancelled")
             try:

@@ -1,0 +1,117 @@
+"""BlockManager: exact block ids, capacity, and reservation leases."""
+
+import pytest
+
+from common.block_manager import BlockManager, OutOfBlocks
+
+
+def test_allocation_hands_out_lowest_free_ids_in_order():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    assert blocks.allocate(5) == [0, 1]
+    assert blocks.allocate(4) == [2]
+    assert blocks.num_free == 5
+
+
+@pytest.mark.parametrize(("num_tokens", "expected"), [(0, 0), (1, 1), (4, 1), (5, 2), (8, 2), (9, 3)])
+def test_blocks_needed_rounds_up_to_whole_blocks(num_tokens, expected):
+    assert BlockManager(num_blocks=8, block_size=4).blocks_needed(num_tokens) == expected
+
+
+def test_freed_blocks_are_reused_after_the_never_used_ones():
+    blocks = BlockManager(num_blocks=4, block_size=2)
+    first = blocks.allocate(4)
+    blocks.free(first)
+    assert blocks.allocate(8) == [2, 3, 0, 1]
+
+
+def test_allocation_beyond_capacity_raises_and_takes_nothing():
+    blocks = BlockManager(num_blocks=3, block_size=4)
+    blocks.allocate(8)
+    with pytest.raises(OutOfBlocks, match="2 KV blocks, 1 are free"):
+        blocks.allocate(5)
+    assert blocks.num_free == 1
+    assert blocks.allocate(4) == [2]
+
+
+def test_full_pool_rejects_even_one_token():
+    blocks = BlockManager(num_blocks=2, block_size=4)
+    blocks.allocate(8)
+    with pytest.raises(OutOfBlocks):
+        blocks.allocate(1)
+
+
+@pytest.mark.parametrize(("num_blocks", "block_size"), [(0, 4), (4, 0), (-1, 4)])
+def test_empty_pool_or_zero_block_size_is_rejected(num_blocks, block_size):
+    with pytest.raises(ValueError):
+        BlockManager(num_blocks, block_size)
+
+
+def test_reserve_holds_blocks_until_the_lease_end():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    reservation = blocks.reserve("a", 10, lease_s=5.0, now=100.0)
+    assert reservation.block_ids == [0, 1, 2]
+    assert reservation.expires_at == 105.0
+    assert blocks.get("a") is reservation
+    assert blocks.num_free == 5
+    assert blocks.num_reserved == 1
+
+
+def test_reserving_an_existing_handle_raises_and_keeps_the_first_reservation():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    blocks.reserve("a", 4, lease_s=5.0, now=0.0)
+    with pytest.raises(ValueError, match="exists already"):
+        blocks.reserve("a", 4, lease_s=5.0, now=0.0)
+    assert blocks.get("a").block_ids == [0]
+    assert blocks.num_free == 7
+
+
+def test_reserve_beyond_capacity_leaves_no_reservation():
+    blocks = BlockManager(num_blocks=2, block_size=4)
+    with pytest.raises(OutOfBlocks):
+        blocks.reserve("a", 9, lease_s=5.0, now=0.0)
+    assert blocks.get("a") is None
+    assert blocks.num_free == 2
+
+
+def test_expire_frees_only_reservations_whose_lease_ended():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    blocks.reserve("short", 8, lease_s=1.0, now=0.0)  # blocks 0, 1
+    blocks.reserve("long", 4, lease_s=10.0, now=0.0)  # block 2
+    assert blocks.expire(now=0.5) == []
+    assert blocks.expire(now=1.0) == ["short"]
+    assert blocks.get("short") is None
+    assert blocks.get("long").block_ids == [2]
+    assert blocks.num_free == 7
+    assert blocks.allocate(20) == [3, 4, 5, 6, 7]
+    assert blocks.allocate(8) == [0, 1]
+
+
+def test_claim_ends_the_lease_without_freeing_the_blocks():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    blocks.reserve("a", 8, lease_s=1.0, now=0.0)
+    assert blocks.claim("a") == [0, 1]
+    assert blocks.get("a") is None
+    assert blocks.num_free == 2
+    assert blocks.expire(now=100.0) == []
+    assert blocks.num_free == 2
+
+
+def test_release_frees_once_and_a_second_release_returns_false():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    blocks.reserve("a", 8, lease_s=1.0, now=0.0)
+    assert blocks.release("a") is True
+    assert blocks.num_free == 4
+    assert blocks.release("a") is False
+    assert blocks.num_free == 4
+    assert blocks.allocate(16) == [2, 3, 0, 1]
+
+
+def test_release_of_an_unknown_handle_returns_false():
+    assert BlockManager(num_blocks=4, block_size=4).release("nope") is False
+
+
+def test_released_handle_can_be_reserved_again():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    blocks.reserve("a", 4, lease_s=1.0, now=0.0)
+    blocks.release("a")
+    assert blocks.reserve("a", 4, lease_s=1.0, now=0.0).block_ids == [1]
