@@ -23,6 +23,7 @@ def _tier_args(parser: argparse.ArgumentParser, kv_memory_mb: int) -> None:
     parser.add_argument("--kv-dtype", default="float32", help="KV cache dtype (both tiers must agree)")
     parser.add_argument("--kv-memory-mb", type=int, default=kv_memory_mb, help="memory budget of the KV pool")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 def build_parser(model_dir: Path) -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     up.add_argument("--max-new-tokens-limit", type=int, default=4096)
     up.add_argument("--prefill-threads", type=int, default=0)
     up.add_argument("--decode-threads", type=int, default=0)
+    up.add_argument("--device", default="auto", help="device of both model tiers: auto, cpu, cuda or cuda:N")
 
     gateway = sub.add_parser("gateway", help="run the gateway tier")
     _model_arg(gateway, model_dir)
@@ -114,7 +116,7 @@ def _gateway(args, _) -> int:
 
 def _tier_fields(args) -> dict:
     return dict(model_dir=args.model, host=args.host, port=args.port, block_size=args.block_size,
-                kv_dtype=args.kv_dtype, kv_memory_mb=args.kv_memory_mb, threads=args.threads)
+                kv_dtype=args.kv_dtype, kv_memory_mb=args.kv_memory_mb, threads=args.threads, device=args.device)
 
 
 def _prefill(args, _) -> int:

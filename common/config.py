@@ -41,10 +41,13 @@ class TierConfig:
     kv_dtype: str = "float32"
     kv_memory_mb: int = 1024
     threads: int = 0
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
 
     def __post_init__(self) -> None:
         _check_port(self.port)
         _check_threads(self.threads)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_dtype not in DTYPES:

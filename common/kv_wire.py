@@ -15,7 +15,7 @@ if sys.byteorder != "little":
 
 
 def to_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def checksum(key: bytes, value: bytes) -> int:

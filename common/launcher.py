@@ -26,7 +26,7 @@ def free_port(host: str) -> int:
 def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[str]]:
     base = [sys.executable, "-m", "common.cli"]
     model = ["--model", str(args.model), "--host", args.host]
-    kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype]
+    kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype, "--device", args.device]
     return {
         "decode": [*base, "decode", *model, "--port", str(decode_port), *kv,
                    "--kv-memory-mb", str(args.decode_kv_memory_mb), "--max-batch-size", str(args.max_batch_size),

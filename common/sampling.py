@@ -45,7 +45,7 @@ def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Seque
 
 
 def _sample_row(logits: torch.Tensor, config: SamplingConfig, step: int) -> int:
-    scaled = logits.float() / config.temperature  # (vocab,)
+    scaled = logits.float().cpu() / config.temperature  # (vocab,); the seeded generator lives on the CPU
     if config.top_k:
         kth = torch.topk(scaled, min(config.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

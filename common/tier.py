@@ -31,7 +31,8 @@ def build_runtime(config: TierConfig) -> TierRuntime:
             f"no model at {config.model_dir}: run `pdserve prepare-model` or pass --model with a Hugging Face "
             "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
         )
-    model = LlamaModel.load(config.model_dir, torch.float32)
+    device = resolve_device(config.device)
+    model = LlamaModel.load(config.model_dir, torch.float32, device)
     c = model.config
     kv_dtype = DTYPES[config.kv_dtype]
     per_block = KvPool.bytes_per_block(num_layers=c.num_layers, block_size=config.block_size,
@@ -40,9 +41,17 @@ def build_runtime(config: TierConfig) -> TierRuntime:
     if num_blocks < 1:
         raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no block of {per_block} bytes; raise it")
     kv = KvPool(num_layers=c.num_layers, num_blocks=num_blocks, block_size=config.block_size,
-                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype)
+                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype, device=device)
     compat = compat_for(config.model_dir, c, kv_dtype=config.kv_dtype, block_size=config.block_size)
     return TierRuntime(ModelRunner(model, kv), BlockManager(num_blocks, config.block_size), compat)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    return torch.device(name)
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:

@@ -52,24 +52,28 @@ class DecodeBatch:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
         self.config = config
-        w = {name: tensor.to(dtype) for name, tensor in weights.items()}
+        self.device = torch.device(device)
+        w = {name: tensor.to(self.device, dtype) for name, tensor in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # (vocab, hidden)
         self.lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
         self.final_norm = w["model.norm.weight"]
         self.layers = [self._layer(w, i) for i in range(config.num_layers)]
-        self.cos, self.sin = _rotary_tables(config)  # (max_positions, head_dim) each
+        cos, sin = _rotary_tables(config)  # (max_positions, head_dim) each
+        self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
         self.group = config.num_heads // config.num_kv_heads
         self.scale = config.head_dim**-0.5
 
     @classmethod
-    def load(cls, model_dir: Path, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+    def load(cls, model_dir: Path, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> "LlamaModel":
         config = ModelConfig.from_dir(model_dir)
         weights: dict[str, torch.Tensor] = {}
         for path in sorted(model_dir.glob("*.safetensors")):
             weights.update(load_file(str(path)))
-        return cls(config, weights, dtype)
+        return cls(config, weights, dtype, device)
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
@@ -91,7 +95,7 @@ class LlamaModel:
             return torch.cat([self._attend_span(layer, q, span, kv) for span in spans])
 
         hidden = self._forward(token_ids, positions, slots, kv, attend, on_layer_kv)
-        last = torch.tensor([span.offset + span.num_tokens - 1 for span in spans])
+        last = torch.tensor([span.offset + span.num_tokens - 1 for span in spans], device=self.device)
         return self._logits(hidden[last])
 
     def decode(self, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
@@ -133,8 +137,8 @@ class LlamaModel:
         if span.start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            rows = torch.arange(span.start, span.start + span.num_tokens)[:, None]
-            mask = torch.arange(span.start + span.num_tokens)[None, :] <= rows  # (tokens, context)
+            rows = torch.arange(span.start, span.start + span.num_tokens, device=q.device)[:, None]
+            mask = torch.arange(span.start + span.num_tokens, device=q.device)[None, :] <= rows  # (tokens, context)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return out.transpose(0, 1).reshape(span.num_tokens, -1)  # (tokens, heads * head_dim)
 

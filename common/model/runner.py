@@ -46,7 +46,7 @@ class ModelRunner:
             spans.append(PrefillSpan(offset=offset, num_tokens=len(chunk.token_ids), start=chunk.start,
                                      context_slots=context))
             slots.append(context[chunk.start:])
-            positions.append(torch.arange(chunk.start, end))
+            positions.append(torch.arange(chunk.start, end, device=self.kv.device))
             token_ids.extend(chunk.token_ids)
             offset += len(chunk.token_ids)
 
@@ -56,7 +56,7 @@ class ModelRunner:
                 on_chunk_kv(index, layer, key[rows], value[rows])
 
         return self.model.prefill(
-            torch.tensor(token_ids), torch.cat(positions), torch.cat(slots), spans, self.kv,
+            torch.tensor(token_ids, device=self.kv.device), torch.cat(positions), torch.cat(slots), spans, self.kv,
             split_per_chunk if on_chunk_kv is not None else None,
         )
 
@@ -69,17 +69,18 @@ class ModelRunner:
     @torch.inference_mode()
     def run_decode(self, items: list[DecodeItem]) -> torch.Tensor:
         """Returns logits (len(items), vocab) for the token after each item's token."""
-        block_size = self.kv.block_size
-        positions = torch.tensor([item.position for item in items])  # (batch,)
+        block_size, device = self.kv.block_size, self.kv.device
+        positions = torch.tensor([item.position for item in items], device=device)  # (batch,)
         max_blocks = max(len(item.block_table) for item in items)
-        tables = torch.tensor([item.block_table + [0] * (max_blocks - len(item.block_table)) for item in items])
-        context_len = int(positions.max()) + 1
-        offsets = torch.arange(context_len)  # (context,)
+        tables = torch.tensor([item.block_table + [0] * (max_blocks - len(item.block_table)) for item in items],
+                              device=device)
+        context_len = max(item.position for item in items) + 1
+        offsets = torch.arange(context_len, device=device)  # (context,)
         context_slots = tables[:, offsets // block_size] * block_size + offsets % block_size  # (batch, context)
         valid = offsets[None, :] <= positions[:, None]
-        mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, None, None, :]
         batch = DecodeBatch(
-            token_ids=torch.tensor([item.token_id for item in items]),
+            token_ids=torch.tensor([item.token_id for item in items], device=device),
             positions=positions,
             slots=context_slots.gather(1, positions[:, None]).squeeze(1),
             context_slots=context_slots,
