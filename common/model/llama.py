@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from common.kv_pool import KvPool
 from common.model.config import ModelConfig
+from common.model.linear import DenseLinear, make_linear
 
 # Called once per layer during prefill with the keys (after rotary) and values just computed:
 # (layer, key (num_tokens, num_kv_heads, head_dim), value (same)).
@@ -25,11 +26,11 @@ LayerKvHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 @dataclass(frozen=True)
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
-    qkv: torch.Tensor  # ((heads + 2 * kv_heads) * head_dim, hidden)
-    out: torch.Tensor  # (hidden, heads * head_dim)
+    qkv: DenseLinear  # hidden -> (heads + 2 * kv_heads) * head_dim
+    out: DenseLinear  # heads * head_dim -> hidden
     post_norm: torch.Tensor  # (hidden,)
-    gate_up: torch.Tensor  # (2 * intermediate, hidden)
-    down: torch.Tensor  # (hidden, intermediate)
+    gate_up: DenseLinear  # hidden -> 2 * intermediate
+    down: DenseLinear  # intermediate -> hidden
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,14 @@ class DecodeBatch:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", weight_format: str = "dense") -> None:
         self.config = config
         self.device = torch.device(device)
         w = {name: tensor.to(self.device, dtype) for name, tensor in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # (vocab, hidden)
-        self.lm_head = self.embed if config.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = make_linear(self.embed if config.tie_word_embeddings else w["lm_head.weight"], weight_format)
         self.final_norm = w["model.norm.weight"]
-        self.layers = [self._layer(w, i) for i in range(config.num_layers)]
+        self.layers = [self._layer(w, i, weight_format) for i in range(config.num_layers)]
         cos, sin = _rotary_tables(config)  # (max_positions, head_dim) each
         self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
         self.group = config.num_heads // config.num_kv_heads
@@ -76,15 +77,15 @@ class LlamaModel:
         return cls(config, weights, dtype, device)
 
     @staticmethod
-    def _layer(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+    def _layer(w: dict[str, torch.Tensor], i: int, weight_format: str) -> LayerWeights:
         p = f"model.layers.{i}."
         return LayerWeights(
             input_norm=w[p + "input_layernorm.weight"],
-            qkv=torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]),
-            out=w[p + "self_attn.o_proj.weight"],
+            qkv=make_linear(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]), weight_format),
+            out=make_linear(w[p + "self_attn.o_proj.weight"], weight_format),
             post_norm=w[p + "post_attention_layernorm.weight"],
-            gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-            down=w[p + "mlp.down_proj.weight"],
+            gate_up=make_linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]), weight_format),
+            down=make_linear(w[p + "mlp.down_proj.weight"], weight_format),
         )
 
     def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -114,21 +115,21 @@ class LlamaModel:
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            q, k, v = F.linear(h, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
             q = _rotate(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # (tokens, heads, head_dim)
             k = _rotate(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
             v = v.reshape(-1, c.num_kv_heads, c.head_dim)
             kv.write(index, slots, k, v)
             if on_layer_kv is not None:
                 on_layer_kv(index, k, v)
-            x = x + F.linear(attend(index, q), layer.out)
+            x = x + layer.out(attend(index, q))
             h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms_norm(hidden, self.final_norm, self.config.rms_norm_eps), self.lm_head).float()
+        return self.lm_head(_rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)).float()
 
     def _attend_span(self, layer: int, q: torch.Tensor, span: PrefillSpan, kv: KvPool) -> torch.Tensor:
         q = q[span.offset:span.offset + span.num_tokens].transpose(0, 1)  # (heads, tokens, head_dim)
