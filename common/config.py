@@ -5,7 +5,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.kv_wire import DTYPES
+# KV cache element types the tiers can store and exchange (common/kv_wire.py maps them to torch).
+# Kept here, torch-free, so the CLI can set up the process before torch loads.
+KV_DTYPES = ("float32", "float16", "bfloat16")
 
 DEFAULT_GATEWAY_PORT = 50051
 
@@ -50,8 +52,8 @@ class TierConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_dtype not in DTYPES:
-            raise ValueError(f"kv_dtype must be one of {sorted(DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.kv_memory_mb < 1:
             raise ValueError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
 

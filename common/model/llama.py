@@ -48,8 +48,8 @@ class DecodeBatch:
     token_ids: torch.Tensor  # (batch,)
     positions: torch.Tensor  # (batch,)
     slots: torch.Tensor  # (batch,) where each new token's KV goes
-    context_slots: torch.Tensor  # (batch, max_context) KV slots of positions 0 .. position, padded
-    context_mask: torch.Tensor  # (batch, 1, 1, max_context) 0 where valid, -inf at padding
+    block_tables: torch.Tensor  # (batch, max_blocks) each sequence's blocks, padded with block 0
+    context_mask: torch.Tensor  # (batch, 1, max_blocks * block_size) 0 at positions <= position, else -inf
 
 
 class LlamaModel:
@@ -133,8 +133,8 @@ class LlamaModel:
 
     def _attend_span(self, layer: int, q: torch.Tensor, span: PrefillSpan, kv: KvPool) -> torch.Tensor:
         q = q[span.offset:span.offset + span.num_tokens].transpose(0, 1)  # (heads, tokens, head_dim)
-        k = kv.key[layer][span.context_slots].to(q.dtype).transpose(0, 1)  # (kv_heads, context, head_dim)
-        v = kv.value[layer][span.context_slots].to(q.dtype).transpose(0, 1)
+        k, v = kv.read_slots(layer, span.context_slots)  # (context, kv_heads, head_dim) each
+        k, v = k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)  # (kv_heads, context, head_dim)
         if span.start == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -146,13 +146,17 @@ class LlamaModel:
     def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
         c = self.config
         num_seqs = q.shape[0]
-        q = q.view(num_seqs, c.num_kv_heads, self.group, c.head_dim)  # (batch, kv_heads, group, head_dim)
-        k = kv.key[layer][batch.context_slots].to(q.dtype)  # (batch, context, kv_heads, head_dim)
-        v = kv.value[layer][batch.context_slots].to(q.dtype)
-        scores = q @ k.permute(0, 2, 3, 1) * self.scale  # (batch, kv_heads, group, context)
-        probs = torch.softmax(scores + batch.context_mask, dim=-1)
-        out = probs @ v.transpose(1, 2)  # (batch, kv_heads, group, head_dim)
-        return out.reshape(num_seqs, -1)
+        q = q.view(num_seqs, c.num_kv_heads, self.group, c.head_dim) * self.scale  # (batch, kv_heads, group, head_dim)
+        k, v = kv.read_blocks(layer, batch.block_tables)  # (batch, context, kv_heads, head_dim) each
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        # One batched matmul per KV head on strided views: BLAS reads them in place, where a permute
+        # to (batch, kv_heads, ...) would copy the whole gathered context first (25x slower here).
+        outs = []
+        for head in range(c.num_kv_heads):
+            scores = q[:, head] @ k[:, :, head].transpose(1, 2)  # (batch, group, context)
+            probs = torch.softmax(scores + batch.context_mask, dim=-1)
+            outs.append(probs @ v[:, :, head])  # (batch, group, head_dim)
+        return torch.stack(outs, dim=1).reshape(num_seqs, -1)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -74,16 +74,15 @@ class ModelRunner:
         max_blocks = max(len(item.block_table) for item in items)
         tables = torch.tensor([item.block_table + [0] * (max_blocks - len(item.block_table)) for item in items],
                               device=device)
-        context_len = max(item.position for item in items) + 1
-        offsets = torch.arange(context_len, device=device)  # (context,)
-        context_slots = tables[:, offsets // block_size] * block_size + offsets % block_size  # (batch, context)
-        valid = offsets[None, :] <= positions[:, None]
-        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+        offsets = torch.arange(max_blocks * block_size, device=device)  # (context,)
+        valid = offsets[None, :] <= positions[:, None]  # (batch, context)
+        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, None, :]
+        own_block = tables.gather(1, (positions // block_size)[:, None]).squeeze(1)
         batch = DecodeBatch(
             token_ids=torch.tensor([item.token_id for item in items], device=device),
             positions=positions,
-            slots=context_slots.gather(1, positions[:, None]).squeeze(1),
-            context_slots=context_slots,
+            slots=own_block * block_size + positions % block_size,
+            block_tables=tables,
             context_mask=mask,
         )
         return self.model.decode(batch, self.kv)
