@@ -8,6 +8,7 @@ from pathlib import Path
 # KV cache element types the tiers can store and exchange (common/kv_wire.py maps them to torch).
 # Kept here, torch-free, so the CLI can set up the process before torch loads.
 KV_DTYPES = ("float32", "float16", "bfloat16")
+SPECULATIVE_METHODS = ("none", "prompt-lookup")
 
 DEFAULT_GATEWAY_PORT = 50051
 
@@ -62,9 +63,16 @@ class TierConfig:
 class DecodeConfig(TierConfig):
     max_batch_size: int = 64
     lease_ms: int = 30_000
+    speculative: str = "none"  # none | prompt-lookup
+    num_speculative_tokens: int = 4
+    speculative_max_batch: int = 8  # larger batches are compute-bound: no speculation there
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.lease_ms < 1:

@@ -45,6 +45,11 @@ def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Seque
 
 
 def _sample_row(logits: torch.Tensor, config: SamplingConfig, step: int) -> int:
+    return draw(probabilities(logits, config), config, step)
+
+
+def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: temperature, then top-k, then top-p. (vocab,) on CPU."""
     scaled = logits.float().cpu() / config.temperature  # (vocab,); the seeded generator lives on the CPU
     if config.top_k:
         kth = torch.topk(scaled, min(config.top_k, scaled.numel())).values[-1]
@@ -55,5 +60,18 @@ def _sample_row(logits: torch.Tensor, config: SamplingConfig, step: int) -> int:
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop = probs.cumsum(dim=-1) - probs >= config.top_p
         scaled = scaled.index_fill(0, order[drop], float("-inf"))
-    generator = torch.Generator().manual_seed((config.seed * _SEED_MIX + step) % 2**63)
-    return int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator))
+    return torch.softmax(scaled, dim=-1)
+
+
+def draw(probs: torch.Tensor, config: SamplingConfig, step: int) -> int:
+    """One token from probs (vocab,), from the request's generator for token `step`."""
+    return int(torch.multinomial(probs, 1, generator=_generator(config, step)))
+
+
+def uniform(config: SamplingConfig, step: int) -> float:
+    """A U(0, 1) number for token `step`, independent of the stream `draw` uses."""
+    return float(torch.rand(1, generator=_generator(config, step, stream=1)))
+
+
+def _generator(config: SamplingConfig, step: int, stream: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((config.seed * _SEED_MIX + step * 2 + stream) % 2**63)

@@ -3,99 +3,44 @@
   reserve()        -> reserved : blocks for prompt + max_new_tokens held under a lease
   receive_kv()     -> receiving: KV chunks land in those blocks, each layer in token order
   start_decode()   -> waiting  : a client listens; admitted once every layer has every prompt token
-  step()           -> running  : one token per step in the shared batch (continuous batching)
-                   -> finished : EOS, max_new_tokens or cancel; blocks freed, the outbox closed
+  step()           -> running  : one token per step in the shared batch (continuous batching), or,
+                                 speculating, the accepted part of k proposed tokens plus one
+                   -> finished : EOS, stop string, max_new_tokens or cancel; blocks freed, outbox closed
 A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()).
 The engine loop thread runs step(); RPC threads call the rest. One condition variable guards state;
 the model runs outside it.
 """
 
 import itertools
-import queue
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
 
 from common.block_manager import BlockManager, OutOfBlocks
 from common.engine_loop import EngineLoop
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from common.errors import InvalidArgument, NotFound, ResourceExhausted
 from common.model.runner import DecodeItem, ModelRunner
 from common.sampling import SamplingConfig, sample
 from common.stop_strings import StopWatcher
 from common.tokenizer import TextTokenizer
 from decode_svc.scheduler import Scheduler, SeqView
+from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
+from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationConfig, verify
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
 
 
-@dataclass
-class Transfer:
-    """A reservation's KV arriving: tokens received so far per layer."""
-
-    handle: str
-    num_prompt_tokens: int
-    max_new_tokens: int
-    block_ids: list[int]
-    received: list[int]
-
-    @property
-    def complete(self) -> bool:
-        return all(n == self.num_prompt_tokens for n in self.received)
-
-
-@dataclass(frozen=True)
-class DecodeEvent:
-    token_ids: list[int]
-    finish_reason: str | None = None  # set on the last event
-    queue_ms: float = 0.0
-
-
-@dataclass
-class Sequence:
-    handle: str
-    transfer: Transfer
-    tokens: list[int]  # generated so far, the prefill tier's first token included
-    max_new_tokens: int
-    sampling: SamplingConfig
-    stop_token_ids: frozenset[int]
-    stop_watcher: StopWatcher | None = None  # set when the request has stop strings
-    outbox: "queue.Queue[DecodeEvent]" = field(default_factory=queue.Queue)
-    cancelled: bool = False
-    finished: bool = False
-    arrived_at: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None
-
-    @property
-    def position(self) -> int:
-        """Position of the last token, the input of the next step."""
-        return self.transfer.num_prompt_tokens + len(self.tokens) - 1
-
-
-@dataclass
-class DecodeStatsSnapshot:
-    num_blocks_total: int
-    num_blocks_free: int
-    num_reserved: int
-    num_running: int
-    num_steps: int
-    num_tokens_generated: int
-    max_batch_size: int
-    mean_batch_size: float
-    num_leases_expired: int
-    num_cancelled: int
-    block_size: int
-
-
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
-                 tokenizer: TextTokenizer) -> None:
+                 tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig()) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        self.speculation = speculation
+        self.proposer = PromptLookupProposer()
         self.blocks = blocks
         self.scheduler = scheduler
         self.lease_s = lease_s
@@ -105,7 +50,8 @@ class DecodeEngine:
         self._cond = threading.Condition()
         self._loop = EngineLoop("decode-engine", self._cond, step=self.step, has_work=self._has_work,
                                 on_idle=self._expire_leases, on_error=self._fail_running)
-        self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0}
+        self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0,
+                        "proposed": 0, "accepted": 0}
         self._handle_ids = itertools.count()
 
     # Reservation and KV arrival (RPC threads).
@@ -162,7 +108,10 @@ class DecodeEngine:
     # Decoding (RPC threads start and cancel; the loop thread steps).
 
     def start_decode(self, handle: str, first_token: int, max_new_tokens: int, sampling: SamplingConfig,
-                     stop_token_ids: frozenset[int], stop_strings: tuple[str, ...] = ()) -> Sequence:
+                     stop_token_ids: frozenset[int], stop_strings: tuple[str, ...] = (),
+                     prompt_ids: list[int] | None = None, speculate: bool | None = None) -> Sequence:
+        """speculate: None follows the instance's --speculative setting; False turns it off for this
+        request; True asks for it (only where the instance has a proposer)."""
         with self._cond:
             transfer = self._transfer(handle)
             if max_new_tokens > transfer.max_new_tokens:
@@ -170,7 +119,9 @@ class DecodeEngine:
             self.blocks.claim(handle)
             del self.transfers[handle]
             watcher = StopWatcher(self.tokenizer, stop_strings) if stop_strings else None
-            seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher)
+            spec_on = self.speculation.method != "none" and speculate is not False
+            seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher,
+                           list(prompt_ids or []), SpecState(self.speculation.num_tokens) if spec_on else None)
             reason = self._finish_reason(seq, first_token)
             if reason:
                 self._finish(seq, reason, [])
@@ -204,19 +155,57 @@ class DecodeEngine:
             batch = list(self.running)
         if not batch:
             return False
-        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids) for s in batch])
-        new_tokens = sample(logits, [s.sampling for s in batch], [len(s.tokens) for s in batch])
+        drafts = self._propose(batch)
+        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids, tuple(d))
+                                         for s, d in zip(batch, drafts)])  # (sum of 1 + len(draft), vocab)
+        new_tokens = self._choose(batch, drafts, logits)
         with self._cond:
             self._record_step(len(batch))
-            for seq, token in zip(batch, new_tokens):
-                seq.tokens.append(token)
-                reason = self._finish_reason(seq, token)
-                if reason:
-                    self._finish(seq, reason, [token])
-                else:
-                    seq.outbox.put(DecodeEvent([token]))
+            for seq, tokens in zip(batch, new_tokens):
+                self._counts["tokens"] += self._append(seq, tokens)
             self.running = [s for s in self.running if not s.finished]
         return True
+
+    def _propose(self, batch: list[Sequence]) -> list[list[int]]:
+        """Draft tokens per sequence ([] for those not speculating this step)."""
+        if len(batch) > self.speculation.max_batch_size:
+            return [[] for _ in batch]  # compute-bound now: verifying k tokens costs k times as much
+        drafts = []
+        for seq in batch:
+            # Never propose past max_new_tokens: the verify step adds up to k + 1 tokens.
+            k = min(seq.spec.next_k(), seq.max_new_tokens - len(seq.tokens) - 1) if seq.spec else 0
+            drafts.append(self.proposer.propose(seq.context, k) if k > 0 else [])
+        return drafts
+
+    def _choose(self, batch: list[Sequence], drafts: list[list[int]], logits: torch.Tensor) -> list[list[int]]:
+        rows = torch.tensor([0, *[1 + len(d) for d in drafts]]).cumsum(0).tolist()
+        plain = [i for i, d in enumerate(drafts) if not d]
+        chosen: list[list[int]] = [[] for _ in batch]
+        if plain:
+            last_rows = logits[[rows[i] for i in plain]]
+            for i, token in zip(plain, sample(last_rows, [batch[i].sampling for i in plain],
+                                              [len(batch[i].tokens) for i in plain])):
+                chosen[i] = [token]
+        for i, draft in enumerate(drafts):
+            if draft:
+                seq = batch[i]
+                chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, len(seq.tokens))
+                seq.spec.record(len(draft), len(chosen[i]) - 1)
+                self._counts["proposed"] += len(draft)
+                self._counts["accepted"] += len(chosen[i]) - 1
+        return chosen
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> int:
+        """Adds a step's tokens in order, up to the first that ends the sequence; returns how many.
+        Caller holds the lock."""
+        for count, token in enumerate(tokens, start=1):
+            seq.tokens.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self._finish(seq, reason, tokens[:count])
+                return count
+        seq.outbox.put(DecodeEvent(tokens))
+        return len(tokens)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_token_ids:
@@ -236,7 +225,7 @@ class DecodeEngine:
         if reason == FINISH_CANCELLED:
             self._counts["cancelled"] += 1
         start = seq.admitted_at if seq.admitted_at is not None else time.monotonic()
-        seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000))
+        seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000, seq.spec))
 
     def _expire_leases(self) -> None:
         for handle in self.blocks.expire(time.monotonic()):
@@ -246,7 +235,6 @@ class DecodeEngine:
     def _record_step(self, batch_size: int) -> None:
         c = self._counts
         c["steps"] += 1
-        c["tokens"] += batch_size
         c["batch_sum"] += batch_size
         c["batch_max"] = max(c["batch_max"], batch_size)
 
@@ -285,4 +273,6 @@ class DecodeEngine:
                 num_leases_expired=c["expired"],
                 num_cancelled=c["cancelled"],
                 block_size=self.blocks.block_size,
+                num_spec_proposed=c["proposed"],
+                num_spec_accepted=c["accepted"],
             )

@@ -45,11 +45,19 @@ class PrefillSpan:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    token_ids: torch.Tensor  # (batch,)
-    positions: torch.Tensor  # (batch,)
-    slots: torch.Tensor  # (batch,) where each new token's KV goes
+    """A few new tokens per sequence (one, or more when verifying speculated tokens).
+
+    Token rows are flattened (num_tokens = sum over sequences); attention pads them to
+    (batch, max_new, ...) where row `query_rows[i]` = sequence * max_new + offset holds token i.
+    """
+
+    token_ids: torch.Tensor  # (num_tokens,)
+    positions: torch.Tensor  # (num_tokens,)
+    slots: torch.Tensor  # (num_tokens,) where each new token's KV goes
+    query_rows: torch.Tensor  # (num_tokens,) row of each token in the padded (batch * max_new) layout
+    max_new: int
     block_tables: torch.Tensor  # (batch, max_blocks) each sequence's blocks, padded with block 0
-    context_mask: torch.Tensor  # (batch, 1, max_blocks * block_size) 0 at positions <= position, else -inf
+    context_mask: torch.Tensor  # (batch, max_new, 1, max_blocks * block_size) 0 where a query may look, else -inf
 
 
 class LlamaModel:
@@ -100,7 +108,7 @@ class LlamaModel:
         return self._logits(hidden[last])
 
     def decode(self, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
-        """Runs one token per sequence; returns logits (batch, vocab)."""
+        """Runs a few new tokens per sequence; returns logits (num_tokens, vocab), one row per token."""
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
             return self._attend_batch(layer, q, batch, kv)
@@ -145,18 +153,22 @@ class LlamaModel:
 
     def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
         c = self.config
-        num_seqs = q.shape[0]
-        q = q.view(num_seqs, c.num_kv_heads, self.group, c.head_dim) * self.scale  # (batch, kv_heads, group, head_dim)
+        num_seqs, max_new = batch.block_tables.shape[0], batch.max_new
+        padded = q.new_zeros(num_seqs * max_new, c.num_heads, c.head_dim).index_copy_(0, batch.query_rows, q)
+        padded = (padded * self.scale).view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
         k, v = kv.read_blocks(layer, batch.block_tables)  # (batch, context, kv_heads, head_dim) each
         k, v = k.to(q.dtype), v.to(q.dtype)
         # One batched matmul per KV head on strided views: BLAS reads them in place, where a permute
         # to (batch, kv_heads, ...) would copy the whole gathered context first (25x slower here).
         outs = []
         for head in range(c.num_kv_heads):
-            scores = q[:, head] @ k[:, :, head].transpose(1, 2)  # (batch, group, context)
-            probs = torch.softmax(scores + batch.context_mask, dim=-1)
-            outs.append(probs @ v[:, :, head])  # (batch, group, head_dim)
-        return torch.stack(outs, dim=1).reshape(num_seqs, -1)
+            q_head = padded[:, :, head].reshape(num_seqs, max_new * self.group, c.head_dim)
+            scores = (q_head @ k[:, :, head].transpose(1, 2)).view(num_seqs, max_new, self.group, -1)
+            probs = torch.softmax(scores + batch.context_mask, dim=-1)  # (batch, max_new, group, context)
+            out = probs.view(num_seqs, max_new * self.group, -1) @ v[:, :, head]  # (batch, max_new * group, head_dim)
+            outs.append(out.view(num_seqs, max_new, self.group, c.head_dim))
+        out = torch.stack(outs, dim=2).reshape(num_seqs * max_new, -1)  # (batch * max_new, heads * head_dim)
+        return out.index_select(0, batch.query_rows)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,11 +24,17 @@ class PrefillChunk:
 
 @dataclass(frozen=True)
 class DecodeItem:
-    """One sequence's next step: token_id sits at position; its KV goes into block_table."""
+    """One sequence's next step: token_id sits at position, followed by any speculated draft_ids at the
+    positions after it; their KV goes into block_table."""
 
     token_id: int
     position: int
     block_table: list[int]
+    draft_ids: tuple[int, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 + len(self.draft_ids)
 
 
 class ModelRunner:
@@ -68,20 +74,33 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_decode(self, items: list[DecodeItem]) -> torch.Tensor:
-        """Returns logits (len(items), vocab) for the token after each item's token."""
+        """Returns logits (sum of item.num_tokens, vocab): for each item's token and each draft token,
+        in order, the distribution of the token after it."""
         block_size, device = self.kv.block_size, self.kv.device
-        positions = torch.tensor([item.position for item in items], device=device)  # (batch,)
+        max_new = max(item.num_tokens for item in items)
         max_blocks = max(len(item.block_table) for item in items)
         tables = torch.tensor([item.block_table + [0] * (max_blocks - len(item.block_table)) for item in items],
-                              device=device)
+                              device=device)  # (batch, max_blocks)
+        token_ids, positions, rows, seq_of_token = [], [], [], []
+        for index, item in enumerate(items):
+            token_ids += [item.token_id, *item.draft_ids]
+            positions += range(item.position, item.position + item.num_tokens)
+            rows += range(index * max_new, index * max_new + item.num_tokens)
+            seq_of_token += [index] * item.num_tokens
+        positions_t = torch.tensor(positions, device=device)  # (num_tokens,)
+        own_block = tables[torch.tensor(seq_of_token, device=device), positions_t // block_size]
+        # Query t of a sequence sees positions <= its own; padding queries repeat the last real one.
+        last = torch.tensor([[item.position + min(t, item.num_tokens - 1) for t in range(max_new)] for item in items],
+                            device=device)  # (batch, max_new)
         offsets = torch.arange(max_blocks * block_size, device=device)  # (context,)
-        valid = offsets[None, :] <= positions[:, None]  # (batch, context)
-        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, None, :]
-        own_block = tables.gather(1, (positions // block_size)[:, None]).squeeze(1)
+        valid = offsets[None, None, :] <= last[:, :, None]  # (batch, max_new, context)
+        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, :, None, :]
         batch = DecodeBatch(
-            token_ids=torch.tensor([item.token_id for item in items], device=device),
-            positions=positions,
-            slots=own_block * block_size + positions % block_size,
+            token_ids=torch.tensor(token_ids, device=device),
+            positions=positions_t,
+            slots=own_block * block_size + positions_t % block_size,
+            query_rows=torch.tensor(rows, device=device),
+            max_new=max_new,
             block_tables=tables,
             context_mask=mask,
         )

@@ -51,3 +51,17 @@ def test_batched_decode_of_different_lengths_matches_reference(runner, reference
     out = runner.run_decode([DecodeItem(tok, len(ids), table) for tok, ids, table in zip(next_tokens, prompts, tables)])
     for row, (ids, tok) in enumerate(zip(prompts, next_tokens)):
         torch.testing.assert_close(out[row], logits(ids + [tok])[-1], atol=ATOL, rtol=0)
+
+
+def test_decode_with_speculated_tokens_matches_reference_at_every_position(runner, reference):
+    logits, tokenizer = reference
+    prompts = [tokenizer(t).input_ids for t in ("Speculate about", "One two three four five six")]
+    tables = [[58, 59, 60, 61, 62], [63, 0, 1, 2, 3]]
+    runner.run_prefill([PrefillChunk(ids, 0, table) for ids, table in zip(prompts, tables)])
+    items = [DecodeItem(11, len(prompts[0]), tables[0], draft_ids=(12, 13, 14)),
+             DecodeItem(21, len(prompts[1]), tables[1])]
+    out = runner.run_decode(items)  # (4 + 1, vocab)
+    assert out.shape[0] == 5
+    expected_first = logits(prompts[0] + [11, 12, 13, 14])[-4:]
+    torch.testing.assert_close(out[:4], expected_first, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[4], logits(prompts[1] + [21])[-1], atol=ATOL, rtol=0)

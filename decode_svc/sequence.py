@@ -1,0 +1,77 @@
+"""The records of the decode tier: a reservation's KV arriving, a sequence being decoded, the events
+streamed back, and the counters the Stats RPC reports."""
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+from common.sampling import SamplingConfig
+from common.stop_strings import StopWatcher
+from decode_svc.speculation import SpecState
+
+
+@dataclass
+class Transfer:
+    """A reservation's KV arriving: tokens received so far per layer."""
+
+    handle: str
+    num_prompt_tokens: int
+    max_new_tokens: int
+    block_ids: list[int]
+    received: list[int]
+
+    @property
+    def complete(self) -> bool:
+        return all(n == self.num_prompt_tokens for n in self.received)
+
+
+@dataclass(frozen=True)
+class DecodeEvent:
+    token_ids: list[int]
+    finish_reason: str | None = None  # set on the last event
+    queue_ms: float = 0.0
+    spec: SpecState | None = None  # on the last event of a sequence that speculated
+
+
+@dataclass
+class Sequence:
+    handle: str
+    transfer: Transfer
+    tokens: list[int]  # generated so far, the prefill tier's first token included
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_token_ids: frozenset[int]
+    stop_watcher: StopWatcher | None = None  # set when the request has stop strings
+    prompt_ids: list[int] = field(default_factory=list)  # for prompt-lookup speculation, when sent
+    spec: SpecState | None = None  # set when the sequence may speculate
+    outbox: "queue.Queue[DecodeEvent]" = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    finished: bool = False
+    arrived_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the last token, the input of the next step."""
+        return self.transfer.num_prompt_tokens + len(self.tokens) - 1
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.tokens
+
+
+@dataclass
+class DecodeStatsSnapshot:
+    num_blocks_total: int
+    num_blocks_free: int
+    num_reserved: int
+    num_running: int
+    num_steps: int
+    num_tokens_generated: int
+    max_batch_size: int
+    mean_batch_size: float
+    num_leases_expired: int
+    num_cancelled: int
+    block_size: int
+    num_spec_proposed: int
+    num_spec_accepted: int

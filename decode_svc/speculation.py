@@ -1,0 +1,108 @@
+"""Speculative decoding on the decode tier: a proposer guesses the next k tokens of a sequence, one
+batched target forward scores them all (inside the normal continuous batch), and an acceptance rule
+keeps a prefix of them plus one token of the target's own, so the output is exactly what decoding
+without speculation would produce: token for token when greedy, in distribution when sampling
+(rejection sampling, Leviathan et al. 2023 / Chen et al. 2023).
+
+Speculation pays only while decode is memory-bound and proposals are often right, so each sequence
+adapts its k from recent acceptance and stops proposing when it loses; large batches do not speculate.
+No torch here except in `verify`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from common.config import SPECULATIVE_METHODS
+from common.sampling import SamplingConfig, draw, probabilities, uniform
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    method: str = "none"
+    num_tokens: int = 4  # most tokens proposed per step
+    max_batch_size: int = 8  # above this many running sequences decode is compute-bound: no speculation
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        if not 1 <= self.num_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
+
+
+class Proposer(Protocol):
+    def propose(self, context: list[int], k: int) -> list[int]: ...
+
+
+class PromptLookupProposer:
+    """Finds the latest earlier occurrence of the context's last n tokens (n from max_ngram down to 1)
+    and proposes what followed it. No model: it wins on extractive text (quotes, edits, code)."""
+
+    def __init__(self, max_ngram: int = 3) -> None:
+        self.max_ngram = max_ngram
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(context) - 1), 0, -1):
+            tail = context[-n:]
+            for start in range(len(context) - n - 1, -1, -1):
+                if context[start:start + n] == tail:
+                    return context[start + n:start + n + k]
+        return []
+
+
+@dataclass
+class SpecState:
+    """A sequence's speculation: its k, recent acceptance, and counters reported to the client."""
+
+    max_k: int
+    acceptance: float = 1.0  # moving average of accepted / proposed; optimistic at the start
+    cooldown: int = 0  # steps left without proposing after speculation lost
+    num_proposed: int = 0
+    num_accepted: int = 0
+    num_verify_steps: int = 0
+    num_verify_tokens: int = 0  # tokens produced by steps that verified proposals
+    _SMOOTHING: float = field(default=0.5, repr=False)
+
+    def next_k(self) -> int:
+        if self.cooldown > 0:
+            self.cooldown -= 1
+            return 0
+        if self.acceptance >= 0.5:
+            return self.max_k
+        return max(1, self.max_k // 2) if self.acceptance >= 0.2 else 1
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.num_proposed += proposed
+        self.num_accepted += accepted
+        self.num_verify_steps += 1
+        self.num_verify_tokens += accepted + 1
+        self.acceptance += self._SMOOTHING * (accepted / proposed - self.acceptance)
+        if self.acceptance < 0.1:
+            self.cooldown, self.acceptance = 8, 0.3  # pause, then probe again with a small k
+
+
+def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first_step: int) -> list[int]:
+    """logits: (len(draft) + 1, vocab), row i scoring the token after draft[:i]. Returns the accepted
+    draft prefix plus one token from the target: len(result) - 1 drafts were accepted.
+
+    The proposer is deterministic (a point mass on each draft token), so rejection sampling accepts
+    draft token d with probability p(d) and, on rejection, draws from p with d removed, renormalised.
+    `first_step` is the index of the token the first row produces (for the per-request generator).
+    """
+    if config.greedy:
+        targets = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == targets[accepted]:
+            accepted += 1
+        return [*draft[:accepted], targets[accepted]]
+    out = []
+    for i, token in enumerate(draft):
+        probs = probabilities(logits[i], config)
+        if uniform(config, first_step + i) < float(probs[token]):
+            out.append(token)
+            continue
+        residual = probs.clone()
+        residual[token] = 0.0
+        return [*out, draw(residual / residual.sum(), config, first_step + i)]
+    return [*out, draw(probabilities(logits[len(draft)], config), config, first_step + len(draft))]

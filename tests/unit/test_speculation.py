@@ -1,0 +1,83 @@
+"""Speculative decoding's pure parts: prompt lookup, adaptive k, and the acceptance rule, whose
+sampled output must follow the target distribution exactly (a broken rule must fail the same test)."""
+
+import pytest
+import torch
+
+from common.sampling import SamplingConfig
+from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationConfig, verify
+
+# Chi-square critical value, 5 degrees of freedom, p = 0.001.
+_CHI2_DF5_P001 = 20.515
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    context = [1, 2, 3, 4, 5, 9, 2, 3, 4, 6, 7, 2, 3]
+    assert PromptLookupProposer(max_ngram=3).propose(context, 3) == [4, 6, 7]
+
+
+def test_prompt_lookup_falls_back_to_shorter_ngrams_and_to_nothing():
+    proposer = PromptLookupProposer(max_ngram=3)
+    assert proposer.propose([5, 6, 7, 8, 1, 9, 7], 2) == [8, 1]
+    assert proposer.propose([1, 2, 3, 4], 2) == []
+
+
+def test_adaptive_k_shrinks_then_pauses_when_proposals_are_wrong():
+    state = SpecState(max_k=4)
+    assert state.next_k() == 4
+    for _ in range(6):
+        state.record(proposed=4, accepted=0)
+    assert [state.next_k() for _ in range(8)] == [0] * 8
+    assert state.next_k() >= 1
+    assert state.num_proposed == 24 and state.num_accepted == 0 and state.num_verify_steps == 6
+
+
+def test_speculation_config_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="speculative method"):
+        SpeculationConfig(method="telepathy")
+
+
+def test_greedy_verify_accepts_the_agreeing_prefix_plus_the_target_token():
+    logits = torch.full((4, 10), -5.0)
+    for row, best in enumerate([3, 7, 2, 8]):
+        logits[row, best] = 5.0
+    greedy = SamplingConfig()
+    assert verify(logits, [3, 7, 2], greedy, 0) == [3, 7, 2, 8]
+    assert verify(logits, [3, 1, 2], greedy, 0) == [3, 7]
+    assert verify(logits, [0, 7, 2], greedy, 0) == [3]
+
+
+def _first_token_counts(accept_rule, trials: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:
+    target_logits = torch.tensor([1.5, 0.7, 0.2, -0.3, -1.0, 0.9])
+    logits = torch.stack([target_logits, torch.zeros(6)])
+    counts = torch.zeros(6)
+    for seed in range(trials):
+        config = SamplingConfig(temperature=1.0, seed=seed)
+        counts[accept_rule(logits, [5], config, 0)[0]] += 1
+    return counts, torch.softmax(target_logits, dim=0) * trials
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    counts, expected = _first_token_counts(verify)
+    assert float(((counts - expected) ** 2 / expected).sum()) < _CHI2_DF5_P001
+
+
+def test_the_same_check_catches_a_rule_that_always_accepts():
+    def always_accept(logits, draft, config, first_step):
+        return [*draft, 0]
+
+    counts, expected = _first_token_counts(always_accept)
+    assert float(((counts - expected) ** 2 / expected).sum()) > _CHI2_DF5_P001
+
+
+def test_the_same_check_catches_a_rule_that_resamples_without_removing_the_draft():
+    from common.sampling import draw, probabilities, uniform
+
+    def sloppy(logits, draft, config, first_step):
+        probs = probabilities(logits[0], config)
+        if uniform(config, first_step) < float(probs[draft[0]]):
+            return [draft[0]]
+        return [draw(probs, config, first_step)]  # should exclude the draft token and renormalise
+
+    counts, expected = _first_token_counts(sloppy)
+    assert float(((counts - expected) ** 2 / expected).sum()) > _CHI2_DF5_P001
