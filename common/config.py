@@ -9,6 +9,9 @@ from pathlib import Path
 # Kept here, torch-free, so the CLI can set up the process before torch loads.
 KV_DTYPES = ("float32", "float16", "bfloat16")
 SPECULATIVE_METHODS = ("none", "prompt-lookup")
+# How a tier stores its weights; common/model/linear.py registers each (a unit test keeps the two equal).
+WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
+                       "int4-awq", "int4-awq-g32", "int4-awq-g64", "int4-awq-g128")
 
 DEFAULT_GATEWAY_PORT = 50051
 
@@ -45,6 +48,7 @@ class TierConfig:
     kv_memory_mb: int = 1024
     threads: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    weights: str = "fp32"  # weight format of this tier (common/model/linear.py WEIGHT_FORMATS)
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -57,6 +61,8 @@ class TierConfig:
             raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.kv_memory_mb < 1:
             raise ValueError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
+        if self.weights not in WEIGHT_FORMAT_NAMES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMAT_NAMES)}, got {self.weights!r}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from common.config import TierConfig, resolve_threads
 from common.kv_pool import KvPool
 from common.kv_wire import DTYPES
 from common.model.llama import LlamaModel
+from common.model.weights import load_model
 from common.model.runner import ModelRunner
 
 
@@ -31,8 +32,13 @@ def build_runtime(config: TierConfig) -> TierRuntime:
             f"no model at {config.model_dir}: run `pdserve prepare-model` or pass --model with a Hugging Face "
             "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
         )
-    device = resolve_device(config.device)
-    model = LlamaModel.load(config.model_dir, torch.float32, device)
+    model = load_model(config.model_dir, config.weights, resolve_device(config.device))
+    compat = compat_for(config.model_dir, model.config, kv_dtype=config.kv_dtype, block_size=config.block_size)
+    return runtime_for(model, config, compat)
+
+
+def runtime_for(model: LlamaModel, config: TierConfig, compat: Compat) -> TierRuntime:
+    """A KV pool sized by config's memory budget, its block manager, and a runner over `model`."""
     c = model.config
     kv_dtype = DTYPES[config.kv_dtype]
     per_block = KvPool.bytes_per_block(num_layers=c.num_layers, block_size=config.block_size,
@@ -41,8 +47,7 @@ def build_runtime(config: TierConfig) -> TierRuntime:
     if num_blocks < 1:
         raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no block of {per_block} bytes; raise it")
     kv = KvPool(num_layers=c.num_layers, num_blocks=num_blocks, block_size=config.block_size,
-                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype, device=device)
-    compat = compat_for(config.model_dir, c, kv_dtype=config.kv_dtype, block_size=config.block_size)
+                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype, device=model.device)
     return TierRuntime(ModelRunner(model, kv), BlockManager(num_blocks, config.block_size), compat)
 
 

@@ -1,13 +1,22 @@
-"""Linear layers of the model, one class per weight format, chosen in one registry.
+"""Linear layers of the model, one class per way of storing a weight, chosen by name in one registry.
 
-The model only calls `layer(x)`; a format decides how its weight is stored and multiplied. Dense
-(fp32/fp16/bf16) is here; quantised formats register themselves in WEIGHT_FORMATS.
+The model only calls `layer(x)`. A WeightFormat says how a tier stores its weights: projections in one
+format, the embedding (tied to the LM head on the default model) in another, norms as they are. Building a
+layer from a dense tensor packs it on the spot; building it from a PackedWeight (a checkpoint saved by
+common/model/weights.py) uses it as it is. AWQ formats need calibration, so they only accept packed weights.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from common.model.packed import PackedWeight
+from common.model.quant_cast import CastWeight
+from common.model.quant_fp8 import Fp8Weight
+from common.model.quant_int4 import Int4Weight
+from common.model.quant_int8 import Int8Weight
 
 
 class DenseLinear:
@@ -22,14 +31,87 @@ class DenseLinear:
         return self.weight.numel() * self.weight.element_size()
 
 
-# format name -> builder from a dense (out, in) weight, already on its device and in the compute dtype
-WEIGHT_FORMATS: dict[str, Callable[[torch.Tensor], DenseLinear]] = {
-    "dense": DenseLinear,
+class PackedLinear:
+    def __init__(self, weight: PackedWeight) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.matmul(x)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+Packer = Callable[[torch.Tensor], torch.Tensor | PackedWeight]
+
+
+def _keep(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    pack: Packer  # projections (q, k, v, o, gate, up, down)
+    pack_embedding: Packer  # embedding / LM head rows
+    saved: bool = False  # quantised once and kept as a checkpoint (casts are cheap to redo at start-up)
+    calibrated: bool = False  # packing needs activations (AWQ): only checkpoints from weights.py are accepted
+    group_size: int | None = None  # int4 formats
+
+    def __call__(self, weight: torch.Tensor | PackedWeight) -> DenseLinear | PackedLinear:
+        if isinstance(weight, PackedWeight):
+            return PackedLinear(weight)
+        if self.calibrated:
+            raise ValueError(f"weight format {self.name!r} is calibrated (AWQ): load it with "
+                             "common.model.weights.load_model, which calibrates once and saves a checkpoint")
+        packed = self.pack(weight)
+        return PackedLinear(packed) if isinstance(packed, PackedWeight) else DenseLinear(packed)
+
+
+def _cast(dtype: torch.dtype) -> Packer:
+    return lambda weight: CastWeight.pack(weight, dtype)
+
+
+def _int4(group_size: int) -> Packer:
+    return lambda weight: Int4Weight.pack(weight, group_size)
+
+
+INT4_GROUP_SIZES = (32, 64, 128)
+DEFAULT_INT4_GROUP_SIZE = 128
+
+
+def _int4_formats() -> dict[str, WeightFormat]:
+    formats = {}
+    for group in INT4_GROUP_SIZES:
+        # The embedding doubles as the LM head: int8 rows keep it close to fp32 at a quarter of its bytes.
+        formats[f"int4-g{group}"] = WeightFormat(f"int4-g{group}", _int4(group), Int8Weight.pack, saved=True,
+                                                 group_size=group)
+        formats[f"int4-awq-g{group}"] = WeightFormat(f"int4-awq-g{group}", _int4(group), Int8Weight.pack,
+                                                     saved=True, calibrated=True, group_size=group)
+    formats["int4"] = formats[f"int4-g{DEFAULT_INT4_GROUP_SIZE}"]
+    formats["int4-awq"] = formats[f"int4-awq-g{DEFAULT_INT4_GROUP_SIZE}"]
+    return formats
+
+
+# format name -> how a tier stores its weights. "dense" keeps whatever dtype the model is built in.
+WEIGHT_FORMATS: dict[str, WeightFormat] = {
+    "dense": WeightFormat("dense", _keep, _keep),
+    "fp32": WeightFormat("fp32", _keep, _keep),
+    "fp16": WeightFormat("fp16", _cast(torch.float16), _cast(torch.float16)),
+    "bf16": WeightFormat("bf16", _cast(torch.bfloat16), _cast(torch.bfloat16)),
+    "fp8-e4m3": WeightFormat("fp8-e4m3", Fp8Weight.pack, Fp8Weight.pack, saved=True),
+    "int8": WeightFormat("int8", Int8Weight.pack, Int8Weight.pack, saved=True),
+    **_int4_formats(),
 }
 
 
-def make_linear(weight: torch.Tensor, weight_format: str = "dense"):
-    builder = WEIGHT_FORMATS.get(weight_format)
-    if builder is None:
-        raise ValueError(f"weight format {weight_format!r} is unknown; expected one of {sorted(WEIGHT_FORMATS)}")
-    return builder(weight)
+def weight_format(name: str) -> WeightFormat:
+    found = WEIGHT_FORMATS.get(name)
+    if found is None:
+        raise ValueError(f"weight format {name!r} is unknown; expected one of {sorted(WEIGHT_FORMATS)}")
+    return found
+
+
+def make_linear(weight: torch.Tensor | PackedWeight, weight_format_name: str = "dense"):
+    return weight_format(weight_format_name)(weight)
