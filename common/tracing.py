@@ -1,17 +1,41 @@
 """W3C trace context across tiers: each process has an OpenTelemetry tracer; spans are parented to the
-caller's span through the `traceparent` / `tracestate` gRPC metadata."""
+caller's span through the `traceparent` / `tracestate` gRPC metadata.
+
+Spans are exported over OTLP/gRPC only when main() found an endpoint (OTEL_EXPORTER_OTLP_ENDPOINT or
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT); the exporter and sampler read the other standard OTEL_* variables
+themselves. Without an endpoint the SDK provider still gives spans real ids, so a caller's trace context
+keeps flowing downstream.
+"""
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 
-def init_tracing(service_name: str) -> None:
-    """Installs an SDK tracer provider (spans get real ids; exporters are configured separately)."""
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": service_name})))
+def init_tracing(service_name: str, *, export: bool = False) -> TracerProvider | None:
+    """Installs an SDK tracer provider; with export, spans go to the OTLP endpoint of the OTEL_* variables.
+    OTEL_SERVICE_NAME, when set, wins over `service_name`. Returns the provider this call installed."""
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return None
+    resource = Resource.create({"process.pid": os.getpid()})
+    if resource.attributes.get(SERVICE_NAME, "unknown_service").startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service_name}))
+    provider = TracerProvider(resource=resource)
+    if export:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
 
 
 def tracer(name: str) -> trace.Tracer:
@@ -24,8 +48,45 @@ def incoming_context(context: grpc.ServicerContext) -> otel_context.Context:
     return propagate.extract(carrier)
 
 
-def outgoing_metadata(request_id: str) -> list[tuple[str, str]]:
-    """Metadata for a downstream call: the request id and the current span's trace context."""
+def outgoing_metadata(request_id: str, parent: Span | None = None) -> list[tuple[str, str]]:
+    """Metadata for a downstream call: the request id and the trace context of `parent` (default: the
+    current span)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=trace.set_span_in_context(parent) if parent is not None else None)
     return [("x-request-id", request_id), *carrier.items()]
+
+
+@contextmanager
+def child_span(name: str, parent: Span, *, kind: SpanKind = SpanKind.INTERNAL,
+               tracer_name: str = "pdserve") -> Iterator[Span]:
+    """A span under `parent` that is not made current: safe around `yield` in a generator, whose body may
+    be resumed, closed or collected on another thread or context."""
+    span = tracer(tracer_name).start_span(name, context=trace.set_span_in_context(parent), kind=kind)
+    try:
+        yield span
+    except GeneratorExit:
+        raise  # the consumer stopped early (e.g. after the last token): not an error
+    except BaseException as error:
+        span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        raise
+    finally:
+        span.end()
+
+
+class WallClock:
+    """Converts time.monotonic() readings (what the engines record) to the Unix nanoseconds of span
+    timestamps, so a phase measured by an engine can become a span after the fact."""
+
+    def __init__(self) -> None:
+        self._offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def ns(self, monotonic_s: float) -> int:
+        return int(monotonic_s * 1e9) + self._offset_ns
+
+
+def record_phase(name: str, parent: Span, start_s: float, end_s: float, clock: WallClock,
+                 attributes: dict | None = None, tracer_name: str = "pdserve") -> None:
+    """A finished span under `parent` for a phase timed in monotonic seconds, [start_s, end_s]."""
+    span = tracer(tracer_name).start_span(name, context=trace.set_span_in_context(parent),
+                                          start_time=clock.ns(start_s), attributes=attributes)
+    span.end(end_time=clock.ns(max(end_s, start_s)))

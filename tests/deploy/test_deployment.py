@@ -1,0 +1,196 @@
+"""Deployment acceptance, what an operator runs on a GPU host: builds the image with the Docker SDK, brings
+compose.yaml up, waits for every container through the SDK, then sends requests through the published
+gateway and checks the whole path: tokens come back, Jaeger holds one trace per request across the three
+tiers, Prometheus counts the requests, Grafana serves the dashboard, and `pdserve trace-report` reads the
+collector's trace file. Tears everything down (volumes included) at the end.
+
+    .venv/bin/pytest tests/deploy -q -rs
+
+It needs a Docker engine with the compose plugin and the NVIDIA container toolkit, and the host ports
+50051, 16686, 9090 and 3000 free. Where no Docker engine answers (as on CI) every test skips with that reason.
+"""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import docker
+import grpc
+import pytest
+
+from helpers import request
+from pdserve.v1 import gateway_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = f"pdserve-accept-{uuid.uuid4().hex[:8]}"
+GATEWAY = "127.0.0.1:50051"
+JAEGER = "http://127.0.0.1:16686"
+PROMETHEUS = "http://127.0.0.1:9090"
+GRAFANA = "http://127.0.0.1:3000"
+TIERS = ("gateway", "prefill", "decode")
+OBSERVABILITY = ("otel-collector", "jaeger", "prometheus", "grafana")
+START_TIMEOUT_S = 1800  # image pulls and model preparation on a fresh host
+NUM_REQUESTS = 3
+
+
+@pytest.fixture(scope="module")
+def engine():
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except docker.errors.DockerException as error:
+        pytest.skip(f"no Docker engine answers ({error})")
+    if shutil.which("docker") is None:
+        pytest.skip("a Docker engine answers, but the docker CLI (compose plugin) is not installed")
+    yield client
+    client.close()
+
+
+def compose(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", "compose", "-f", str(ROOT / "compose.yaml"), "-p", PROJECT, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def containers(client) -> dict:
+    """Compose service name -> container of this project."""
+    found = client.containers.list(all=True, filters={"label": f"com.docker.compose.project={PROJECT}"})
+    return {c.labels["com.docker.compose.service"]: c for c in found}
+
+
+def wait_ready(client) -> None:
+    """Until model-init has exited 0, the tiers are healthy and the observability services run."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = containers(client)
+        for c in found.values():
+            c.reload()
+        init = found.get("model-init")
+        if init is not None and init.status == "exited" and init.attrs["State"]["ExitCode"] != 0:
+            pytest.fail(f"model-init failed:\n{init.logs(tail=50).decode()}")
+        healthy = all(name in found and found[name].attrs["State"].get("Health", {}).get("Status") == "healthy"
+                      for name in TIERS)
+        if healthy and all(name in found and found[name].status == "running" for name in OBSERVABILITY):
+            return
+        time.sleep(5)
+    logs = {name: c.logs(tail=20).decode() for name, c in containers(client).items()}
+    pytest.fail(f"the deployment was not ready after {START_TIMEOUT_S} s: {json.dumps(logs, indent=1)}")
+
+
+@pytest.fixture(scope="module")
+def deployment(engine):
+    image, _ = engine.images.build(path=str(ROOT), tag=f"{PROJECT}:accept", rm=True)
+    try:
+        up = compose("up", "--detach", "--build", timeout_s=START_TIMEOUT_S)
+        assert up.returncode == 0, f"docker compose up failed:\n{up.stderr[-4000:]}"
+        wait_ready(engine)
+        yield engine
+    finally:
+        compose("down", "--volumes", "--remove-orphans", timeout_s=600)
+        engine.images.remove(image.id, force=True)
+
+
+def get_json(url: str, **params) -> dict:
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    with urllib.request.urlopen(url + query, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def prometheus_value(query: str) -> float:
+    result = get_json(f"{PROMETHEUS}/api/v1/query", query=query)["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+@pytest.fixture(scope="module")
+def traffic(deployment):
+    ttft_count = "sum(gen_ai_server_time_to_first_token_seconds_count)"
+    before = prometheus_value(ttft_count)
+    request_ids = [f"accept-{uuid.uuid4().hex[:12]}" for _ in range(NUM_REQUESTS)]
+    replies = []
+    with grpc.insecure_channel(GATEWAY) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for request_id in request_ids:
+            stream = stub.Generate(request("The capital of France is", max_new_tokens=8), timeout=300,
+                                   metadata=(("x-request-id", request_id),))
+            replies.append(list(stream))
+    return request_ids, replies, before
+
+
+def test_every_service_is_up(deployment):
+    found = containers(deployment)
+    assert found["model-init"].attrs["State"]["ExitCode"] == 0
+    assert all(found[name].attrs["State"]["Health"]["Status"] == "healthy" for name in TIERS)
+
+
+def test_gateway_generates_end_to_end(traffic):
+    _, replies, _ = traffic
+    for messages in replies:
+        assert messages[-1].finish_reason and sum(len(m.token_ids) for m in messages) >= 1
+        assert "".join(m.text for m in messages).strip()
+
+
+def jaeger_trace(request_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        traces = get_json(f"{JAEGER}/api/traces", service="pdserve-gateway", lookback="1h", limit=5,
+                          tags=json.dumps({"gen_ai.response.id": request_id}))["data"]
+        if traces and len(traces[0]["processes"]) == len(TIERS) and any(s["operationName"] == "decode"
+                                                                          for s in traces[0]["spans"]):
+            assert len(traces) == 1, f"{len(traces)} traces for one request"
+            return traces[0]
+        time.sleep(2)
+    pytest.fail(f"Jaeger has no complete trace for {request_id}")
+
+
+def test_jaeger_holds_one_trace_per_request_across_the_tiers(traffic):
+    request_ids, _, _ = traffic
+    for request_id in request_ids:
+        trace = jaeger_trace(request_id)
+        services = {p["serviceName"] for p in trace["processes"].values()}
+        assert services == {f"pdserve-{tier}" for tier in TIERS}
+        spans = {s["spanID"]: s for s in trace["spans"]}
+
+        def parent_of(name: str) -> str:
+            span = next(s for s in spans.values() if s["operationName"] == name)
+            parents = [r["spanID"] for r in span["references"] if r["refType"] == "CHILD_OF"]
+            return spans[parents[0]]["operationName"]
+
+        assert parent_of("kv.receive") == "kv.transfer"
+        assert parent_of("kv.transfer") == "prefill"
+        assert parent_of("prefill") == "prefill.call"
+        assert parent_of("decode") == "decode.call"
+
+
+def test_prometheus_counts_every_request(traffic):
+    _, _, before = traffic
+    query = "sum(gen_ai_server_time_to_first_token_seconds_count)"
+    deadline = time.monotonic() + 60  # a few scrape intervals
+    while prometheus_value(query) - before < NUM_REQUESTS and time.monotonic() < deadline:
+        time.sleep(2)
+    assert prometheus_value(query) - before == NUM_REQUESTS
+    targets = get_json(f"{PROMETHEUS}/api/v1/targets")["data"]["activeTargets"]
+    assert {t["labels"]["job"]: t["health"] for t in targets} == dict.fromkeys(TIERS, "up")
+
+
+def test_grafana_serves_the_provisioned_dashboard(deployment):
+    dashboard = get_json(f"{GRAFANA}/api/dashboards/uid/pdserve-tiers")["dashboard"]
+    assert dashboard["title"] == "pdserve tiers" and len(dashboard["panels"]) >= 6
+
+
+def test_trace_report_reads_the_collector_file(deployment, traffic, tmp_path):
+    time.sleep(5)  # the collector's batch processor flushes every few seconds
+    chunks, _ = containers(deployment)["otel-collector"].get_archive("/traces/spans.jsonl")
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
+        archive.extractall(tmp_path, filter="data")
+    result = subprocess.run([sys.executable, "-m", "common.cli", "trace-report", str(tmp_path / "spans.jsonl")],
+                            capture_output=True, text=True, timeout=120, check=True)
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert int(rows["request"][2]) >= NUM_REQUESTS
+    assert {"prefill.compute", "kv.transfer", "kv.receive", "decode.queue"} <= set(rows)
