@@ -1,0 +1,58 @@
+"""`pdserve up --colocated`: prefill and decode engines in one process over one copy of the weights, with
+each process pinned to the cores given (--colocated-cpus, --gateway-cpus)."""
+
+import os
+import threading
+
+import grpc
+import pytest
+
+from stack import launch_stack, stop_stack
+from helpers import collect, hf_greedy, request
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from test_topology import _child_pids
+
+ENGINE_CPU = min(os.sched_getaffinity(0))
+GATEWAY_CPU = max(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def colocated(model_dir):
+    process, addresses = launch_stack(model_dir, "--colocated", "--colocated-cpus", str(ENGINE_CPU),
+                                      "--gateway-cpus", str(GATEWAY_CPU))
+    yield process, addresses
+    stop_stack(process)
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline") as f:
+        return f.read().split("\0")
+
+
+def test_one_engine_process_serves_both_services_pinned(colocated):
+    process, addresses = colocated
+    children = {_cmdline(pid)[3]: pid for pid in _child_pids(process.pid)}  # python -m common.cli <tier>
+    assert set(children) == {"colocated", "gateway"}
+    assert os.sched_getaffinity(children["colocated"]) == {ENGINE_CPU}
+    assert os.sched_getaffinity(children["gateway"]) == {GATEWAY_CPU}
+    with grpc.insecure_channel(addresses["prefill"]) as channel:
+        assert prefill_pb2_grpc.PrefillStub(channel).Stats(prefill_pb2.PrefillStatsRequest(), timeout=10).num_blocks_total
+    with grpc.insecure_channel(addresses["decode"]) as channel:
+        assert decode_pb2_grpc.DecodeStub(channel).Stats(decode_pb2.StatsRequest(), timeout=10).num_blocks_total
+
+
+def test_concurrent_long_and_short_prompts_match_transformers(colocated, hf_model):
+    """Both engines step at once over the shared weights; every output is still Hugging Face's."""
+    _, addresses = colocated
+    prompts = [[3_000 + (7 * i) % 500 for i in range(300)], [1_200, 1_201, 1_202], [4_000 + i for i in range(20)]]
+    outputs: dict[int, list[int]] = {}
+    with grpc.insecure_channel(addresses["gateway"]) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(
+            i, collect(stub, request(token_ids=prompts[i], max_new_tokens=8))[0])) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == hf_greedy(hf_model, prompt, 8)
