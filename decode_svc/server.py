@@ -5,18 +5,23 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
 
 from common import kv_wire
 from common.config import DecodeConfig
-from common.errors import FailedPrecondition, Internal, InvalidArgument
+from common.errors import FailedPrecondition, Internal, InvalidArgument, PdserveError
 from common.grpc_util import add_health, make_server, maps_errors, set_serving
+from common.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
 from common.proto_convert import compat_to_proto, sampling_from_proto
 from common.tier import bind, build_runtime
 from common.tokenizer import TextTokenizer
 from common.tracing import incoming_context, tracer
 from decode_svc.convert import event_to_proto, stats_to_proto
 from decode_svc.engine import FINISH_ERROR, DecodeEngine
+from decode_svc.observe import DecodeObserver
 from decode_svc.scheduler import Scheduler
+from decode_svc.speculation import SpeculationConfig
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 SERVICE_NAME = "pdserve.v1.Decode"
@@ -24,9 +29,10 @@ _POLL_S = 0.25
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: DecodeEngine, compat) -> None:
+    def __init__(self, engine: DecodeEngine, compat, metrics: DecodeMetrics) -> None:
         self.engine = engine
         self.compat = compat
+        self.metrics = metrics
         self._tracer = tracer("pdserve.decode")
 
     @maps_errors
@@ -40,7 +46,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if request.max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens must be >= 1")
         lease_s = request.lease_ms / 1000 if request.lease_ms else None
-        handle, num_blocks, expires = self.engine.reserve(request.num_prompt_tokens, request.max_new_tokens, lease_s)
+        with self._tracer.start_as_current_span("decode.reserve", context=incoming_context(context),
+                                                kind=SpanKind.SERVER) as span:
+            handle, num_blocks, expires = self.engine.reserve(request.num_prompt_tokens, request.max_new_tokens,
+                                                              lease_s)
+            span.set_attributes({"pdserve.kv.handle": handle, "pdserve.kv.blocks": num_blocks})
         return decode_pb2.ReserveResponse(handle=handle, num_blocks=num_blocks,
                                           lease_expires_unix_ms=int(expires * 1000),
                                           compat=compat_to_proto(self.compat))
@@ -48,7 +58,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @maps_errors
     def PushKv(self, request_iterator, context):
         num_chunks, num_bytes, started, handle = 0, 0, None, None
-        with self._tracer.start_as_current_span("decode.kv_receive", context=incoming_context(context)) as span:
+        with self._tracer.start_as_current_span("kv.receive", context=incoming_context(context),
+                                                kind=SpanKind.SERVER) as span:
             for chunk in request_iterator:
                 started = started or time.monotonic()
                 handle = self._check_chunk(chunk, handle)
@@ -62,8 +73,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 raise InvalidArgument("the KV stream was empty")
             if not self.engine.transfer_complete(handle):
                 raise FailedPrecondition(f"the KV stream for {handle} ended before every layer had every prompt token")
-            span.set_attribute("pdserve.kv.bytes", num_bytes)
-            span.set_attribute("pdserve.kv.chunks", num_chunks)
+            span.set_attributes({"pdserve.kv.bytes": num_bytes, "pdserve.kv.pages": num_chunks,
+                                 "pdserve.kv.handle": handle})
+        self.metrics.kv_received_bytes.inc(num_bytes)
         receive_ms = (time.monotonic() - started) * 1000
         return decode_pb2.PushKvResponse(num_chunks=num_chunks, num_bytes=num_bytes, receive_ms=receive_ms)
 
@@ -93,26 +105,38 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             sampling = sampling_from_proto(request.sampling)
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
-        with self._tracer.start_as_current_span("decode", context=incoming_context(context)) as span:
-            seq = self.engine.start_decode(request.handle, request.first_token_id, request.max_new_tokens,
-                                           sampling, frozenset(request.stop_token_ids), tuple(request.stop))
+        observer = DecodeObserver(self.metrics, incoming_context(context), request.request_id)
+        try:
+            seq = self.engine.start_decode(
+                request.handle, request.first_token_id, request.max_new_tokens, sampling,
+                frozenset(request.stop_token_ids), tuple(request.stop), list(request.prompt_token_ids),
+                request.speculative if request.HasField("speculative") else None)
+            observer.started(seq)
             context.add_callback(lambda: self.engine.cancel(seq))
             try:
-                while True:
-                    try:
-                        event = seq.outbox.get(timeout=_POLL_S)
-                    except queue.Empty:
-                        if not context.is_active():
-                            return
-                        continue
-                    if event.finish_reason == FINISH_ERROR:
-                        raise Internal("a decode step failed; the decode tier's log has the details")
-                    yield event_to_proto(event)
-                    if event.finish_reason:
-                        span.set_attribute("pdserve.decode.tokens", len(seq.tokens))
-                        return
+                yield from self._stream(seq, context, observer)
             finally:
                 self.engine.cancel(seq)
+        except PdserveError as error:
+            observer.error(str(error))
+            raise
+        finally:
+            observer.end()
+
+    def _stream(self, seq, context, observer: DecodeObserver):
+        while True:
+            try:
+                event = seq.outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if event.finish_reason == FINISH_ERROR:
+                raise Internal("a decode step failed; the decode tier's log has the details")
+            observer.event(event)
+            yield event_to_proto(event)
+            if event.finish_reason:
+                return
 
     @maps_errors
     def Release(self, request, context):
@@ -134,13 +158,18 @@ class RunningDecode:
         self.server.stop(grace_s).wait()
 
 
-def start_decode(config: DecodeConfig) -> RunningDecode:
+def start_decode(config: DecodeConfig, registry: CollectorRegistry | None = None) -> RunningDecode:
+    """Serves the decode tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
     runtime = build_runtime(config)
+    speculation = SpeculationConfig(config.speculative, config.num_speculative_tokens, config.speculative_max_batch)
     engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
-                          TextTokenizer(config.model_dir))
+                          TextTokenizer(config.model_dir), speculation)
     server = make_server()
     health = add_health(server)
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, runtime.compat), server)
+    registry = registry or CollectorRegistry()
+    registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
+    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)),
+                                                 server)
     port = bind(server, config.host, config.port)
     engine.start()
     server.start()

@@ -53,33 +53,51 @@ class PromptLookupProposer:
 
 @dataclass
 class SpecState:
-    """A sequence's speculation: its k, recent acceptance, and counters reported to the client."""
+    """A sequence's speculation: its acceptance so far, the k that pays best, and counters for the client.
+
+    Acceptance is modelled per token (a draft token is right with probability `rate`, independently), so
+    a step proposing k tokens yields (1 - rate^(k+1)) / (1 - rate) tokens on average, and costs
+    `step_costs[k]` plain steps (measured at start-up). k is the best ratio; 0 when nothing beats plain
+    decoding, after which the sequence rests a few steps and probes with k = 1.
+    """
 
     max_k: int
-    acceptance: float = 1.0  # moving average of accepted / proposed; optimistic at the start
-    cooldown: int = 0  # steps left without proposing after speculation lost
+    step_costs: tuple[float, ...] = ()  # step_costs[k]: cost of verifying k drafts, in plain steps
+    rate: float = 0.7  # estimated per-token acceptance; optimistic at first
+    cooldown: int = 0
     num_proposed: int = 0
     num_accepted: int = 0
     num_verify_steps: int = 0
     num_verify_tokens: int = 0  # tokens produced by steps that verified proposals
-    _SMOOTHING: float = field(default=0.5, repr=False)
+    _SMOOTHING: float = field(default=0.3, repr=False)
+    _REST_STEPS: int = field(default=8, repr=False)
 
     def next_k(self) -> int:
         if self.cooldown > 0:
             self.cooldown -= 1
-            return 0
-        if self.acceptance >= 0.5:
-            return self.max_k
-        return max(1, self.max_k // 2) if self.acceptance >= 0.2 else 1
+            return 1 if self.cooldown == 0 else 0  # the last resting step probes
+        best_k, best_gain = 0, 1.0
+        for k in range(1, self.max_k + 1):
+            cost = self.step_costs[k] if k < len(self.step_costs) else 1.0 + k
+            gain = expected_tokens(self.rate, k) / cost
+            if gain > best_gain:
+                best_k, best_gain = k, gain
+        if best_k == 0:
+            self.cooldown = self._REST_STEPS
+        return best_k
 
     def record(self, proposed: int, accepted: int) -> None:
         self.num_proposed += proposed
         self.num_accepted += accepted
         self.num_verify_steps += 1
         self.num_verify_tokens += accepted + 1
-        self.acceptance += self._SMOOTHING * (accepted / proposed - self.acceptance)
-        if self.acceptance < 0.1:
-            self.cooldown, self.acceptance = 8, 0.3  # pause, then probe again with a small k
+        trials = accepted + (1 if accepted < proposed else 0)  # draws until the first rejection
+        self.rate += self._SMOOTHING * (accepted / trials - self.rate)
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Mean tokens one verify step yields with k drafts, each right with probability rate."""
+    return float(k + 1) if rate >= 1 else (1 - rate ** (k + 1)) / (1 - rate)
 
 
 def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first_step: int) -> list[int]:

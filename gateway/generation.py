@@ -4,7 +4,8 @@
   2. Prefill on a prefill instance P with D's handle: P pushes the KV straight to D, returns token 1.
   3. Decode on D: tokens stream back until EOS or max_new_tokens.
 cancel() cancels whichever leg is in flight; a reservation that never reached Decode is released.
-The gateway never carries KV bytes.
+The gateway never carries KV bytes. Each leg is a span under the request's (route, prefill.call,
+decode.call, release) whose trace context travels in that call's metadata.
 """
 
 import threading
@@ -13,8 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import Span, SpanKind
 
 from common.proto_convert import sampling_to_proto
+from common.tracing import child_span, outgoing_metadata
 from gateway.router import Router
 from gateway.validation import GenerationSpec
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -36,6 +39,7 @@ class TierError(Exception):
 class GenerationEvent:
     token_ids: list[int]
     finish_reason: str | None = None
+    speculation: decode_pb2.SpeculationStats | None = None  # on the last event, when it speculated
 
 
 @dataclass
@@ -53,14 +57,14 @@ class PhaseTimings:
 
 class Generation:
     def __init__(self, spec: GenerationSpec, router: Router, stubs: Stubs, *, eos_token_ids: frozenset[int],
-                 lease_ms: int, deadline: float | None, metadata: list[tuple[str, str]]) -> None:
+                 lease_ms: int, deadline: float | None, trace_parent: Span) -> None:
         self.spec = spec
         self.router = router
         self.stubs = stubs
         self.eos_token_ids = eos_token_ids
         self.lease_ms = lease_ms
         self.deadline = deadline  # monotonic seconds, or None for no deadline
-        self.metadata = metadata
+        self.trace_parent = trace_parent
         self.timings = PhaseTimings()
         self._calls: list = []
         self._cancelled = False
@@ -75,11 +79,15 @@ class Generation:
 
     def run(self) -> Iterator[GenerationEvent]:
         started = time.monotonic()
-        address, handle = self._reserve()
+        with child_span("route", self.trace_parent) as span:
+            address, handle = self._reserve(span)
+            prefill_address = self.router.pick_prefill()
+            span.set_attributes({"pdserve.decode.address": address, "pdserve.prefill.address": prefill_address,
+                                 "pdserve.kv.handle": handle})
         decode_finished = False
         try:
             with self.router.decoding(address):
-                first = self._prefill(address, handle, started)
+                first = self._prefill(prefill_address, address, handle, started)
                 yield GenerationEvent([first])
                 if first in self.eos_token_ids or self.spec.max_new_tokens == 1:
                     yield GenerationEvent([], "stop" if first in self.eos_token_ids else "length")
@@ -92,14 +100,14 @@ class Generation:
             if not decode_finished:
                 self._release(address, handle)
 
-    def _reserve(self) -> tuple[str, str]:
+    def _reserve(self, span: Span) -> tuple[str, str]:
         request = decode_pb2.ReserveRequest(request_id=self.spec.request_id,
                                             num_prompt_tokens=len(self.spec.prompt_ids),
                                             max_new_tokens=self.spec.max_new_tokens, lease_ms=self.lease_ms)
         refusals = []
         for address in self.router.decode_order():
             try:
-                reply = self._unary(self.stubs.decode[address].Reserve, request)
+                reply = self._unary(self.stubs.decode[address].Reserve, request, span)
                 return address, reply.handle
             except grpc.RpcError as error:
                 if error.code() not in _NEXT_DECODE_CODES:
@@ -111,18 +119,22 @@ class Generation:
         raise TierError(code, "no decode instance can take this request now ("
                         + "; ".join(m for _, m in refusals) + ")")
 
-    def _prefill(self, decode_address: str, handle: str, started: float) -> int:
-        address = self.router.pick_prefill()
+    def _prefill(self, address: str, decode_address: str, handle: str, started: float) -> int:
         request = prefill_pb2.PrefillRequest(
             request_id=self.spec.request_id, prompt_token_ids=self.spec.prompt_ids,
             sampling=sampling_to_proto(self.spec.sampling), decode_address=decode_address, kv_handle=handle,
         )
-        with self.router.prefilling(address, len(self.spec.prompt_ids)):
+        with (self.router.prefilling(address, len(self.spec.prompt_ids)),
+              child_span("prefill.call", self.trace_parent, kind=SpanKind.CLIENT) as span):
             sent = time.monotonic()
             try:
-                reply = self._unary(self.stubs.prefill[address].Prefill, request)
+                reply = self._unary(self.stubs.prefill[address].Prefill, request, span)
             except grpc.RpcError as error:
                 raise TierError(error.code(), f"prefill instance {address}: {error.details()}") from None
+            span.set_attributes({"pdserve.prefill.queue_ms": reply.queue_ms,
+                                 "pdserve.prefill.compute_ms": reply.compute_ms,
+                                 "pdserve.kv.transfer_tail_ms": reply.kv_transfer_ms,
+                                 "pdserve.kv.bytes": reply.kv_bytes, "pdserve.prefill.chunks": reply.num_chunks})
         self.timings = PhaseTimings(queue_ms=(sent - started) * 1000 + reply.queue_ms,
                                     prefill_ms=reply.compute_ms, kv_transfer_ms=reply.kv_transfer_ms)
         return reply.first_token_id
@@ -131,18 +143,23 @@ class Generation:
         request = decode_pb2.DecodeRequest(
             handle=handle, request_id=self.spec.request_id, first_token_id=first,
             max_new_tokens=self.spec.max_new_tokens, sampling=sampling_to_proto(self.spec.sampling),
-            stop_token_ids=sorted(self.eos_token_ids), stop=self.spec.stop,
+            stop_token_ids=sorted(self.eos_token_ids), stop=self.spec.stop, prompt_token_ids=self.spec.prompt_ids,
+            speculative=self.spec.speculative,
         )
-        stream = self.stubs.decode[address].Decode(request, timeout=self._remaining(), metadata=self.metadata)
-        self._track(stream)
-        try:
-            for reply in stream:
-                yield GenerationEvent(list(reply.token_ids), FINISH_REASON_NAMES.get(reply.finish_reason))
-        except grpc.RpcError as error:
-            raise TierError(error.code(), f"decode instance {address}: {error.details()}") from None
+        with child_span("decode.call", self.trace_parent, kind=SpanKind.CLIENT) as span:
+            stream = self.stubs.decode[address].Decode(request, timeout=self._remaining(),
+                                                       metadata=outgoing_metadata(self.spec.request_id, span))
+            self._track(stream)
+            try:
+                for reply in stream:
+                    yield GenerationEvent(list(reply.token_ids), FINISH_REASON_NAMES.get(reply.finish_reason),
+                                          reply.speculation if reply.HasField("speculation") else None)
+            except grpc.RpcError as error:
+                raise TierError(error.code(), f"decode instance {address}: {error.details()}") from None
 
-    def _unary(self, method, request):
-        future = method.future(request, timeout=self._remaining(), metadata=self.metadata)
+    def _unary(self, method, request, span: Span):
+        future = method.future(request, timeout=self._remaining(),
+                               metadata=outgoing_metadata(self.spec.request_id, span))
         self._track(future)
         try:
             return future.result()
@@ -160,8 +177,11 @@ class Generation:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
 
     def _release(self, address: str, handle: str) -> None:
-        try:
-            self.stubs.decode[address].Release(decode_pb2.ReleaseRequest(handle=handle), timeout=_RELEASE_TIMEOUT_S,
-                                               metadata=self.metadata)
-        except grpc.RpcError:
-            pass  # the lease frees the blocks if the decode instance cannot be reached now
+        with child_span("release", self.trace_parent, kind=SpanKind.CLIENT) as span:
+            try:
+                self.stubs.decode[address].Release(decode_pb2.ReleaseRequest(handle=handle),
+                                                   timeout=_RELEASE_TIMEOUT_S,
+                                                   metadata=outgoing_metadata(self.spec.request_id, span))
+            except grpc.RpcError as error:
+                # The lease frees the blocks if the decode instance cannot be reached now.
+                span.set_attribute("error.type", error.code().name)

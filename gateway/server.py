@@ -5,16 +5,20 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from common.config import GatewayConfig
+from common.errors import PdserveError
 from common.grpc_util import (REQUEST_ID_KEY, add_health, make_channel, make_server, maps_errors, metadata_value,
-                              set_serving, time_remaining_s)
+                              set_serving, status_of, time_remaining_s)
+from common.metrics import GatewayMetrics
 from common.model.config import ModelConfig
 from common.proto_convert import FINISH_REASONS
 from common.tier import bind
 from common.tokenizer import TextTokenizer
-from common.tracing import incoming_context, outgoing_metadata, tracer
+from common.tracing import child_span, incoming_context
 from gateway.generation import Generation, Stubs, TierError
+from gateway.observe import RequestObserver
 from gateway.router import Router
 from gateway.text_stream import TextStream
 from gateway.validation import spec_from_request
@@ -24,55 +28,63 @@ SERVICE_NAME = "pdserve.v1.Gateway"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer, model: ModelConfig, stubs: Stubs) -> None:
+    def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer, model: ModelConfig, stubs: Stubs,
+                 metrics: GatewayMetrics) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
         self.stubs = stubs
         self.router = Router(config.prefill_addresses, config.decode_addresses)
-        self._tracer = tracer("pdserve.gateway")
+        self.metrics = metrics
 
     @maps_errors
     def Generate(self, request, context):
-        arrived = time.monotonic()
-        with self._tracer.start_as_current_span("gateway.generate", context=incoming_context(context)) as span:
-            with self._tracer.start_as_current_span("gateway.tokenize"):
-                spec = spec_from_request(request, self.tokenizer, self.config, self.model.max_position_embeddings,
-                                         metadata_value(context, REQUEST_ID_KEY))
-            span.set_attribute("gen_ai.request.id", spec.request_id)
-            span.set_attribute("gen_ai.usage.input_tokens", len(spec.prompt_ids))
-            remaining = time_remaining_s(context)
-            generation = Generation(
-                spec, self.router, self.stubs, eos_token_ids=frozenset(self.model.eos_token_ids),
-                lease_ms=self.config.lease_ms, deadline=arrived + remaining if remaining is not None else None,
-                metadata=outgoing_metadata(spec.request_id),
+        operation = "chat" if request.WhichOneof("input") == "messages" else "text_completion"
+        observer = RequestObserver(self.metrics, operation=operation, model=self.config.model_dir.name,
+                                   parent=incoming_context(context))
+        try:
+            yield from self._generate(request, context, observer)
+        except PdserveError as error:
+            observer.failed(status_of(error), str(error))
+            raise
+        except TierError as error:
+            observer.failed(error.code, str(error))
+            if context.is_active():
+                context.abort(error.code, str(error))
+        finally:
+            observer.end()
+
+    def _generate(self, request, context, observer: RequestObserver):
+        with child_span("tokenize", observer.span):
+            spec = spec_from_request(request, self.tokenizer, self.config, self.model.max_position_embeddings,
+                                     metadata_value(context, REQUEST_ID_KEY))
+        observer.tokenized(spec)
+        remaining = time_remaining_s(context)
+        generation = Generation(
+            spec, self.router, self.stubs, eos_token_ids=frozenset(self.model.eos_token_ids),
+            lease_ms=self.config.lease_ms, deadline=observer.arrived + remaining if remaining is not None else None,
+            trace_parent=observer.span,
+        )
+        context.add_callback(generation.cancel)
+        text = TextStream(self.tokenizer, spec.stop)
+        for event in generation.run():
+            observer.tokens(len(event.token_ids))
+            delta = text.push(event.token_ids)
+            reason = "stop" if text.stopped else event.finish_reason
+            if reason is None:
+                yield gateway_pb2.GenerateResponse(token_ids=event.token_ids, text=delta, request_id=spec.request_id)
+                continue
+            generation.cancel()
+            observer.finished(reason)
+            yield gateway_pb2.GenerateResponse(
+                token_ids=event.token_ids, text=delta + text.finish(), finish_reason=FINISH_REASONS[reason],
+                request_id=spec.request_id,
+                usage=gateway_pb2.Usage(prompt_tokens=len(spec.prompt_ids),
+                                        completion_tokens=observer.num_output_tokens),
+                timings=self._timings(generation, observer.arrived, observer.first_at),
+                speculation=_speculation(event.speculation),
             )
-            context.add_callback(generation.cancel)
-            text = TextStream(self.tokenizer, spec.stop)
-            num_generated, first_at = 0, None
-            try:
-                for event in generation.run():
-                    num_generated += len(event.token_ids)
-                    first_at = first_at or time.monotonic()
-                    delta = text.push(event.token_ids)
-                    reason = "stop" if text.stopped else event.finish_reason
-                    if reason is None:
-                        yield gateway_pb2.GenerateResponse(token_ids=event.token_ids, text=delta,
-                                                           request_id=spec.request_id)
-                        continue
-                    generation.cancel()
-                    span.set_attribute("gen_ai.usage.output_tokens", num_generated)
-                    span.set_attribute("gen_ai.response.finish_reasons", [reason])
-                    yield gateway_pb2.GenerateResponse(
-                        token_ids=event.token_ids, text=delta + text.finish(), finish_reason=FINISH_REASONS[reason],
-                        request_id=spec.request_id,
-                        usage=gateway_pb2.Usage(prompt_tokens=len(spec.prompt_ids), completion_tokens=num_generated),
-                        timings=self._timings(generation, arrived, first_at),
-                    )
-                    return
-            except TierError as error:
-                if context.is_active():
-                    context.abort(error.code, str(error))
+            return
 
     @staticmethod
     def _timings(generation: Generation, arrived: float, first_at: float) -> gateway_pb2.Timings:
@@ -96,12 +108,14 @@ class RunningGateway:
         self.server.stop(grace_s).wait()
 
 
-def start_gateway(config: GatewayConfig) -> RunningGateway:
+def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = None) -> RunningGateway:
+    """Serves the gateway; its metrics go to `registry` (a private one when None: nothing serves it)."""
     stubs = Stubs(
         prefill={a: prefill_pb2_grpc.PrefillStub(make_channel(a)) for a in config.prefill_addresses},
         decode={a: decode_pb2_grpc.DecodeStub(make_channel(a)) for a in config.decode_addresses},
     )
-    servicer = GatewayServicer(config, TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir), stubs)
+    servicer = GatewayServicer(config, TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir), stubs,
+                               GatewayMetrics(registry or CollectorRegistry()))
     server = make_server()
     health = add_health(server)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -113,3 +127,13 @@ def start_gateway(config: GatewayConfig) -> RunningGateway:
     server.start()
     set_serving(health, [SERVICE_NAME])
     return RunningGateway(server, port)
+
+
+def _speculation(stats) -> gateway_pb2.Speculation | None:
+    if stats is None or not stats.num_verify_steps:
+        return None
+    return gateway_pb2.Speculation(
+        num_proposed=stats.num_proposed, num_accepted=stats.num_accepted,
+        acceptance_rate=stats.num_accepted / stats.num_proposed if stats.num_proposed else 0.0,
+        tokens_per_verify_step=stats.num_verify_tokens / stats.num_verify_steps,
+    )

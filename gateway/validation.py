@@ -21,6 +21,7 @@ class GenerationSpec:
     max_new_tokens: int
     sampling: SamplingConfig
     stop: tuple[str, ...]
+    speculative: bool | None = None  # None: the deployment's setting
 
 
 def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer, config: GatewayConfig,
@@ -48,6 +49,7 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
         max_new_tokens=max_new,
         sampling=_sampling(request),
         stop=_stop_strings(request, config),
+        speculative=request.speculative if request.HasField("speculative") else None,
     )
 
 

@@ -5,18 +5,23 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from prometheus_client import CollectorRegistry
 
 from common.compat import Compat
 from common.config import PrefillConfig
-from common.errors import Cancelled, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from common.errors import Cancelled, FailedPrecondition, Internal, InvalidArgument, PdserveError, Unavailable
 from common.grpc_util import (REQUEST_ID_KEY, add_health, make_channel, make_server, maps_errors, metadata_value,
-                              set_serving, time_remaining_s)
+                              set_serving, status_of, time_remaining_s)
+from common.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
 from common.proto_convert import compat_from_proto, compat_to_proto, sampling_from_proto
 from common.tier import bind, build_runtime
-from common.tracing import incoming_context, outgoing_metadata, tracer
+from common.tracing import incoming_context, tracer
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from prefill_svc.engine import PrefillEngine, PrefillJob
 from prefill_svc.kv_sender import GrpcKvSender
+from prefill_svc.observe import record_prefill
 
 SERVICE_NAME = "pdserve.v1.Prefill"
 _POLL_S = 0.25
@@ -52,8 +57,9 @@ class DecodePeers:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, compat: Compat, vocab_size: int) -> None:
+    def __init__(self, engine: PrefillEngine, compat: Compat, vocab_size: int, metrics: PrefillMetrics) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.compat = compat
         self.vocab_size = vocab_size
         self.peers = DecodePeers(compat)
@@ -69,29 +75,41 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @maps_errors
     def Prefill(self, request, context):
-        self._validate(request)
         request_id = request.request_id or metadata_value(context, REQUEST_ID_KEY) or ""
-        with self._tracer.start_as_current_span("prefill", context=incoming_context(context)) as span:
-            span.set_attribute("pdserve.request_id", request_id)
-            span.set_attribute("pdserve.prompt_tokens", len(request.prompt_token_ids))
-            sender = GrpcKvSender(self.peers.stub_for(request.decode_address), handle=request.kv_handle,
-                                  fingerprint=self.compat.fingerprint, kv_dtype=self.compat.kv_dtype,
-                                  metadata=outgoing_metadata(request_id), timeout_s=time_remaining_s(context))
-            job = PrefillJob(request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling), sender)
-            self.engine.submit(job)
-            context.add_callback(lambda: self.engine.cancel(job))
-            while not job.done.wait(_POLL_S):
-                if not context.is_active():
-                    self.engine.cancel(job)
-            if job.failed:
-                raise Internal("a prefill step failed; the prefill tier's log has the details")
-            if job.cancelled:
-                raise Cancelled("prefill was cancelled")
+        with self._tracer.start_as_current_span("prefill", context=incoming_context(context), kind=SpanKind.SERVER,
+                                                attributes={"pdserve.request_id": request_id,
+                                                            "pdserve.prompt_tokens": len(request.prompt_token_ids)}):
             try:
-                ack = sender.wait()
-            except grpc.RpcError as error:
-                context.abort(error.code(), f"decode tier refused the KV transfer: {error.details()}")
-            transferred_at = time.monotonic()
+                self._validate(request)
+                reply = self._prefill(request, request_id, context)
+            except PdserveError as error:
+                self.metrics.requests.labels(status_of(error).name).inc()
+                raise
+        self.metrics.requests.labels(grpc.StatusCode.OK.name).inc()
+        return reply
+
+    def _prefill(self, request, request_id: str, context) -> prefill_pb2.PrefillResponse:
+        span = trace.get_current_span()
+        sender = GrpcKvSender(self.peers.stub_for(request.decode_address), handle=request.kv_handle,
+                              fingerprint=self.compat.fingerprint, kv_dtype=self.compat.kv_dtype,
+                              request_id=request_id, trace_parent=span, timeout_s=time_remaining_s(context))
+        job = PrefillJob(request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling), sender)
+        self.engine.submit(job)
+        context.add_callback(lambda: self.engine.cancel(job))
+        while not job.done.wait(_POLL_S):
+            if not context.is_active():
+                self.engine.cancel(job)
+        if job.failed:
+            raise Internal("a prefill step failed; the prefill tier's log has the details")
+        if job.cancelled:
+            raise Cancelled("prefill was cancelled")
+        try:
+            ack = sender.wait()
+        except grpc.RpcError as error:
+            self.metrics.requests.labels(error.code().name).inc()
+            context.abort(error.code(), f"decode tier refused the KV transfer: {error.details()}")
+        transferred_at = time.monotonic()
+        record_prefill(span, self.metrics, job, sender, ack, transferred_at)
         return prefill_pb2.PrefillResponse(
             first_token_id=job.first_token,
             queue_ms=(job.started_at - job.enqueued_at) * 1000,
@@ -127,13 +145,16 @@ class RunningPrefill:
         self.server.stop(grace_s).wait()
 
 
-def start_prefill(config: PrefillConfig) -> RunningPrefill:
+def start_prefill(config: PrefillConfig, registry: CollectorRegistry | None = None) -> RunningPrefill:
+    """Serves the prefill tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
     runtime = build_runtime(config)
     engine = PrefillEngine(runtime.runner, runtime.blocks, chunk_size=config.chunk_size,
                            max_batch_tokens=config.max_batch_tokens)
     server = make_server()
     health = add_health(server)
-    servicer = PrefillServicer(engine, runtime.compat, runtime.runner.model.config.vocab_size)
+    registry = registry or CollectorRegistry()
+    registry.register(StatsCollector(engine.stats, PREFILL_STATS, tier="prefill"))
+    servicer = PrefillServicer(engine, runtime.compat, runtime.runner.model.config.vocab_size, PrefillMetrics(registry))
     prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
     port = bind(server, config.host, config.port)
     engine.start()

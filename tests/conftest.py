@@ -1,26 +1,23 @@
 """Shared fixtures: the prepared default model, and a running stack started by the real launcher."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+# Triton jit-compiles its own standard library when it is first imported, reading TRITON_INTERPRET then,
+# and transformers may import it long before the kernel tests run: without CUDA, kernels can only run
+# interpreted, so the whole test session says so from the start.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import grpc
 import pytest
+from stack import Stack, launch_stack, stop_stack
 
 from common.config import default_model_dir
-from common.grpc_util import is_serving
-from common.launcher import free_port
 from common.model.prepare import prepare_default_model
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2_grpc
-
-# Small chunks and blocks so ordinary test prompts exercise chunked prefill and many KV blocks.
-STACK_CHUNK_SIZE = 32
-STACK_BLOCK_SIZE = 16
-_START_TIMEOUT_S = 180
+from pdserve.v1 import decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2_grpc
 
 
 @pytest.fixture(scope="session")
@@ -28,51 +25,11 @@ def model_dir() -> Path:
     return prepare_default_model(default_model_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")))
 
 
-@dataclass
-class Stack:
-    process: subprocess.Popen
-    gateway_address: str
-    prefill_address: str
-    decode_address: str
-    gateway: gateway_pb2_grpc.GatewayStub
-    prefill: prefill_pb2_grpc.PrefillStub
-    decode: decode_pb2_grpc.DecodeStub
-
-    def decode_stats(self) -> decode_pb2.DecodeStats:
-        return self.decode.Stats(decode_pb2.StatsRequest(), timeout=10)
-
-
-def launch_stack(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
-    ports = {name: free_port("127.0.0.1") for name in ("gateway", "prefill", "decode")}
-    command = [sys.executable, "-m", "common.cli", "up", "--model", str(model_dir),
-               "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
-               "--decode-port", str(ports["decode"]), "--chunk-size", str(STACK_CHUNK_SIZE),
-               "--max-batch-tokens", str(4 * STACK_CHUNK_SIZE), "--block-size", str(STACK_BLOCK_SIZE), *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    while not all(is_serving(a) for a in addresses.values()):
-        if process.poll() is not None:
-            raise RuntimeError(f"pdserve up exited with {process.returncode}:\n{process.stdout.read()}")
-        if time.monotonic() > deadline:
-            stop_stack(process)
-            raise RuntimeError("pdserve up did not start in time")
-        time.sleep(0.5)
-    return process, addresses
-
-
-def stop_stack(process: subprocess.Popen) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
-
-
 @pytest.fixture(scope="session")
 def stack(model_dir):
-    process, addresses = launch_stack(model_dir)
+    # Prompt-lookup speculation on by default: every greedy test doubles as a check that speculation is
+    # lossless; requests with speculative=False exercise plain decoding.
+    process, addresses = launch_stack(model_dir, "--speculative", "prompt-lookup")
     channels = [grpc.insecure_channel(addresses[n]) for n in ("gateway", "prefill", "decode")]
     yield Stack(
         process=process,
@@ -91,7 +48,6 @@ def stack(model_dir):
 @pytest.fixture(scope="session")
 def hf_model(model_dir):
     """The independent reference: Hugging Face transformers on the same weights."""
-    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.config import DecodeConfig, GatewayConfig, PrefillConfig
-from conftest import launch_stack, stop_stack
+from stack import launch_stack, stop_stack
 from decode_svc.server import start_decode
 from gateway.server import start_gateway
 from helpers import collect, request

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.sampling import SamplingConfig
-from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationConfig, verify
+from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationConfig, expected_tokens, verify
 
 # Chi-square critical value, 5 degrees of freedom, p = 0.001.
 _CHI2_DF5_P001 = 20.515
@@ -22,14 +22,28 @@ def test_prompt_lookup_falls_back_to_shorter_ngrams_and_to_nothing():
     assert proposer.propose([1, 2, 3, 4], 2) == []
 
 
-def test_adaptive_k_shrinks_then_pauses_when_proposals_are_wrong():
-    state = SpecState(max_k=4)
-    assert state.next_k() == 4
-    for _ in range(6):
+def test_k_follows_acceptance_against_the_measured_step_costs():
+    costs = (1.0, 1.3, 1.5, 1.7, 1.9)  # verifying k drafts costs costs[k] plain steps
+    state = SpecState(max_k=4, step_costs=costs)
+    for _ in range(10):
+        state.record(proposed=4, accepted=4)
+    assert state.next_k() == 4  # everything accepted: the longest proposal pays most
+    for _ in range(10):
         state.record(proposed=4, accepted=0)
-    assert [state.next_k() for _ in range(8)] == [0] * 8
-    assert state.next_k() >= 1
-    assert state.num_proposed == 24 and state.num_accepted == 0 and state.num_verify_steps == 6
+    assert state.next_k() == 0  # nothing accepted: plain decoding, then a rest
+    assert [state.next_k() for _ in range(8)] == [0] * 7 + [1]  # ... and a cheap probe
+    assert state.num_proposed == 80 and state.num_accepted == 40 and state.num_verify_steps == 20
+
+
+def test_expensive_verification_turns_speculation_off():
+    state = SpecState(max_k=4, step_costs=(1.0, 2.5, 3.5, 4.5, 5.5), rate=0.6)
+    assert state.next_k() == 0
+
+
+def test_expected_tokens_per_verify_step():
+    assert expected_tokens(1.0, 3) == 4
+    assert expected_tokens(0.0, 3) == 1
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
 
 
 def test_speculation_config_rejects_unknown_methods():
