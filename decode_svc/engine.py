@@ -27,6 +27,7 @@ from common.model.runner import DecodeItem, ModelRunner
 from common.sampling import SamplingConfig, sample
 from common.stop_strings import StopWatcher
 from common.tokenizer import TextTokenizer
+from decode_svc.calibration import measure_step_costs
 from decode_svc.scheduler import Scheduler, SeqView
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
 from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationConfig, verify
@@ -246,34 +247,10 @@ class DecodeEngine:
 
     def start(self) -> None:
         if self.speculation.method != "none":
-            self.step_costs = self._measure_step_costs()
+            self.step_costs = measure_step_costs(self.runner, self.blocks, self.speculation.num_tokens)
             _log.info("decode step cost verifying k = 0..%d drafts: %s plain steps", len(self.step_costs) - 1,
                       ", ".join(f"{c:.2f}" for c in self.step_costs))
         self._loop.start()
-
-    def _measure_step_costs(self, context: int = 64, repeats: int = 5) -> tuple[float, ...]:
-        """Time of a batch-1 step verifying k drafts, relative to a plain step, on this machine: what
-        speculation trades against (small matrix products cost far more than a matrix-vector one on CPUs).
-
-        The k are timed in turn within each round, so a busy neighbour slows them alike, and each takes its
-        median round; no k counts as cheaper than a plain step. Costs need not grow with k: BLAS picks
-        different kernels for different row counts (here 3 drafts measured cheaper than 2).
-        """
-        k_max = self.speculation.num_tokens
-        scratch = self.blocks.allocate(context + k_max + 1)
-        try:
-            items = [DecodeItem(0, context, scratch, (0,) * k) for k in range(k_max + 1)]
-            self.runner.run_decode([items[-1]])  # warm-up
-            samples = [[] for _ in items]
-            for _ in range(repeats):
-                for k, item in enumerate(items):
-                    started = time.perf_counter()
-                    self.runner.run_decode([item])
-                    samples[k].append(time.perf_counter() - started)
-        finally:
-            self.blocks.free(scratch)
-        medians = [sorted(times)[len(times) // 2] for times in samples]
-        return tuple(max(median / medians[0], 1.0) for median in medians)
 
     def stop(self) -> None:
         with self._cond:

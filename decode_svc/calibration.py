@@ -1,0 +1,35 @@
+"""How much a decode step verifying k speculated tokens costs on this machine, relative to a plain step.
+
+Speculation trades extra work per step for fewer steps; on CPUs a few-row matrix product costs far more
+than the matrix-vector product of a plain step, so the decode tier measures the trade at start-up.
+"""
+
+import time
+
+from common.block_manager import BlockManager
+from common.model.runner import DecodeItem, ModelRunner
+
+
+def measure_step_costs(runner: ModelRunner, blocks: BlockManager, k_max: int, *, context: int = 64,
+                       repeats: int = 5) -> tuple[float, ...]:
+    """Time of a batch-1 step verifying k drafts, relative to a plain step, on this machine: what
+    speculation trades against (small matrix products cost far more than a matrix-vector one on CPUs).
+
+    The k are timed in turn within each round, so a busy neighbour slows them alike, and each takes its
+    median round; no k counts as cheaper than a plain step. Costs need not grow with k: BLAS picks
+    different kernels for different row counts (here 3 drafts measured cheaper than 2).
+    """
+    scratch = blocks.allocate(context + k_max + 1)
+    try:
+        items = [DecodeItem(0, context, scratch, (0,) * k) for k in range(k_max + 1)]
+        runner.run_decode([items[-1]])  # warm-up
+        samples = [[] for _ in items]
+        for _ in range(repeats):
+            for k, item in enumerate(items):
+                started = time.perf_counter()
+                runner.run_decode([item])
+                samples[k].append(time.perf_counter() - started)
+    finally:
+        blocks.free(scratch)
+    medians = [sorted(times)[len(times) // 2] for times in samples]
+    return tuple(max(median / medians[0], 1.0) for median in medians)
