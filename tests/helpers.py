@@ -39,3 +39,19 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]
     return out[0, len(prompt_ids):].tolist()
 
 
+
+
+def run_bench(stack, out, *args: str) -> tuple:
+    """`pdserve bench` against the test stack, writing to out: (exit code, out, summary, request records,
+    decode Stats before, decode Stats after)."""
+    import json
+
+    from common.cli import main
+
+    before = stack.decode_stats()
+    code = main(["bench", "--address", stack.gateway_address, "--stats-address", stack.decode_address,
+                 "--warmup", "0", "--no-progress", "--out", str(out), *args])
+    after = stack.decode_stats()
+    summary = json.loads((out / "summary.json").read_text())
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    return code, out, summary, records, before, after

@@ -21,6 +21,7 @@ import grpc
 import torch
 from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
+from common.bench.replies import last_reply
 from common.grpc_util import add_health, make_server, set_serving
 from common.tier import bind, wait_for_signal
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
@@ -153,14 +154,9 @@ class HfGateway(gateway_pb2_grpc.GatewayServicer):
                 break
             first_at, num = first_at or time.monotonic(), num + 1
             yield gateway_pb2.GenerateResponse(token_ids=[token], request_id=request.request_id)
-        now = time.monotonic()
-        first_at = first_at or now
-        yield gateway_pb2.GenerateResponse(
-            finish_reason=common_pb2.FINISH_REASON_STOP if slot.finish_reason == "stop" else common_pb2.FINISH_REASON_LENGTH,
-            request_id=request.request_id,
-            usage=gateway_pb2.Usage(prompt_tokens=len(slot.prompt_ids), completion_tokens=num),
-            timings=gateway_pb2.Timings(time_to_first_token_ms=(first_at - arrived) * 1000,
-                                        decode_ms=(now - first_at) * 1000, total_ms=(now - arrived) * 1000))
+        reason = common_pb2.FINISH_REASON_STOP if slot.finish_reason == "stop" else common_pb2.FINISH_REASON_LENGTH
+        yield last_reply(request_id=request.request_id, finish_reason=reason, prompt_tokens=len(slot.prompt_ids),
+                         completion_tokens=num, arrived=arrived, first_at=first_at)
 
 
 class HfStats(decode_pb2_grpc.DecodeServicer):

@@ -15,6 +15,7 @@ import time
 import grpc
 from llama_cpp import Llama
 
+from common.bench.replies import last_reply
 from common.grpc_util import add_health, make_server, set_serving
 from common.tier import bind, wait_for_signal
 from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
@@ -46,13 +47,9 @@ class LlamaCppGateway(gateway_pb2_grpc.GatewayServicer):
                         break
             finally:
                 self.running = 0
-        now = time.monotonic()
-        first_at = first_at or now
-        yield gateway_pb2.GenerateResponse(
-            finish_reason=reason, request_id=request.request_id,
-            usage=gateway_pb2.Usage(prompt_tokens=len(request.prompt_token_ids.ids), completion_tokens=num),
-            timings=gateway_pb2.Timings(time_to_first_token_ms=(first_at - arrived) * 1000,
-                                        decode_ms=(now - first_at) * 1000, total_ms=(now - arrived) * 1000))
+        yield last_reply(request_id=request.request_id, finish_reason=reason,
+                         prompt_tokens=len(request.prompt_token_ids.ids), completion_tokens=num, arrived=arrived,
+                         first_at=first_at)
 
 
 class LlamaCppStats(decode_pb2_grpc.DecodeServicer):

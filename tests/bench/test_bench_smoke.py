@@ -5,22 +5,15 @@ import json
 
 import pytest
 
-from common.cli import main
+from helpers import run_bench
 
 NUM_REQUESTS = 6
 
 
 @pytest.fixture(scope="module")
 def bench_run(stack, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    before = stack.decode_stats()
-    code = main(["bench", "--address", stack.gateway_address, "--stats-address", stack.decode_address,
-                 "--name", "test-stack", "--workload", "smoke", "--num-requests", str(NUM_REQUESTS),
-                 "--concurrency", "3", "--warmup", "0", "--max-duration-s", "60", "--no-progress", "--out", str(out)])
-    after = stack.decode_stats()
-    summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
-    return code, out, summary, records, before, after
+    return run_bench(stack, tmp_path_factory.mktemp("bench"), "--name", "test-stack", "--workload", "smoke",
+                     "--num-requests", str(NUM_REQUESTS), "--concurrency", "3", "--max-duration-s", "60")
 
 
 def test_bench_exits_zero_and_writes_every_output(bench_run):

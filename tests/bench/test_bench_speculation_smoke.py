@@ -2,28 +2,19 @@
 (tests/conftest.py): the responses report speculation that was accepted, and what the harness adds up
 from them is what the decode tier itself counted."""
 
-import json
-
 import pytest
 
 from common.bench.workloads import WORKLOADS, make_requests
-from common.cli import main
+from helpers import run_bench
 
 NUM_REQUESTS = 5  # one of each extractive kind, all at once: a handful of seconds on two cores
 
 
 @pytest.fixture(scope="module")
 def extractive_run(stack, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-spec")
-    before = stack.decode_stats()
-    code = main(["bench", "--address", stack.gateway_address, "--stats-address", stack.decode_address,
-                 "--name", "spec-stack", "--workload", "extractive", "--num-requests", str(NUM_REQUESTS),
-                 "--concurrency", str(NUM_REQUESTS), "--warmup", "0", "--max-duration-s", "90", "--no-roofline",
-                 "--no-progress", "--out", str(out)])
-    after = stack.decode_stats()
-    summary = json.loads((out / "summary.json").read_text())
-    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
-    return code, out, summary, records, before, after
+    return run_bench(stack, tmp_path_factory.mktemp("bench-spec"), "--name", "spec-stack", "--workload", "extractive",
+                     "--num-requests", str(NUM_REQUESTS), "--concurrency", str(NUM_REQUESTS), "--max-duration-s", "90",
+                     "--no-roofline")
 
 
 def test_every_extractive_request_completes_as_text(extractive_run):
