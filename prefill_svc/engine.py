@@ -14,11 +14,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from common.block_manager import BlockManager, OutOfBlocks
 from common.engine_loop import EngineLoop
 from common.errors import ResourceExhausted
+from common.kv_quant import KvRows
 from common.model.runner import ModelRunner, PrefillChunk
 from common.sampling import SamplingConfig, sample
 from prefill_svc.kv_sender import KvSender
@@ -91,8 +90,8 @@ class PrefillEngine:
         if not chunks:
             return False
 
-        def push(index: int, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-            batch[index].sender.send(layer, chunks[index].start, key, value)
+        def push(index: int, layer: int, stored: KvRows) -> None:
+            batch[index].sender.send(layer, chunks[index].start, stored)
 
         now = time.monotonic()
         for job in batch:

@@ -1,6 +1,7 @@
 """KvSender: pushes one prompt's KV pages to a decode instance while the prefill is still computing.
 
-The engine hands each layer's fresh K/V to `send` as it is computed; a gRPC client stream
+The engine hands each layer's fresh K/V to `send` as it is computed, as the prefill pool stored it
+(quantised once there, for int8 / fp8: the codes and scales travel unchanged); a gRPC client stream
 (Decode.PushKv) serialises and sends them from its own thread, so transfer overlaps compute.
 The stream opens with the first page, under a `kv.transfer` span whose trace context it carries, so the
 decode tier's `kv.receive` span is its child. The sender notes when each chunk's pages were handed over:
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-import torch
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from common import kv_wire
+from common.kv_quant import KvRows
 from common.tracing import outgoing_metadata, tracer
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -33,7 +34,7 @@ class SenderState(enum.Enum):
 class KvSender(Protocol):
     state: SenderState
 
-    def send(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None: ...
+    def send(self, layer: int, start: int, rows: KvRows) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def wait(self) -> decode_pb2.PushKvResponse: ...
@@ -59,7 +60,6 @@ class GrpcKvSender:
         self._stub = stub
         self._handle = handle
         self._fingerprint = fingerprint
-        self._dtype = kv_wire.DTYPES[kv_dtype]
         self._dtype_name = kv_dtype
         self._request_id = request_id
         self._trace_parent = trace_parent
@@ -69,7 +69,7 @@ class GrpcKvSender:
         self._call: grpc.Future | None = None
         self._span: Span | None = None
 
-    def send(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def send(self, layer: int, start: int, rows: KvRows) -> None:
         if self.state is not SenderState.SENDING:
             return
         now = time.monotonic()
@@ -77,10 +77,10 @@ class GrpcKvSender:
             self._open(now)
         timing = self.chunk_timings.get(start)
         if timing is None:
-            self.chunk_timings[start] = ChunkTiming(start, key.shape[0], now, now)
+            self.chunk_timings[start] = ChunkTiming(start, rows.num_tokens, now, now)
         else:
             timing.last_s = now
-        self._pending.put((layer, start, key, value))
+        self._pending.put((layer, start, rows))
 
     def close(self) -> None:
         if self.state is SenderState.SENDING:
@@ -137,20 +137,21 @@ class GrpcKvSender:
 
     def _chunks(self):
         while (item := self._pending.get()) is not None:
-            layer, start, key, value = item
-            key_bytes = kv_wire.to_bytes(key.to(self._dtype))
-            value_bytes = kv_wire.to_bytes(value.to(self._dtype))
+            layer, start, rows = item
+            payload = kv_wire.rows_to_payload(rows)
             yield decode_pb2.KvChunk(
                 handle=self._handle,
                 fingerprint=self._fingerprint,
                 layer=layer,
                 token_start=start,
-                token_end=start + key.shape[0],
+                token_end=start + rows.num_tokens,
                 dtype=self._dtype_name,
-                shape=list(key.shape),
-                key=key_bytes,
-                value=value_bytes,
-                crc32=kv_wire.checksum(key_bytes, value_bytes),
+                shape=list(rows.key.shape),
+                key=payload.key,
+                value=payload.value,
+                key_scale=payload.key_scale,
+                value_scale=payload.value_scale,
+                crc32=payload.crc32,
             )
 
 

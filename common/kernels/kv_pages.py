@@ -3,12 +3,15 @@
 
 Pool layout (common/kv_pool.py): (layers, slots, kv_heads, head_dim); pages: (layers, num_tokens, kv_heads,
 head_dim). One program copies one token row of one layer; dtype conversion happens on the way (e.g. a
-float32 sender into a float16 pool).
+float32 sender into a float16 pool). Quantised codes (int8, fp8) only move unconverted: their scales
+(common/kv_quant.py) travel beside them, and a cast of codes alone would lose the scale.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from common.kv_quant import is_quantised
 
 
 @triton.jit
@@ -35,7 +38,10 @@ def _scatter_kernel(cache_ptr, pages_ptr, slots_ptr, num_tokens, stride_cl, stri
              mask=cols < ROW)
 
 
-def _check(cache: torch.Tensor) -> int:
+def _check(cache: torch.Tensor, other: torch.dtype) -> int:
+    if cache.dtype != other and (is_quantised(cache.dtype) or is_quantised(other)):
+        raise ValueError(f"quantised KV moves as codes plus scales, never converted ({cache.dtype} <-> {other}): "
+                         "use the pool's own dtype and dequantise with common/kv_quant.py")
     if not cache[0, 0].is_contiguous():
         raise ValueError("each (kv_heads, head_dim) row of the cache must be contiguous")
     return cache.shape[2] * cache.shape[3]
@@ -44,7 +50,7 @@ def _check(cache: torch.Tensor) -> int:
 def gather_kv_pages(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """cache (layers, slots, kv_heads, head_dim); slots (num_tokens,). Returns (layers, num_tokens, kv_heads,
     head_dim), contiguous, in `dtype` (default: the cache's)."""
-    row = _check(cache)
+    row = _check(cache, dtype or cache.dtype)
     layers, num_tokens = cache.shape[0], slots.shape[0]
     pages = torch.empty(layers, num_tokens, *cache.shape[2:], dtype=dtype or cache.dtype, device=cache.device)
     if num_tokens:
@@ -56,7 +62,7 @@ def gather_kv_pages(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype
 
 def scatter_kv_pages(cache: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor) -> None:
     """Writes pages (layers, num_tokens, kv_heads, head_dim) into cache[:, slots], converting to its dtype."""
-    row = _check(cache)
+    row = _check(cache, pages.dtype)
     if pages.shape != (cache.shape[0], slots.shape[0], *cache.shape[2:]):
         raise ValueError(f"pages {tuple(pages.shape)} do not fit cache {tuple(cache.shape)} at {slots.shape[0]} slots")
     pages = pages.contiguous()

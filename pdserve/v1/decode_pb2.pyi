@@ -36,7 +36,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., num_blocks: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., compat: _Optional[_Union[_common_pb2.CompatInfo, _Mapping]] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("handle", "fingerprint", "layer", "token_start", "token_end", "dtype", "shape", "key", "value", "crc32")
+    __slots__ = ("handle", "fingerprint", "layer", "token_start", "token_end", "dtype", "shape", "key", "value", "crc32", "key_scale", "value_scale")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class KvChunk(_message.Message):
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    KEY_SCALE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SCALE_FIELD_NUMBER: _ClassVar[int]
     handle: str
     fingerprint: str
     layer: int
@@ -57,7 +59,9 @@ class KvChunk(_message.Message):
     key: bytes
     value: bytes
     crc32: int
-    def __init__(self, handle: _Optional[str] = ..., fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    key_scale: bytes
+    value_scale: bytes
+    def __init__(self, handle: _Optional[str] = ..., fingerprint: _Optional[str] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., crc32: _Optional[int] = ..., key_scale: _Optional[bytes] = ..., value_scale: _Optional[bytes] = ...) -> None: ...
 
 class PushKvResponse(_message.Message):
     __slots__ = ("num_chunks", "num_bytes", "receive_ms")
@@ -132,7 +136,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("num_blocks_total", "num_blocks_free", "num_reserved", "num_running", "num_steps", "num_tokens_generated", "max_batch_size", "mean_batch_size", "num_leases_expired", "num_cancelled", "block_size", "num_spec_proposed", "num_spec_accepted")
+    __slots__ = ("num_blocks_total", "num_blocks_free", "num_reserved", "num_running", "num_steps", "num_tokens_generated", "max_batch_size", "mean_batch_size", "num_leases_expired", "num_cancelled", "block_size", "num_spec_proposed", "num_spec_accepted", "expert_load")
     NUM_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     NUM_RESERVED_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +150,7 @@ class DecodeStats(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_SPEC_PROPOSED_FIELD_NUMBER: _ClassVar[int]
     NUM_SPEC_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     num_blocks_total: int
     num_blocks_free: int
     num_reserved: int
@@ -159,4 +164,13 @@ class DecodeStats(_message.Message):
     block_size: int
     num_spec_proposed: int
     num_spec_accepted: int
-    def __init__(self, num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens_generated: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_leases_expired: _Optional[int] = ..., num_cancelled: _Optional[int] = ..., block_size: _Optional[int] = ..., num_spec_proposed: _Optional[int] = ..., num_spec_accepted: _Optional[int] = ...) -> None: ...
+    expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
+    def __init__(self, num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens_generated: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_leases_expired: _Optional[int] = ..., num_cancelled: _Optional[int] = ..., block_size: _Optional[int] = ..., num_spec_proposed: _Optional[int] = ..., num_spec_accepted: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+
+class ExpertLoad(_message.Message):
+    __slots__ = ("layer", "tokens_per_expert")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    tokens_per_expert: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, layer: _Optional[int] = ..., tokens_per_expert: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -43,6 +43,11 @@ def test_paged_attention_decode_matches_reference(kv_dtype):
     kernel_checks.check_paged_attention("cpu", kv_dtype)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_paged_attention_decode_on_a_quantised_pool_matches_reference(kv_dtype):
+    kernel_checks.check_paged_attention_quantised("cpu", kv_dtype)
+
+
 def test_paged_attention_decode_with_group_of_one_and_larger_blocks():
     kernel_checks.check_paged_attention("cpu", torch.float32, num_heads=2, num_kv_heads=2, block_size=8,
                                         context_lens=(8, 9, 30), num_blocks=12)
@@ -61,3 +66,19 @@ def test_int4_matmul_matches_reference(group_size):
                                                     (torch.float16, torch.float32)])
 def test_kv_page_gather_scatter_match_reference(cache_dtype, page_dtype):
     kernel_checks.check_kv_pages("cpu", cache_dtype, page_dtype)
+
+
+def test_kv_page_gather_scatter_move_int8_codes_unchanged():
+    kernel_checks.check_kv_pages("cpu", torch.int8, torch.int8)
+
+
+@pytest.mark.parametrize("cache_dtype,page_dtype", [(torch.int8, torch.float32), (torch.float32, torch.float8_e4m3fn)])
+def test_kv_pages_refuse_to_convert_quantised_codes(cache_dtype, page_dtype):
+    from common.kernels.kv_pages import gather_kv_pages, scatter_kv_pages
+
+    cache = torch.zeros(1, 8, 2, 4, dtype=cache_dtype)
+    slots = torch.tensor([1, 5])
+    with pytest.raises(ValueError, match="never converted"):
+        gather_kv_pages(cache, slots, page_dtype)
+    with pytest.raises(ValueError, match="never converted"):
+        scatter_kv_pages(cache, slots, torch.zeros(1, 2, 2, 4, dtype=page_dtype))

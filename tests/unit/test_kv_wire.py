@@ -57,8 +57,8 @@ def test_wrong_payload_length_is_an_invalid_argument(delta):
 
 def test_unknown_dtype_is_an_invalid_argument_listing_the_known_ones():
     data = kv_wire.to_bytes(torch.zeros(4, dtype=torch.float32))
-    with pytest.raises(InvalidArgument, match=r"'int8' is unknown.*bfloat16.*float16.*float32"):
-        kv_wire.from_bytes(data, "int8", (4,))
+    with pytest.raises(InvalidArgument, match=r"'int4' is unknown.*bfloat16.*float16.*float32.*fp8.*int8"):
+        kv_wire.from_bytes(data, "int4", (4,))
 
 
 def test_checksum_changes_when_one_byte_of_key_or_value_changes():
