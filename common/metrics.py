@@ -128,3 +128,13 @@ class StatsCollector(Collector):
             used = GaugeMetricFamily("pdserve_kv_blocks_used", "KV blocks in use or reserved", labels=["tier"])
             used.add_metric([self._tier], float(snapshot["num_blocks_total"] - snapshot["num_blocks_free"]))
             yield used
+        if snapshot.get("expert_load"):  # mixture-of-experts models: (layers, experts) tokens routed
+            yield self._expert_tokens(snapshot["expert_load"])
+
+    def _expert_tokens(self, expert_load: list[list[int]]) -> Metric:
+        family = CounterMetricFamily("pdserve_moe_expert_tokens", "Tokens each MoE layer routed to each expert",
+                                     labels=["tier", "layer", "expert"])
+        for layer, counts in enumerate(expert_load):
+            for expert, count in enumerate(counts):
+                family.add_metric([self._tier, str(layer), str(expert)], float(count))
+        return family

@@ -17,4 +17,7 @@ def event_to_proto(event: DecodeEvent) -> decode_pb2.DecodeResponse:
 
 
 def stats_to_proto(stats: DecodeStatsSnapshot) -> decode_pb2.DecodeStats:
-    return decode_pb2.DecodeStats(**vars(stats))
+    fields = {name: value for name, value in vars(stats).items() if name != "expert_load"}
+    expert_load = [decode_pb2.ExpertLoad(layer=layer, tokens_per_expert=counts)
+                   for layer, counts in enumerate(stats.expert_load)]
+    return decode_pb2.DecodeStats(**fields, expert_load=expert_load)

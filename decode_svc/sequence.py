@@ -75,3 +75,4 @@ class DecodeStatsSnapshot:
     block_size: int
     num_spec_proposed: int
     num_spec_accepted: int
+    expert_load: list[list[int]] = field(default_factory=list)  # per MoE layer, tokens per expert; [] if dense

@@ -9,7 +9,9 @@ exactly equivalent before quantisation:
     o_proj      <- v_proj rows (one scale per KV-head channel, shared by the query heads of its group)
     down_proj   <- up_proj rows
 As in AutoAWQ, activations come from one forward pass of the unquantised model. AutoAWQ's extra clipping
-search is not done here.
+search is not done here. Mixture-of-experts models are refused: each expert sees only the tokens routed to it,
+so its scales would need per-expert calibration (and folding into a shared norm no longer fits); their int4
+formats round to nearest per expert (int4-g32/g64/g128).
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ from common.kv_pool import KvPool
 from common.model.config import ModelConfig
 from common.model.linear import WeightFormat
 from common.model.llama import LlamaModel
+from common.model.mlp import DenseMlp
 from common.model.packed import replicate_pad_columns
 from common.model.quant_int4 import INT4_MAX
 from common.model.runner import ModelRunner, PrefillChunk
@@ -41,6 +44,12 @@ def calibration_token_ids(model_dir: Path) -> list[list[int]]:
         ids += tokenizer.encode(paragraph.strip() + "\n")
     ids = ids[:CALIBRATION_TOKENS]
     return [ids[i:i + SEQUENCE_TOKENS] for i in range(0, len(ids), SEQUENCE_TOKENS)]
+
+
+def check_supported(config: ModelConfig, fmt: WeightFormat) -> None:
+    if config.is_moe:
+        raise ValueError(f"weight format {fmt.name!r}: AWQ calibration is not supported for mixture-of-experts "
+                         f"models; use int4-g{fmt.group_size} (round-to-nearest int4, quantised per expert)")
 
 
 def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -97,8 +106,8 @@ def search_scales(config: ModelConfig, weights: dict[str, torch.Tensor], calibra
         model.layers[i] = dataclasses.replace(
             layer, qkv=_Searcher(layer.qkv, found, (i, "qkv"), group_size),
             out=_Searcher(layer.out, found, (i, "out"), group_size, heads),
-            gate_up=_Searcher(layer.gate_up, found, (i, "gate_up"), group_size),
-            down=_Searcher(layer.down, found, (i, "down"), group_size))
+            mlp=DenseMlp(_Searcher(layer.mlp.gate_up, found, (i, "gate_up"), group_size),
+                         _Searcher(layer.mlp.down, found, (i, "down"), group_size)))
     block_size = 16
     num_blocks = sum(-(-len(ids) // block_size) for ids in calibration)
     kv = KvPool(num_layers=config.num_layers, num_blocks=num_blocks, block_size=block_size,
@@ -115,6 +124,7 @@ def search_scales(config: ModelConfig, weights: dict[str, torch.Tensor], calibra
 def apply_awq(config: ModelConfig, weights: dict[str, torch.Tensor], calibration: list[list[int]],
               fmt: WeightFormat) -> dict[str, torch.Tensor]:
     """Dense weights with AWQ scales folded in: the same function in full precision, easier to quantise."""
+    check_supported(config, fmt)
     scales = search_scales(config, weights, calibration, fmt.group_size)
     w = {name: tensor.float().clone() for name, tensor in weights.items()}
     kv_heads, group, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim

@@ -2,6 +2,9 @@
 
     load_model(model_dir, "int4-awq")  ->  LlamaModel whose projections are int4 (AWQ-scaled), embedding int8
 
+A mixture-of-experts checkpoint's experts are split into one weight per expert projection as they load
+(common/model/moe.py's split_experts), so every format packs each expert on its own; AWQ formats refuse MoE.
+
 The checkpoint is `<model_dir>/quantized/<format>.safetensors`: packed tensors named `<weight>:<field>`,
 and a metadata marker (layout version, format, the source weights' digest, each packed weight's kind and
 layout). A checkpoint whose marker does not match the format, the layout version or the source weights is
@@ -20,6 +23,7 @@ from common.compat import weights_digest
 from common.model.config import ModelConfig
 from common.model.linear import WeightFormat, weight_format
 from common.model.llama import LlamaModel
+from common.model.moe import split_experts
 from common.model.packed import PackedWeight
 from common.model.quant_cast import CastWeight
 from common.model.quant_fp8 import Fp8Weight
@@ -39,7 +43,7 @@ def load_dense(model_dir: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         weights.update(load_file(str(path)))
-    return weights
+    return split_experts(weights)
 
 
 def pack_weights(weights: dict[str, torch.Tensor], fmt: WeightFormat) -> dict[str, torch.Tensor | PackedWeight]:
@@ -109,12 +113,14 @@ def prepare_weights(model_dir: Path, format_name: str, *, save: bool = True,
     digest = source_digest or weights_digest(model_dir)
     if _checkpoint_matches(path, fmt.name, digest):
         return load_checkpoint(path)
-    dense = load_dense(model_dir)
     if fmt.calibrated:
-        from common.model.awq import apply_awq, calibration_token_ids
+        from common.model.awq import apply_awq, calibration_token_ids, check_supported
 
         config = ModelConfig.from_dir(model_dir)
-        dense = apply_awq(config, dense, calibration_token_ids(model_dir), fmt)
+        check_supported(config, fmt)  # before loading and tokenising anything
+        dense = apply_awq(config, load_dense(model_dir), calibration_token_ids(model_dir), fmt)
+    else:
+        dense = load_dense(model_dir)
     packed = pack_weights(dense, fmt)
     if save:
         try:
@@ -133,13 +139,13 @@ def load_model(model_dir: Path, format_name: str = "fp32", device: torch.device 
 
 def stored_weight_bytes(model: LlamaModel) -> dict[str, int]:
     """Bytes the model holds for its weights, each tensor counted once (a tied LM head shares the embedding):
-    {"embedding", "lm_head" (0 when tied and shared), "layers" (projections and norms), "total"}."""
+    {"embedding", "lm_head" (0 when tied and shared), "layers" (projections, routers and norms), "total"}."""
     embed = model.embed
     embedding = embed.nbytes if isinstance(embed, PackedWeight) else embed.numel() * embed.element_size()
     head = model.lm_head.weight
     lm_head = 0 if head is embed else model.lm_head.nbytes
     layers = model.final_norm.numel() * model.final_norm.element_size()
     for layer in model.layers:
-        layers += layer.qkv.nbytes + layer.out.nbytes + layer.gate_up.nbytes + layer.down.nbytes
+        layers += layer.qkv.nbytes + layer.out.nbytes + layer.mlp.nbytes
         layers += (layer.input_norm.numel() + layer.post_norm.numel()) * layer.input_norm.element_size()
     return {"embedding": embedding, "lm_head": lm_head, "layers": layers, "total": embedding + lm_head + layers}
