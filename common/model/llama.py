@@ -2,8 +2,12 @@
 
 Two entry points, because they are different workloads: `prefill` runs the tokens of one or more
 prompts (or chunks of them) through every layer at once, attention per prompt over its own context;
-`decode` runs one new token for each sequence of a batch, attention over a padded gather of each
-sequence's KV slots.
+`decode` runs one new token (or a few) for each sequence of a batch, attention over padded gathers of
+the sequences' KV blocks, one gather per group of similar-length sequences (common/model/decode_groups.py).
+
+Each layer's MLP is a callable: a dense SwiGLU (common/model/mlp.py) for Llama, a sparse mixture of experts
+(common/model/moe.py) for Mixtral. Both entry points take an optional (layers, experts) int64 `expert_load`
+that MoE layers add their routing counts to; dense models ignore it.
 """
 
 from collections.abc import Callable
@@ -15,12 +19,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common.kv_pool import KvPool
+from common.kv_quant import KvRows
 from common.model.config import ModelConfig
 from common.model.linear import DenseLinear, make_linear
+from common.model.mlp import DenseMlp
+from common.model.moe import MoeMlp, split_experts
 
-# Called once per layer during prefill with the keys (after rotary) and values just computed:
-# (layer, key (num_tokens, num_kv_heads, head_dim), value (same)).
-LayerKvHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+# Called once per layer during prefill with the keys (after rotary) and values just computed, as the pool
+# stored them (quantised, with scales, for an int8 / fp8 pool): (layer, rows of num_tokens).
+LayerKvHook = Callable[[int, KvRows], None]
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,7 @@ class LayerWeights:
     qkv: DenseLinear  # hidden -> (heads + 2 * kv_heads) * head_dim
     out: DenseLinear  # heads * head_dim -> hidden
     post_norm: torch.Tensor  # (hidden,)
-    gate_up: DenseLinear  # hidden -> 2 * intermediate
-    down: DenseLinear  # intermediate -> hidden
+    mlp: DenseMlp | MoeMlp  # hidden -> hidden
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,17 @@ class DecodeBatch:
     slots: torch.Tensor  # (num_tokens,) where each new token's KV goes
     query_rows: torch.Tensor  # (num_tokens,) row of each token in the padded (batch * max_new) layout
     max_new: int
-    block_tables: torch.Tensor  # (batch, max_blocks) each sequence's blocks, padded with block 0
-    context_mask: torch.Tensor  # (batch, max_new, 1, max_blocks * block_size) 0 where a query may look, else -inf
+    num_seqs: int
+    groups: tuple["DecodeGroup", ...]  # every sequence in exactly one
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Sequences whose KV is gathered and attended together, padded to the longest of them."""
+
+    seqs: torch.Tensor | None  # (g,) indices into the batch's sequences; None: all of them, in order
+    block_tables: torch.Tensor  # (g, max_blocks) each sequence's blocks, padded with block 0
+    context_mask: torch.Tensor  # (g, max_new, 1, max_blocks * block_size) 0 where a query may look, else -inf
 
 
 class LlamaModel:
@@ -68,8 +83,10 @@ class LlamaModel:
         w = {name: tensor.to(self.device, dtype) for name, tensor in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # (vocab, hidden)
         self.lm_head = make_linear(self.embed if config.tie_word_embeddings else w["lm_head.weight"], weight_format)
+        if config.tie_word_embeddings and isinstance(self.lm_head, DenseLinear):
+            self.embed = self.lm_head.weight  # the head's transposed copy serves lookups too: one copy held
         self.final_norm = w["model.norm.weight"]
-        self.layers = [self._layer(w, i, weight_format) for i in range(config.num_layers)]
+        self.layers = [self._layer(config, w, i, weight_format) for i in range(config.num_layers)]
         cos, sin = _rotary_tables(config)  # (max_positions, head_dim) each
         self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
         self.group = config.num_heads // config.num_kv_heads
@@ -82,58 +99,62 @@ class LlamaModel:
         weights: dict[str, torch.Tensor] = {}
         for path in sorted(model_dir.glob("*.safetensors")):
             weights.update(load_file(str(path)))
-        return cls(config, weights, dtype, device)
+        return cls(config, split_experts(weights), dtype, device)
 
     @staticmethod
-    def _layer(w: dict[str, torch.Tensor], i: int, weight_format: str) -> LayerWeights:
+    def _layer(config: ModelConfig, w: dict[str, torch.Tensor], i: int, weight_format: str) -> LayerWeights:
         p = f"model.layers.{i}."
+        if config.is_moe:
+            mlp = MoeMlp.from_layer(w, p + "mlp.", config.num_experts, config.num_experts_per_tok, weight_format)
+        else:
+            mlp = DenseMlp.from_weights(w, p + "mlp.", weight_format)
         return LayerWeights(
             input_norm=w[p + "input_layernorm.weight"],
             qkv=make_linear(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]), weight_format),
             out=make_linear(w[p + "self_attn.o_proj.weight"], weight_format),
             post_norm=w[p + "post_attention_layernorm.weight"],
-            gate_up=make_linear(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]), weight_format),
-            down=make_linear(w[p + "mlp.down_proj.weight"], weight_format),
+            mlp=mlp,
         )
 
     def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                spans: list[PrefillSpan], kv: KvPool, on_layer_kv: LayerKvHook | None = None) -> torch.Tensor:
+                spans: list[PrefillSpan], kv: KvPool, on_layer_kv: LayerKvHook | None = None,
+                expert_load: torch.Tensor | None = None) -> torch.Tensor:
         """Runs prompt tokens (num_tokens,); returns logits (len(spans), vocab) at each span's last token."""
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
             return torch.cat([self._attend_span(layer, q, span, kv) for span in spans])
 
-        hidden = self._forward(token_ids, positions, slots, kv, attend, on_layer_kv)
+        hidden = self._forward(token_ids, positions, slots, kv, attend, on_layer_kv, expert_load)
         last = torch.tensor([span.offset + span.num_tokens - 1 for span in spans], device=self.device)
         return self._logits(hidden[last])
 
-    def decode(self, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
+    def decode(self, batch: DecodeBatch, kv: KvPool, expert_load: torch.Tensor | None = None) -> torch.Tensor:
         """Runs a few new tokens per sequence; returns logits (num_tokens, vocab), one row per token."""
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
             return self._attend_batch(layer, q, batch, kv)
 
-        hidden = self._forward(batch.token_ids, batch.positions, batch.slots, kv, attend, None)
+        hidden = self._forward(batch.token_ids, batch.positions, batch.slots, kv, attend, None, expert_load)
         return self._logits(hidden)
 
-    def _forward(self, token_ids, positions, slots, kv: KvPool, attend, on_layer_kv) -> torch.Tensor:
+    def _forward(self, token_ids, positions, slots, kv: KvPool, attend, on_layer_kv, expert_load) -> torch.Tensor:
         c = self.config
+        loads = expert_load if expert_load is not None else [None] * c.num_layers  # (layers, experts)
         x = self.embed[token_ids]  # (tokens, hidden)
         cos, sin = self.cos[positions], self.sin[positions]  # (tokens, head_dim)
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        for index, layer in enumerate(self.layers):
+        for index, (layer, load) in enumerate(zip(self.layers, loads)):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
             q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
             q = _rotate(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # (tokens, heads, head_dim)
             k = _rotate(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
             v = v.reshape(-1, c.num_kv_heads, c.head_dim)
-            kv.write(index, slots, k, v)
+            stored = kv.write(index, slots, k, v)
             if on_layer_kv is not None:
-                on_layer_kv(index, k, v)
+                on_layer_kv(index, stored)
             x = x + layer.out(attend(index, q))
             h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.mlp(h, load)
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -143,33 +164,50 @@ class LlamaModel:
         q = q[span.offset:span.offset + span.num_tokens].transpose(0, 1)  # (heads, tokens, head_dim)
         k, v = kv.read_slots(layer, span.context_slots)  # (context, kv_heads, head_dim) each
         k, v = k.to(q.dtype).transpose(0, 1), v.to(q.dtype).transpose(0, 1)  # (kv_heads, context, head_dim)
+        # Query heads as (kv_heads, group) against K/V expanded without a copy: torch's fused CPU attention
+        # takes this form, while enable_gqa falls back to the unfused math (4x slower at 1,024 tokens here).
+        kv_heads, context = k.shape[0], k.shape[1]
+        q = q.reshape(kv_heads, self.group, span.num_tokens, -1)  # (kv_heads, group, tokens, head_dim)
+        k = k[:, None].expand(kv_heads, self.group, context, k.shape[-1])
+        v = v[:, None].expand(kv_heads, self.group, context, v.shape[-1])
         if span.start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             rows = torch.arange(span.start, span.start + span.num_tokens, device=q.device)[:, None]
             mask = torch.arange(span.start + span.num_tokens, device=q.device)[None, :] <= rows  # (tokens, context)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.reshape(kv_heads * self.group, span.num_tokens, -1)  # (heads, tokens, head_dim)
         return out.transpose(0, 1).reshape(span.num_tokens, -1)  # (tokens, heads * head_dim)
 
     def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
         c = self.config
-        num_seqs, max_new = batch.block_tables.shape[0], batch.max_new
+        num_seqs, max_new = batch.num_seqs, batch.max_new
         padded = q.new_zeros(num_seqs * max_new, c.num_heads, c.head_dim).index_copy_(0, batch.query_rows, q)
         padded = (padded * self.scale).view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
-        k, v = kv.read_blocks(layer, batch.block_tables)  # (batch, context, kv_heads, head_dim) each
+        if len(batch.groups) == 1 and batch.groups[0].seqs is None:
+            out = self._attend_group(layer, padded, batch.groups[0], kv)
+        else:
+            out = padded.new_empty(num_seqs, max_new, c.num_heads * c.head_dim)
+            for group in batch.groups:
+                out.index_copy_(0, group.seqs, self._attend_group(layer, padded.index_select(0, group.seqs), group, kv))
+        return out.view(num_seqs * max_new, -1).index_select(0, batch.query_rows)
+
+    def _attend_group(self, layer: int, q: torch.Tensor, group: DecodeGroup, kv: KvPool) -> torch.Tensor:
+        """q: (g, max_new, kv_heads, group, head_dim), scaled -> (g, max_new, heads * head_dim)."""
+        c = self.config
+        num_seqs, max_new = q.shape[0], q.shape[1]
+        k, v = kv.read_blocks(layer, group.block_tables)  # (g, context, kv_heads, head_dim) each
         k, v = k.to(q.dtype), v.to(q.dtype)
         # One batched matmul per KV head on strided views: BLAS reads them in place, where a permute
-        # to (batch, kv_heads, ...) would copy the whole gathered context first (25x slower here).
+        # to (g, kv_heads, ...) would copy the whole gathered context first (25x slower here).
         outs = []
         for head in range(c.num_kv_heads):
-            q_head = padded[:, :, head].reshape(num_seqs, max_new * self.group, c.head_dim)
+            q_head = q[:, :, head].reshape(num_seqs, max_new * self.group, c.head_dim)
             scores = (q_head @ k[:, :, head].transpose(1, 2)).view(num_seqs, max_new, self.group, -1)
-            probs = torch.softmax(scores + batch.context_mask, dim=-1)  # (batch, max_new, group, context)
-            out = probs.view(num_seqs, max_new * self.group, -1) @ v[:, :, head]  # (batch, max_new * group, head_dim)
+            probs = torch.softmax(scores + group.context_mask, dim=-1)  # (g, max_new, group, context)
+            out = probs.view(num_seqs, max_new * self.group, -1) @ v[:, :, head]  # (g, max_new * group, head_dim)
             outs.append(out.view(num_seqs, max_new, self.group, c.head_dim))
-        out = torch.stack(outs, dim=2).reshape(num_seqs * max_new, -1)  # (batch * max_new, heads * head_dim)
-        return out.index_select(0, batch.query_rows)
-
+        return torch.stack(outs, dim=2).reshape(num_seqs, max_new, -1)
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     variance = x.pow(2).mean(-1, keepdim=True)

@@ -1,5 +1,6 @@
 """ModelRunner: the only owner of tensors. Turns plain plans (token ids, positions, block tables) into
-model inputs, runs them under inference mode, and hands back logits."""
+model inputs, runs them under inference mode, and hands back logits. For a mixture-of-experts model it also
+counts the tokens each layer routed to each expert in the runs it made (`expert_load_counts`)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -7,10 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from common.kv_pool import KvPool
-from common.model.llama import DecodeBatch, LlamaModel, PrefillSpan
+from common.kv_quant import KvRows
+from common.model.decode_groups import plan_groups
+from common.model.llama import DecodeBatch, DecodeGroup, LlamaModel, PrefillSpan
 
-# (chunk index in the batch, layer, key (tokens, kv_heads, head_dim), value (same))
-ChunkKvHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+# (chunk index in the batch, layer, the chunk's K and V of that layer as the pool stored them)
+ChunkKvHook = Callable[[int, int, KvRows], None]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,18 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KvPool) -> None:
         self.model = model
         self.kv = kv
+        c = model.config
+        # (layers, experts) tokens routed since start (or the last reset); None for a dense model.
+        self.expert_load = (torch.zeros(c.num_layers, c.num_experts, dtype=torch.long, device=kv.device)
+                            if c.is_moe else None)
+
+    def expert_load_counts(self) -> list[list[int]]:
+        """Tokens routed to each expert, per layer ([] for a dense model)."""
+        return self.expert_load.tolist() if self.expert_load is not None else []
+
+    def reset_expert_load(self) -> None:
+        if self.expert_load is not None:
+            self.expert_load.zero_()
 
     @torch.inference_mode()
     def run_prefill(self, chunks: list[PrefillChunk], on_chunk_kv: ChunkKvHook | None = None) -> torch.Tensor:
@@ -56,21 +71,19 @@ class ModelRunner:
             token_ids.extend(chunk.token_ids)
             offset += len(chunk.token_ids)
 
-        def split_per_chunk(layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        def split_per_chunk(layer: int, stored: KvRows) -> None:
             for index, span in enumerate(spans):
-                rows = slice(span.offset, span.offset + span.num_tokens)
-                on_chunk_kv(index, layer, key[rows], value[rows])
+                on_chunk_kv(index, layer, stored.rows(span.offset, span.offset + span.num_tokens))
 
         return self.model.prefill(
             torch.tensor(token_ids, device=self.kv.device), torch.cat(positions), torch.cat(slots), spans, self.kv,
-            split_per_chunk if on_chunk_kv is not None else None,
+            split_per_chunk if on_chunk_kv is not None else None, self.expert_load,
         )
 
     @torch.inference_mode()
-    def write_kv(self, layer: int, block_table: list[int], start: int, key: torch.Tensor,
-                 value: torch.Tensor) -> None:
-        """Stores received KV (tokens, kv_heads, head_dim) for positions [start, start + tokens)."""
-        self.kv.write(layer, self.kv.slots(block_table, start, start + key.shape[0]), key, value)
+    def write_kv(self, layer: int, block_table: list[int], start: int, rows: KvRows) -> None:
+        """Stores received KV rows, as they came, for positions [start, start + rows.num_tokens)."""
+        self.kv.write_rows(layer, self.kv.slots(block_table, start, start + rows.num_tokens), rows)
 
     @torch.inference_mode()
     def run_decode(self, items: list[DecodeItem]) -> torch.Tensor:
@@ -78,30 +91,43 @@ class ModelRunner:
         in order, the distribution of the token after it."""
         block_size, device = self.kv.block_size, self.kv.device
         max_new = max(item.num_tokens for item in items)
-        max_blocks = max(len(item.block_table) for item in items)
-        tables = torch.tensor([item.block_table + [0] * (max_blocks - len(item.block_table)) for item in items],
-                              device=device)  # (batch, max_blocks)
-        token_ids, positions, rows, seq_of_token = [], [], [], []
+        token_ids, positions, rows, slots = [], [], [], []
         for index, item in enumerate(items):
             token_ids += [item.token_id, *item.draft_ids]
-            positions += range(item.position, item.position + item.num_tokens)
+            item_positions = range(item.position, item.position + item.num_tokens)
+            positions += item_positions
             rows += range(index * max_new, index * max_new + item.num_tokens)
-            seq_of_token += [index] * item.num_tokens
-        positions_t = torch.tensor(positions, device=device)  # (num_tokens,)
-        own_block = tables[torch.tensor(seq_of_token, device=device), positions_t // block_size]
-        # Query t of a sequence sees positions <= its own; padding queries repeat the last real one.
-        last = torch.tensor([[item.position + min(t, item.num_tokens - 1) for t in range(max_new)] for item in items],
-                            device=device)  # (batch, max_new)
-        offsets = torch.arange(max_blocks * block_size, device=device)  # (context,)
-        valid = offsets[None, None, :] <= last[:, :, None]  # (batch, max_new, context)
-        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, :, None, :]
+            slots += [item.block_table[p // block_size] * block_size + p % block_size for p in item_positions]
+        plan = plan_groups([_blocks_in_use(item, block_size) for item in items])
+        groups = tuple(self._decode_group(items, seqs, max_new, whole=len(plan) == 1) for seqs in plan)
         batch = DecodeBatch(
             token_ids=torch.tensor(token_ids, device=device),
-            positions=positions_t,
-            slots=own_block * block_size + positions_t % block_size,
+            positions=torch.tensor(positions, device=device),
+            slots=torch.tensor(slots, device=device),
             query_rows=torch.tensor(rows, device=device),
             max_new=max_new,
-            block_tables=tables,
-            context_mask=mask,
+            num_seqs=len(items),
+            groups=groups,
         )
-        return self.model.decode(batch, self.kv)
+        return self.model.decode(batch, self.kv, self.expert_load)
+
+    def _decode_group(self, items: list[DecodeItem], seqs: list[int], max_new: int, whole: bool) -> DecodeGroup:
+        """The padded block tables and attention mask of items[seqs] (all items, in order, when whole)."""
+        device, block_size = self.kv.device, self.kv.block_size
+        members = items if whole else [items[i] for i in seqs]
+        used = [item.block_table[:_blocks_in_use(item, block_size)] for item in members]
+        max_blocks = max(len(table) for table in used)
+        tables = torch.tensor([table + [0] * (max_blocks - len(table)) for table in used], device=device)  # (g, max_blocks)
+        # Query t of a sequence sees positions <= its own; padding queries repeat the last real one.
+        last = torch.tensor([[item.position + min(t, item.num_tokens - 1) for t in range(max_new)] for item in members],
+                            device=device)  # (g, max_new)
+        offsets = torch.arange(max_blocks * block_size, device=device)  # (context,)
+        valid = offsets[None, None, :] <= last[:, :, None]  # (g, max_new, context)
+        mask = torch.zeros(valid.shape, device=device).masked_fill_(~valid, float("-inf"))[:, :, None, :]
+        return DecodeGroup(seqs=None if whole else torch.tensor(seqs, device=device), block_tables=tables,
+                           context_mask=mask)
+
+
+def _blocks_in_use(item: DecodeItem, block_size: int) -> int:
+    """Blocks holding positions 0 .. the item's last new token: the rest of its table is reserved for later."""
+    return (item.position + item.num_tokens - 1) // block_size + 1

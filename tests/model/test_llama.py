@@ -65,3 +65,26 @@ def test_decode_with_speculated_tokens_matches_reference_at_every_position(runne
     expected_first = logits(prompts[0] + [11, 12, 13, 14])[-4:]
     torch.testing.assert_close(out[:4], expected_first, atol=ATOL, rtol=0)
     torch.testing.assert_close(out[4], logits(prompts[1] + [21])[-1], atol=ATOL, rtol=0)
+
+
+def test_decode_groups_by_length_and_ignores_reserved_blocks(runner, reference):
+    """A long context among short ones is attended in its own group (no padding of the short ones to its
+    length), tables carry blocks reserved for later tokens, and drafts ride along: logits still match."""
+    from common.model.decode_groups import plan_groups
+
+    logits, tokenizer = reference
+    long_ids = tokenizer(" ".join(f"item {i}," for i in range(28))).input_ids  # ~100 tokens: ~25 blocks of 4
+    short = [tokenizer(t).input_ids for t in ("Hello there", "Why?")]
+    long_table = list(range(0, (len(long_ids) + 1 + 3) // 4 + 2))  # 2 blocks reserved for tokens to come
+    assert len(long_table) <= 40
+    tables = [long_table, [40, 41, 42, 43], [50, 51, 52]]
+    prompts = [long_ids, *short]
+    runner.run_prefill([PrefillChunk(ids, 0, table) for ids, table in zip(prompts, tables)])
+    items = [DecodeItem(5, len(long_ids), tables[0]), DecodeItem(6, len(short[0]), tables[1], draft_ids=(7, 8)),
+             DecodeItem(9, len(short[1]), tables[2])]
+    in_use = [(item.position + item.num_tokens - 1) // 4 + 1 for item in items]
+    assert len(plan_groups(in_use)) == 2  # the case under test: two gathers
+    out = runner.run_decode(items)  # (1 + 3 + 1, vocab)
+    torch.testing.assert_close(out[0], logits(long_ids + [5])[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[1:4], logits(short[0] + [6, 7, 8])[-3:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[4], logits(short[1] + [9])[-1], atol=ATOL, rtol=0)
