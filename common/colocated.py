@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry
 
+from common.cli import speculation_fields
 from common.config import DecodeConfig, PrefillConfig
 from common.grpc_util import add_health, make_server, set_serving
 from common.metrics import DECODE_STATS, PREFILL_STATS, DecodeMetrics, PrefillMetrics, StatsCollector
 from common.tier import TierRuntime, bind, build_runtime, runtime_for
 from common.tokenizer import TextTokenizer
+from decode_svc.draft import draft_for
 from decode_svc.engine import DecodeEngine
 from decode_svc.scheduler import Scheduler
 from decode_svc.speculation import SpeculationConfig
@@ -58,9 +60,11 @@ def start_colocated(prefill: PrefillConfig, decode: DecodeConfig,
     prefill_rt, decode_rt = _load_shared(prefill, decode)
     prefill_engine = PrefillEngine(prefill_rt.runner, prefill_rt.blocks, chunk_size=prefill.chunk_size,
                                    max_batch_tokens=prefill.max_batch_tokens)
-    speculation = SpeculationConfig(decode.speculative, decode.num_speculative_tokens, decode.speculative_max_batch)
+    speculation = SpeculationConfig(decode.speculative, decode.num_speculative_tokens, decode.speculative_max_batch,
+                                    decode.speculative_adaptive)
     decode_engine = DecodeEngine(decode_rt.runner, decode_rt.blocks, Scheduler(decode.max_batch_size),
-                                 decode.lease_ms / 1000, TextTokenizer(decode.model_dir), speculation)
+                                 decode.lease_ms / 1000, TextTokenizer(decode.model_dir), speculation,
+                                 draft_for(decode, decode_rt.runner, decode_rt.blocks))
     server = make_server()
     health = add_health(server)
     registry = registry or CollectorRegistry()
@@ -86,5 +90,5 @@ def configs_from_args(args) -> tuple[PrefillConfig, DecodeConfig]:
     prefill = PrefillConfig(**shared, port=args.port, kv_memory_mb=args.prefill_kv_memory_mb,
                             chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens)
     decode = DecodeConfig(**shared, port=args.decode_port, kv_memory_mb=args.decode_kv_memory_mb,
-                          max_batch_size=args.max_batch_size, lease_ms=args.lease_ms)
+                          max_batch_size=args.max_batch_size, lease_ms=args.lease_ms, **speculation_fields(args))
     return prefill, decode

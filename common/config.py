@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # KV cache element types the tiers can store and exchange (common/kv_wire.py maps them to torch).
-# Kept here, torch-free, so the CLI can set up the process before torch loads.
-KV_DTYPES = ("float32", "float16", "bfloat16")
-SPECULATIVE_METHODS = ("none", "prompt-lookup")
+# int8 and fp8 (float8 e4m3fn) are quantised: codes plus a float32 scale per token and KV head
+# (common/kv_quant.py). Kept here, torch-free, so the CLI can set up the process before torch loads.
+KV_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
+SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
 # How a tier stores its weights; common/model/linear.py registers each (a unit test keeps the two equal).
 WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
                        "int4-awq", "int4-awq-g32", "int4-awq-g64", "int4-awq-g128")
@@ -69,9 +70,11 @@ class TierConfig:
 class DecodeConfig(TierConfig):
     max_batch_size: int = 64
     lease_ms: int = 30_000
-    speculative: str = "none"  # none | prompt-lookup
+    speculative: str = "none"  # none | prompt-lookup | draft
     num_speculative_tokens: int = 4
     speculative_max_batch: int = 8  # larger batches are compute-bound: no speculation there
+    speculative_adaptive: bool = True  # False: always propose num_speculative_tokens (to measure acceptance)
+    draft_model: Path | None = None  # the draft's checkpoint directory, with speculative "draft"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +82,8 @@ class DecodeConfig(TierConfig):
             raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if (self.speculative == "draft") != (self.draft_model is not None):
+            raise ValueError("--speculative draft and --draft-model PATH go together: the draft model is the proposer")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.lease_ms < 1:

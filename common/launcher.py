@@ -37,21 +37,28 @@ def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[s
                               str(decode_port), *kv, "--prefill-kv-memory-mb", str(args.prefill_kv_memory_mb),
                               "--decode-kv-memory-mb", str(args.decode_kv_memory_mb), "--chunk-size",
                               str(args.chunk_size), "--max-batch-tokens", str(args.max_batch_tokens),
-                              "--max-batch-size", str(args.max_batch_size), "--threads", str(args.decode_threads)],
+                              "--max-batch-size", str(args.max_batch_size), "--threads", str(args.decode_threads),
+                              *speculation_flags(args)],
                 "gateway": gateway}
     return {
         "decode": [*base, "decode", *model, "--port", str(decode_port), *kv,
                    "--kv-memory-mb", str(args.decode_kv_memory_mb), "--max-batch-size", str(args.max_batch_size),
                    "--threads", str(args.decode_threads), "--weights", args.decode_weights,
-                   "--speculative", args.speculative,
-                   "--num-speculative-tokens", str(args.num_speculative_tokens),
-                   "--speculative-max-batch", str(args.speculative_max_batch)],
+                   *speculation_flags(args)],
         "prefill": [*base, "prefill", *model, "--port", str(prefill_port), *kv,
                     "--kv-memory-mb", str(args.prefill_kv_memory_mb), "--chunk-size", str(args.chunk_size),
                     "--max-batch-tokens", str(args.max_batch_tokens), "--threads", str(args.prefill_threads),
                     "--weights", args.prefill_weights],
         "gateway": gateway,
     }
+
+
+def speculation_flags(args) -> list[str]:
+    """`pdserve up`'s speculation flags, passed on to the process that runs the decode engine."""
+    flags = ["--speculative", args.speculative, "--num-speculative-tokens", str(args.num_speculative_tokens),
+             "--speculative-max-batch", str(args.speculative_max_batch)]
+    flags += ["--draft-model", str(args.draft_model)] if args.draft_model else []
+    return flags + (["--speculative-fixed-k"] if args.speculative_fixed_k else [])
 
 
 def run_stack(args, default_model: Path) -> int:

@@ -4,7 +4,8 @@
   receive_kv()     -> receiving: KV chunks land in those blocks, each layer in token order
   start_decode()   -> waiting  : a client listens; admitted once every layer has every prompt token
   step()           -> running  : one token per step in the shared batch (continuous batching), or,
-                                 speculating, the accepted part of k proposed tokens plus one
+                                 speculating, the accepted part of k proposed tokens plus one (a draft
+                                 model, when there is one, keeps its own KV for the sequence meanwhile)
                    -> finished : EOS, stop string, max_new_tokens or cancel; blocks freed, outbox closed
 A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()).
 The engine loop thread runs step(); RPC threads call the rest. One condition variable guards state;
@@ -23,14 +24,16 @@ import torch
 from common.block_manager import BlockManager, OutOfBlocks
 from common.engine_loop import EngineLoop
 from common.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.kv_quant import KvRows
 from common.model.runner import DecodeItem, ModelRunner
 from common.sampling import SamplingConfig, sample
 from common.stop_strings import StopWatcher
 from common.tokenizer import TextTokenizer
 from decode_svc.calibration import measure_step_costs
+from decode_svc.draft import DraftProposer
 from decode_svc.scheduler import Scheduler, SeqView
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
-from decode_svc.speculation import PromptLookupProposer, SpecState, SpeculationConfig, verify
+from decode_svc.speculation import PromptLookupProposer, Proposal, SpecState, SpeculationConfig, verify
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
@@ -39,11 +42,13 @@ _log = logging.getLogger(__name__)
 
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
-                 tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig()) -> None:
+                 tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig(),
+                 draft: DraftProposer | None = None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.speculation = speculation
         self.proposer = PromptLookupProposer()
+        self.draft = draft  # with --speculative draft: proposes instead of prompt lookup, owns the draft KV
         self.step_costs: tuple[float, ...] = ()  # measured in start() when speculation is on
         self.blocks = blocks
         self.scheduler = scheduler
@@ -77,19 +82,19 @@ class DecodeEngine:
             self._cond.notify()
         return handle, len(reservation.block_ids), time.time() + lease
 
-    def receive_kv(self, handle: str, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Stores one chunk: layer `layer`, positions [start, start + key.shape[0])."""
+    def receive_kv(self, handle: str, layer: int, start: int, rows: KvRows) -> None:
+        """Stores one chunk as it came: layer `layer`, positions [start, start + rows.num_tokens)."""
         with self._cond:
             transfer = self._transfer(handle)
             if not 0 <= layer < len(transfer.received):
                 raise InvalidArgument(f"layer {layer} is out of range [0, {len(transfer.received)})")
             if start != transfer.received[layer]:
                 raise InvalidArgument(f"layer {layer}: chunk starts at token {start}, expected {transfer.received[layer]}")
-            end = start + key.shape[0]
+            end = start + rows.num_tokens
             if end > transfer.num_prompt_tokens:
                 raise InvalidArgument(f"chunk ends at token {end}, past the {transfer.num_prompt_tokens} reserved")
             # Under the lock: a concurrent release must not hand these blocks to another sequence mid-write.
-            self.runner.write_kv(layer, transfer.block_ids, start, key, value)
+            self.runner.write_kv(layer, transfer.block_ids, start, rows)
             transfer.received[layer] = end
             if transfer.complete:
                 self._cond.notify()
@@ -126,7 +131,10 @@ class DecodeEngine:
             spec_on = self.speculation.method != "none" and speculate is not False
             seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher,
                            list(prompt_ids or []),
-                           SpecState(self.speculation.num_tokens, self.step_costs) if spec_on else None)
+                           SpecState(self.speculation.num_tokens, self.step_costs, self.speculation.adaptive)
+                           if spec_on else None)
+            if seq.spec is not None and self.draft is not None:
+                self.draft.attach(seq)
             reason = self._finish_reason(seq, first_token)
             if reason:
                 self._finish(seq, reason, [])
@@ -160,10 +168,10 @@ class DecodeEngine:
             batch = list(self.running)
         if not batch:
             return False
-        drafts = self._propose(batch)
-        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids, tuple(d))
-                                         for s, d in zip(batch, drafts)])  # (sum of 1 + len(draft), vocab)
-        new_tokens = self._choose(batch, drafts, logits)
+        proposals = self._propose(batch)
+        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids, tuple(p.tokens))
+                                         for s, p in zip(batch, proposals)])  # (sum of 1 + len(draft), vocab)
+        new_tokens = self._choose(batch, proposals, logits)
         with self._cond:
             self._record_step(len(batch))
             for seq, tokens in zip(batch, new_tokens):
@@ -171,18 +179,18 @@ class DecodeEngine:
             self.running = [s for s in self.running if not s.finished]
         return True
 
-    def _propose(self, batch: list[Sequence]) -> list[list[int]]:
-        """Draft tokens per sequence ([] for those not speculating this step)."""
+    def _propose(self, batch: list[Sequence]) -> list[Proposal]:
+        """Draft tokens per sequence (none for those not speculating this step)."""
         if len(batch) > self.speculation.max_batch_size:
-            return [[] for _ in batch]  # compute-bound now: verifying k tokens costs k times as much
-        drafts = []
-        for seq in batch:
-            # Never propose past max_new_tokens: the verify step adds up to k + 1 tokens.
-            k = min(seq.spec.next_k(), seq.max_new_tokens - len(seq.tokens) - 1) if seq.spec else 0
-            drafts.append(self.proposer.propose(seq.context, k) if k > 0 else [])
-        return drafts
+            return [Proposal() for _ in batch]  # compute-bound now: verifying k tokens costs k times as much
+        # Never propose past max_new_tokens: the verify step adds up to k + 1 tokens.
+        ks = [min(s.spec.next_k(), s.max_new_tokens - len(s.tokens) - 1) if s.spec else 0 for s in batch]
+        if self.draft is not None:
+            return self.draft.propose(batch, ks)  # k batched draft forwards
+        return [Proposal(self.proposer.propose(s.context, k) if k > 0 else []) for s, k in zip(batch, ks)]
 
-    def _choose(self, batch: list[Sequence], drafts: list[list[int]], logits: torch.Tensor) -> list[list[int]]:
+    def _choose(self, batch: list[Sequence], proposals: list[Proposal], logits: torch.Tensor) -> list[list[int]]:
+        drafts = [p.tokens for p in proposals]
         rows = torch.tensor([0, *[1 + len(d) for d in drafts]]).cumsum(0).tolist()
         plain = [i for i, d in enumerate(drafts) if not d]
         chosen: list[list[int]] = [[] for _ in batch]
@@ -194,7 +202,8 @@ class DecodeEngine:
         for i, draft in enumerate(drafts):
             if draft:
                 seq = batch[i]
-                chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, len(seq.tokens))
+                chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, len(seq.tokens),
+                                   proposals[i].probs)
                 seq.spec.record(len(draft), len(chosen[i]) - 1)
                 self._counts["proposed"] += len(draft)
                 self._counts["accepted"] += len(chosen[i]) - 1
@@ -227,6 +236,8 @@ class DecodeEngine:
             return
         seq.finished = True
         self.blocks.free(seq.transfer.block_ids)
+        if self.draft is not None:
+            self.draft.release(seq)
         if reason == FINISH_CANCELLED:
             self._counts["cancelled"] += 1
         start = seq.admitted_at if seq.admitted_at is not None else time.monotonic()
@@ -247,9 +258,11 @@ class DecodeEngine:
 
     def start(self) -> None:
         if self.speculation.method != "none":
-            self.step_costs = measure_step_costs(self.runner, self.blocks, self.speculation.num_tokens)
-            _log.info("decode step cost verifying k = 0..%d drafts: %s plain steps", len(self.step_costs) - 1,
+            self.step_costs = measure_step_costs(self.runner, self.blocks, self.speculation.num_tokens, self.draft)
+            _log.info("decode step cost verifying k = 0..%d drafts (proposing included): %s plain steps",
+                      len(self.step_costs) - 1,
                       ", ".join(f"{c:.2f}" for c in self.step_costs))
+            self.runner.reset_expert_load()  # the timing steps routed no request's tokens
         self._loop.start()
 
     def stop(self) -> None:
@@ -284,4 +297,5 @@ class DecodeEngine:
                 block_size=self.blocks.block_size,
                 num_spec_proposed=c["proposed"],
                 num_spec_accepted=c["accepted"],
+                expert_load=self.runner.expert_load_counts(),
             )

@@ -18,6 +18,7 @@ from common.tier import bind, build_runtime
 from common.tokenizer import TextTokenizer
 from common.tracing import incoming_context, tracer
 from decode_svc.convert import event_to_proto, stats_to_proto
+from decode_svc.draft import draft_for
 from decode_svc.engine import FINISH_ERROR, DecodeEngine
 from decode_svc.observe import DecodeObserver
 from decode_svc.scheduler import Scheduler
@@ -63,12 +64,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             for chunk in request_iterator:
                 started = started or time.monotonic()
                 handle = self._check_chunk(chunk, handle)
-                shape = tuple(chunk.shape)
-                key = kv_wire.from_bytes(chunk.key, chunk.dtype, shape)
-                value = kv_wire.from_bytes(chunk.value, chunk.dtype, shape)
-                self.engine.receive_kv(handle, chunk.layer, chunk.token_start, key, value)
+                payload = kv_wire.KvPayload(chunk.key, chunk.value, chunk.key_scale, chunk.value_scale)
+                rows = kv_wire.rows_from_payload(payload, chunk.dtype, tuple(chunk.shape))
+                self.engine.receive_kv(handle, chunk.layer, chunk.token_start, rows)
                 num_chunks += 1
-                num_bytes += len(chunk.key) + len(chunk.value)
+                num_bytes += payload.num_bytes
             if handle is None:
                 raise InvalidArgument("the KV stream was empty")
             if not self.engine.transfer_complete(handle):
@@ -94,7 +94,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                   f"[{chunk.token_start}, {chunk.token_end}): expected {expected}")
         if chunk.dtype != self.compat.kv_dtype:
             raise FailedPrecondition(f"KV chunk dtype {chunk.dtype} differs from this instance's {self.compat.kv_dtype}")
-        if kv_wire.checksum(chunk.key, chunk.value) != chunk.crc32:
+        if kv_wire.checksum(chunk.key, chunk.value, chunk.key_scale, chunk.value_scale) != chunk.crc32:
             raise InvalidArgument(f"KV chunk for layer {chunk.layer}, tokens [{chunk.token_start}, "
                                   f"{chunk.token_end}) failed its CRC-32 check")
         return chunk.handle
@@ -161,9 +161,10 @@ class RunningDecode:
 def start_decode(config: DecodeConfig, registry: CollectorRegistry | None = None) -> RunningDecode:
     """Serves the decode tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
     runtime = build_runtime(config)
-    speculation = SpeculationConfig(config.speculative, config.num_speculative_tokens, config.speculative_max_batch)
+    speculation = SpeculationConfig(config.speculative, config.num_speculative_tokens, config.speculative_max_batch,
+                                    config.speculative_adaptive)
     engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
-                          TextTokenizer(config.model_dir), speculation)
+                          TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks))
     server = make_server()
     health = add_health(server)
     registry = registry or CollectorRegistry()

@@ -6,7 +6,7 @@ without speculation would produce: token for token when greedy, in distribution 
 
 Speculation pays only while decode is memory-bound and proposals are often right, so each sequence
 adapts its k from recent acceptance and stops proposing when it loses; large batches do not speculate.
-No torch here except in `verify`.
+No torch here except in `verify` (and the tensors a Proposal carries).
 """
 
 from dataclasses import dataclass, field
@@ -23,12 +23,21 @@ class SpeculationConfig:
     method: str = "none"
     num_tokens: int = 4  # most tokens proposed per step
     max_batch_size: int = 8  # above this many running sequences decode is compute-bound: no speculation
+    adaptive: bool = True  # per-sequence k from acceptance and measured costs; False: always num_tokens
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
         if not 1 <= self.num_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_tokens}")
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A sequence's draft tokens for one step, and for a sampled draft the distributions they came from."""
+
+    tokens: list[int] = field(default_factory=list)
+    probs: torch.Tensor | None = None  # (len(tokens), vocab) the draft's q per token; None: point masses
 
 
 class Proposer(Protocol):
@@ -62,7 +71,8 @@ class SpecState:
     """
 
     max_k: int
-    step_costs: tuple[float, ...] = ()  # step_costs[k]: cost of verifying k drafts, in plain steps
+    step_costs: tuple[float, ...] = ()  # step_costs[k]: cost of proposing and verifying k drafts, in plain steps
+    adaptive: bool = True  # False: always propose max_k (to measure a proposer's acceptance)
     rate: float = 0.7  # estimated per-token acceptance; optimistic at first
     cooldown: int = 0
     num_proposed: int = 0
@@ -73,6 +83,8 @@ class SpecState:
     _REST_STEPS: int = field(default=8, repr=False)
 
     def next_k(self) -> int:
+        if not self.adaptive:
+            return self.max_k
         if self.cooldown > 0:
             self.cooldown -= 1
             return 1 if self.cooldown == 0 else 0  # the last resting step probes
@@ -100,13 +112,16 @@ def expected_tokens(rate: float, k: int) -> float:
     return float(k + 1) if rate >= 1 else (1 - rate ** (k + 1)) / (1 - rate)
 
 
-def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first_step: int) -> list[int]:
+def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first_step: int,
+           draft_probs: torch.Tensor | None = None) -> list[int]:
     """logits: (len(draft) + 1, vocab), row i scoring the token after draft[:i]. Returns the accepted
     draft prefix plus one token from the target: len(result) - 1 drafts were accepted.
 
-    The proposer is deterministic (a point mass on each draft token), so rejection sampling accepts
-    draft token d with probability p(d) and, on rejection, draws from p with d removed, renormalised.
-    `first_step` is the index of the token the first row produces (for the per-request generator).
+    draft_probs: (len(draft), vocab), row i the distribution draft[i] was drawn from (a draft model's q);
+    None for a deterministic proposer (a point mass on each draft token). Sampling accepts draft token d
+    with probability min(1, p(d) / q(d)) and, on rejection, draws from max(0, p - q) renormalised, so the
+    output follows p exactly. `first_step` is the index of the token the first row produces (for the
+    per-request generator).
     """
     if config.greedy:
         targets = logits.argmax(dim=-1).tolist()
@@ -116,11 +131,23 @@ def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first
         return [*draft[:accepted], targets[accepted]]
     out = []
     for i, token in enumerate(draft):
-        probs = probabilities(logits[i], config)
-        if uniform(config, first_step + i) < float(probs[token]):
+        p = probabilities(logits[i], config)  # (vocab,)
+        q_token = 1.0 if draft_probs is None else float(draft_probs[i, token])
+        if uniform(config, first_step + i) * q_token < float(p[token]):
             out.append(token)
             continue
-        residual = probs.clone()
-        residual[token] = 0.0
-        return [*out, draw(residual / residual.sum(), config, first_step + i)]
+        return [*out, draw(_residual(p, token, None if draft_probs is None else draft_probs[i]), config,
+                           first_step + i)]
     return [*out, draw(probabilities(logits[len(draft)], config), config, first_step + len(draft))]
+
+
+def _residual(p: torch.Tensor, token: int, q: torch.Tensor | None) -> torch.Tensor:
+    """norm(max(0, p - q)) after draft `token` was rejected; q None is a point mass on `token`."""
+    if q is None:
+        residual = p.clone()
+        residual[token] = 0.0
+    else:
+        residual = (p - q.to(p.device, p.dtype)).clamp_(min=0.0)  # (vocab,)
+    total = float(residual.sum())
+    # Rejection happens only where p(d) < q(d), so p - q has positive mass; guard rounding all the same.
+    return residual / total if total > 0 else p

@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 from common.affinity import cpus_arg
+from common.draft.cli import default_draft_dir
 
-PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-spec", "llama.cpp")
+PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-spec", "pdserve-draft", "llama.cpp")
 WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "smoke")
 
 
@@ -61,6 +62,10 @@ def add_bench_parser(sub, model_dir: Path) -> None:
                        help="cores of pdserve's decode tier; single-process peers get prefill + decode cores")
     bench.add_argument("--gateway-cpus", type=cpus_arg, metavar="LIST", help="cores of the pdserve gateways")
     bench.add_argument("--max-batch-size", type=int, default=32, help="decode batch limit of every peer")
+    bench.add_argument("--draft-model", type=Path, default=default_draft_dir(model_dir),
+                       help="pdserve-draft's draft checkpoint (default: `pdserve distill-draft`'s output)")
+    bench.add_argument("--fixed-k", action="store_true",
+                       help="speculating peers always propose 4 tokens (no adaptive k): measures acceptance, not speed")
     bench.add_argument("--no-roofline", dest="roofline", action="store_false", help="skip the micro-benchmarks")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--out", type=Path, help="output directory (default bench-results/<time>)")

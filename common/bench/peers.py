@@ -4,6 +4,7 @@
   pdserve-colocated  `pdserve up --colocated`: prefill and decode engines in one process
   pdserve            `pdserve up`: the disaggregated stack
   pdserve-spec       `pdserve up --speculative prompt-lookup`: the same stack, speculating by prompt lookup
+  pdserve-draft      `pdserve up --speculative draft --draft-model DIR`: the same stack, speculating with a draft
   llama.cpp          llama-cpp-python on the GGUF file itself (common/bench/llama_cpp_peer.py), when installed
 Each runs as child processes pinned to the cores given (prefill and decode cores apart for pdserve; their
 union for the single-process peers, so every peer gets the same cores in total) and is stopped after its runs.
@@ -43,6 +44,8 @@ class PeerOptions:
     gateway_cpus: frozenset[int] | None = None
     max_batch_size: int = 32
     host: str = "127.0.0.1"
+    draft_model: Path | None = None  # pdserve-draft's draft (`pdserve distill-draft` writes one)
+    fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
 
     @property
     def engine_cpus(self) -> frozenset[int] | None:
@@ -112,7 +115,7 @@ def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
             *(["--colocated"] if colocated else []), *_cpu_flags(options, colocated), *extra]
 
 
-def _start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[str, ...] = ()) -> RunningPeer:
+def start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[str, ...] = ()) -> RunningPeer:
     host = options.host
     ports = {tier: free_port(host) for tier in ("gateway", "prefill", "decode")}
     command = stack_command(options, ports, colocated, extra)
@@ -128,15 +131,27 @@ def _start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[
 
 
 def start_pdserve(options: PeerOptions) -> RunningPeer:
-    return _start_stack("pdserve", options, colocated=False)
+    return start_stack("pdserve", options, colocated=False)
+
+
+def _fixed_k(options: PeerOptions) -> tuple[str, ...]:
+    return ("--speculative-fixed-k",) if options.fixed_k else ()
 
 
 def start_pdserve_spec(options: PeerOptions) -> RunningPeer:
-    return _start_stack("pdserve-spec", options, colocated=False, extra=SPECULATIVE_FLAGS)
+    return start_stack("pdserve-spec", options, colocated=False, extra=SPECULATIVE_FLAGS + _fixed_k(options))
+
+
+def start_pdserve_draft(options: PeerOptions) -> RunningPeer:
+    draft = options.draft_model
+    if draft is None or not (draft / "config.json").exists():
+        raise PeerUnavailable(f"no draft model at {draft}; train one with `pdserve distill-draft` or pass --draft-model")
+    return start_stack("pdserve-draft", options, colocated=False,
+                       extra=("--speculative", "draft", "--draft-model", str(draft), *_fixed_k(options)))
 
 
 def start_colocated(options: PeerOptions) -> RunningPeer:
-    return _start_stack("pdserve-colocated", options, colocated=True)
+    return start_stack("pdserve-colocated", options, colocated=True)
 
 
 def start_hf_static(options: PeerOptions) -> RunningPeer:
@@ -169,5 +184,6 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "pdserve-colocated": start_colocated,
     "pdserve": start_pdserve,
     "pdserve-spec": start_pdserve_spec,
+    "pdserve-draft": start_pdserve_draft,
     "llama.cpp": start_llama_cpp,
 }

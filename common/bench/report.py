@@ -155,7 +155,8 @@ def write_markdown(out_dir: Path, summary: dict) -> Path:
         parts.append(f"- {skipped['name']} skipped: {skipped['reason']}")
     if summary.get("speculation_comparison"):
         parts += ["", "## Speculation off vs on", "", speculation_table(summary["speculation_comparison"]), "",
-                  "speedup = TPOT off / TPOT on (above 1: faster with speculation); decode ms/token: the run's "
+                  "speedup = TPOT off / TPOT on (above 1: faster with speculation; a pdserve-spec / pdserve-draft "
+                  "row compares the draft model with prompt lookup); decode ms/token: the run's "
                   "time from first to last token summed over requests / tokens after the first (token-weighted, "
                   "where TPOT percentiles weigh each request alike). acceptance: accepted / proposed "
                   "draft tokens over the run; tokens/verify step: mean over requests of the tokens each verifying "

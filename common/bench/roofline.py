@@ -90,24 +90,20 @@ def roofline(model_dir: Path, threads: int, bytes_per_param: int = 4) -> dict:
 
 
 def verify_step_costs(model_dir: Path, threads: int, num_tokens: int, repeats: int = 3) -> dict:
-    """The decode tier's own start-up measurement when it speculates (DecodeEngine._measure_step_costs, run
+    """The decode tier's own start-up measurement when it speculates (decode_svc/calibration.py, run
     here on a runtime built as the tier builds it, at `threads` torch threads): a batch-1 step verifying
     k = 0..num_tokens draft tokens, in plain (k = 0) steps. Taken `repeats` times; the median per k is
     reported with every series. This is what speculation trades against: with acceptance a, k drafts yield
     (1 - a^(k+1)) / (1 - a) tokens for cost[k] steps."""
     from common.config import DecodeConfig
     from common.tier import build_runtime
-    from common.tokenizer import TextTokenizer
-    from decode_svc.engine import DecodeEngine
-    from decode_svc.scheduler import Scheduler
-    from decode_svc.speculation import SpeculationConfig
+    from decode_svc.calibration import measure_step_costs
 
     previous = torch.get_num_threads()
     try:
         runtime = build_runtime(DecodeConfig(model_dir=model_dir, threads=threads, kv_memory_mb=64))
-        engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(1), 30.0, TextTokenizer(model_dir),
-                              SpeculationConfig("prompt-lookup", num_tokens))
-        series = [[round(c, 3) for c in engine._measure_step_costs()] for _ in range(repeats)]
+        series = [[round(c, 3) for c in measure_step_costs(runtime.runner, runtime.blocks, num_tokens)]
+                  for _ in range(repeats)]
     finally:
         torch.set_num_threads(previous)
     median = [sorted(column)[len(column) // 2] for column in zip(*series)]

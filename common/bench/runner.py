@@ -22,7 +22,9 @@ from common.bench.roofline import count_parameters, roofline, verify_step_costs
 from common.bench.workloads import WORKLOADS, BenchRequest, make_requests
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
-_KV_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Bytes per KV element, and per (token, KV head) row for the scale of the quantised dtypes (common/kv_quant.py).
+_KV_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
+_KV_ROW_SCALE_BYTES = {"int8": 4, "fp8": 4}
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Collected:
 
 
 def kv_bytes_per_token(stats_address: str | None) -> int | None:
-    """K and V of one token in every layer, from the decode instance's CompatInfo (None if it has none)."""
+    """K and V of one token in every layer, scales included, from the decode instance's CompatInfo (None if it
+    has none)."""
     if not stats_address:
         return None
     try:
@@ -53,7 +56,12 @@ def kv_bytes_per_token(stats_address: str | None) -> int | None:
             info = decode_pb2_grpc.DecodeStub(channel).GetInfo(decode_pb2.GetInfoRequest(), timeout=5)
     except grpc.RpcError:
         return None
-    return 2 * info.num_layers * info.num_kv_heads * info.head_dim * _KV_ITEMSIZE.get(info.kv_dtype, 4)
+    return kv_bytes_per_token_of(info.kv_dtype, info.num_layers, info.num_kv_heads, info.head_dim)
+
+
+def kv_bytes_per_token_of(kv_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    row_bytes = head_dim * _KV_ITEMSIZE.get(kv_dtype, 4) + _KV_ROW_SCALE_BYTES.get(kv_dtype, 0)
+    return 2 * num_layers * num_kv_heads * row_bytes
 
 
 def run_one(target, workload: str, requests: list[BenchRequest], load: LoadSpec, slo: Slo, kv_bpt: int | None,
@@ -105,12 +113,13 @@ def _targets(args, options: PeerOptions) -> list[tuple[str, Callable]]:
     return [(name, lambda start=PEERS[name]: start(options)) for name in args.peers]
 
 
-# Speculating peers and the peers they are compared with (same stack, speculation off).
-SPECULATION_BASELINES = {"pdserve-spec": "pdserve"}
+# Speculating peers and the peers they are compared with (same stack, speculation off; and the draft model
+# against prompt lookup).
+SPECULATION_BASELINES = {"pdserve-spec": ("pdserve",), "pdserve-draft": ("pdserve", "pdserve-spec")}
 
 
 def _engine_threads(name: str, options: PeerOptions) -> int:
-    cpus = options.decode_cpus if name in ("pdserve", "pdserve-spec") else options.engine_cpus
+    cpus = options.decode_cpus if name in ("pdserve", "pdserve-spec", "pdserve-draft") else options.engine_cpus
     return len(cpus) if cpus else len(os.sched_getaffinity(0))
 
 
@@ -137,12 +146,9 @@ def speculation_comparison(runs: list[dict]) -> list[dict]:
     token-weighted decode time per token and output tokens/s off and on, speedups = off / on, and what
     speculation did."""
     rows = []
-    for on in runs:
-        baseline = SPECULATION_BASELINES.get(on["name"])
-        off = next((r for r in runs if r["name"] == baseline and r["workload"] == on["workload"]
-                    and r["load"] == on["load"]), None)
-        if off is None:
-            continue
+    pairs = [(on, off) for on in runs for baseline in SPECULATION_BASELINES.get(on["name"], ()) for off in runs
+             if off["name"] == baseline and off["workload"] == on["workload"] and off["load"] == on["load"]]
+    for on, off in pairs:
         row = {"workload": on["workload"], "load": on["load"], "off": off["name"], "on": on["name"],
                "speculation": on.get("speculation")}
         for p in ("p50", "p99"):
@@ -204,7 +210,8 @@ def execute(args) -> dict:
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     options = PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", prefill_cpus=args.prefill_cpus,
                           decode_cpus=args.decode_cpus, gateway_cpus=args.gateway_cpus,
-                          max_batch_size=args.max_batch_size)
+                          max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
+                          fixed_k=getattr(args, "fixed_k", False))
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
                "machine": _machine(), "command": args.command_line,
                "workload": {"name": ",".join(w.name for w in workloads),

@@ -197,3 +197,25 @@ def test_workload_lists_parse_and_refuse_unknown_or_repeated_names():
     for bad in ("extractive,extractive", "nope", ","):
         with pytest.raises(argparse.ArgumentTypeError):
             _workload_list(bad)
+
+
+def test_the_draft_peer_is_the_pdserve_peer_plus_its_draft_and_is_compared_with_both(monkeypatch, tmp_path):
+    commands = {}
+    monkeypatch.setattr(peers, "free_port", lambda host: 4321)
+    monkeypatch.setattr(peers, "_launch", lambda name, command, *rest: commands.setdefault(name, command))
+    (tmp_path / "draft").mkdir()
+    options = PeerOptions(model_dir=tmp_path, log_dir=tmp_path, draft_model=tmp_path / "draft")
+    with pytest.raises(peers.PeerUnavailable, match="pdserve distill-draft"):
+        peers.PEERS["pdserve-draft"](options)  # no checkpoint there yet
+    (tmp_path / "draft" / "config.json").write_text("{}")
+    peers.PEERS["pdserve"](options)
+    peers.PEERS["pdserve-draft"](options)
+    assert commands["pdserve-draft"] == commands["pdserve"] + ["--speculative", "draft", "--draft-model",
+                                                               str(tmp_path / "draft")]
+    up = build_parser(tmp_path).parse_args(commands["pdserve-draft"][commands["pdserve-draft"].index("up"):])
+    assert up.speculative == "draft" and up.draft_model == tmp_path / "draft" and not up.speculative_fixed_k
+    runs = [_run(name, "open-chat", "closed, 1 client", tpot, tpot, 1000 / tpot)
+            for name, tpot in (("pdserve", 50.0), ("pdserve-spec", 40.0), ("pdserve-draft", 25.0))]
+    rows = {(r["off"], r["on"]): r["tpot_speedup_p50"] for r in speculation_comparison(runs)}
+    assert rows == {("pdserve", "pdserve-spec"): 1.25, ("pdserve", "pdserve-draft"): 2.0,
+                    ("pdserve-spec", "pdserve-draft"): 1.6}

@@ -95,3 +95,78 @@ def test_the_same_check_catches_a_rule_that_resamples_without_removing_the_draft
 
     counts, expected = _first_token_counts(sloppy)
     assert float(((counts - expected) ** 2 / expected).sum()) > _CHI2_DF5_P001
+
+
+# A draft model proposes d ~ q, a distribution of its own: the rule must use q (accept with min(1, p/q),
+# on rejection draw from norm(max(0, p - q))). Target p as above; q a random draft distribution unlike p.
+_TARGET_LOGITS = torch.tensor([1.5, 0.7, 0.2, -0.3, -1.0, 0.9])
+_DRAFT_Q = torch.softmax(torch.randn(6, generator=torch.Generator().manual_seed(3)) * 1.5, dim=0)
+
+
+def _draft_first_token_counts(accept_rule, trials: int = 3000) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(counts of the first output token, expected counts under p, drafts accepted) over `trials` seeds,
+    the draft token drawn from q by a generator of its own."""
+    logits = torch.stack([_TARGET_LOGITS, torch.zeros(6)])
+    counts, accepted = torch.zeros(6), 0
+    for seed in range(trials):
+        config = SamplingConfig(temperature=1.0, seed=seed)
+        draft = int(torch.multinomial(_DRAFT_Q, 1, generator=torch.Generator().manual_seed(10**6 + seed)))
+        out = accept_rule(logits, [draft], config, 0, _DRAFT_Q[None, :])
+        counts[out[0]] += 1
+        accepted += len(out) - 1
+    return counts, torch.softmax(_TARGET_LOGITS, dim=0) * trials, accepted
+
+
+def _chi2(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_rejection_sampling_with_draft_probabilities_keeps_the_target_distribution():
+    counts, expected, accepted = _draft_first_token_counts(verify)
+    assert _chi2(counts, expected) < _CHI2_DF5_P001
+    # Accepting with min(1, p/q) keeps sum(min(p, q)) = 0.79 of the drafts here.
+    assert 0.74 < accepted / 3000 < 0.83
+
+
+def test_the_point_mass_rule_stays_exact_for_a_sampled_draft_but_accepts_far_less():
+    def point_mass(logits, draft, config, first_step, draft_probs):
+        return verify(logits, draft, config, first_step)  # ignores q: accepts with p(d)
+
+    counts, expected, accepted = _draft_first_token_counts(point_mass)
+    assert _chi2(counts, expected) < _CHI2_DF5_P001
+    assert accepted / 3000 < 0.3  # sum(p * q) = 0.24: why verify takes q
+
+
+def test_the_draft_check_catches_a_rule_that_draws_the_residual_from_p():
+    from common.sampling import draw, probabilities, uniform
+
+    def residual_from_p(logits, draft, config, first_step, draft_probs):
+        p, q = probabilities(logits[0], config), draft_probs[0]
+        if uniform(config, first_step) * float(q[draft[0]]) < float(p[draft[0]]):
+            return [draft[0]]
+        return [draw(p, config, first_step)]  # should draw from norm(max(0, p - q))
+
+    counts, expected, _ = _draft_first_token_counts(residual_from_p)
+    assert _chi2(counts, expected) > _CHI2_DF5_P001
+
+
+def test_the_draft_check_catches_a_point_mass_residual_after_a_q_acceptance():
+    from common.sampling import draw, probabilities, uniform
+
+    def mixed_rules(logits, draft, config, first_step, draft_probs):
+        p, q = probabilities(logits[0], config), draft_probs[0]
+        if uniform(config, first_step) * float(q[draft[0]]) < float(p[draft[0]]):
+            return [draft[0]]
+        residual = p.clone()
+        residual[draft[0]] = 0.0  # the point-mass residual does not fit the min(1, p/q) acceptance
+        return [draw(residual / residual.sum(), config, first_step)]
+
+    counts, expected, _ = _draft_first_token_counts(mixed_rules)
+    assert _chi2(counts, expected) > _CHI2_DF5_P001
+
+
+def test_fixed_k_always_proposes_the_most():
+    state = SpecState(max_k=3, step_costs=(1.0, 9.0, 9.0, 9.0), adaptive=False)
+    for _ in range(5):
+        state.record(proposed=3, accepted=0)
+    assert [state.next_k() for _ in range(4)] == [3, 3, 3, 3]
