@@ -8,10 +8,12 @@ from pathlib import Path
 
 from common.affinity import cpus_arg
 from common.bench.cli import add_bench_parser, run_bench
-from common.config import (DEFAULT_GATEWAY_PORT, SPECULATIVE_METHODS, WEIGHT_FORMAT_NAMES, DecodeConfig,
+from common.config import (DEFAULT_GATEWAY_PORT, KV_DTYPES, SPECULATIVE_METHODS, WEIGHT_FORMAT_NAMES, DecodeConfig,
                            GatewayConfig, PrefillConfig, default_model_dir)
+from common.draft.cli import add_distill_parser, run_distill
 from common.eval.cli import add_eval_parsers, run_eval, run_quantize
 from common.telemetry import DEFAULT_METRICS_PORT, METRICS_PORT_OFFSETS
+from common.trilemma.cli import add_trilemma_parser, run_trilemma
 
 
 def _model_arg(parser: argparse.ArgumentParser, default: Path) -> None:
@@ -32,7 +34,8 @@ def _metrics_arg(parser: argparse.ArgumentParser, tier: str) -> None:
 
 def _tier_args(parser: argparse.ArgumentParser, kv_memory_mb: int) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (both tiers must agree)")
-    parser.add_argument("--kv-dtype", default="float32", help="KV cache dtype (both tiers must agree)")
+    parser.add_argument("--kv-dtype", default="float32", choices=KV_DTYPES,
+                        help="KV cache dtype (both tiers must agree); int8 and fp8 store per-row scales")
     parser.add_argument("--kv-memory-mb", type=int, default=kv_memory_mb, help="memory budget of the KV pool")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -51,6 +54,11 @@ def _speculation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens proposed per step")
     parser.add_argument("--speculative-max-batch", type=int, default=8,
                         help="no speculation while more sequences than this share a decode step")
+    parser.add_argument("--draft-model", type=Path,
+                        help="with --speculative draft: a Llama-family checkpoint sharing the model's tokenizer "
+                             "(`pdserve distill-draft` trains one)")
+    parser.add_argument("--speculative-fixed-k", action="store_true",
+                        help="always propose --num-speculative-tokens (no adaptive k): to measure acceptance")
 
 
 def build_parser(model_dir: Path) -> argparse.ArgumentParser:
@@ -63,7 +71,7 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
     up.add_argument("--prefill-port", type=int, default=0, help="prefill tier port (0 picks a free one)")
     up.add_argument("--decode-port", type=int, default=0, help="decode tier port (0 picks a free one)")
     up.add_argument("--block-size", type=int, default=16)
-    up.add_argument("--kv-dtype", default="float32")
+    up.add_argument("--kv-dtype", default="float32", choices=KV_DTYPES)
     _weights_arg(up, "--prefill-weights", "the prefill tier's")
     _weights_arg(up, "--decode-weights", "the decode tier's")
     up.add_argument("--prefill-kv-memory-mb", type=int, default=512)
@@ -92,11 +100,14 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
                           ("--chunk-size", 256), ("--max-batch-tokens", 512), ("--max-batch-size", 64),
                           ("--lease-ms", 30_000), ("--threads", 0)):
         colocated.add_argument(flag, type=int, default=default)
-    colocated.add_argument("--kv-dtype", default="float32")
+    colocated.add_argument("--kv-dtype", default="float32", choices=KV_DTYPES)
     colocated.add_argument("--device", default="auto")
+    _speculation_args(colocated)
 
     add_bench_parser(sub, model_dir)
     add_eval_parsers(sub, model_dir)
+    add_distill_parser(sub, model_dir)
+    add_trilemma_parser(sub, model_dir)
 
     gateway = sub.add_parser("gateway", help="run the gateway tier")
     _model_arg(gateway, model_dir)
@@ -199,10 +210,16 @@ def _decode(args, _) -> int:
     from decode_svc.server import start_decode
 
     config = DecodeConfig(**_tier_fields(args), max_batch_size=args.max_batch_size, lease_ms=args.lease_ms,
-                          speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                          speculative_max_batch=args.speculative_max_batch)
+                          **speculation_fields(args))
     telemetry = _telemetry(args, "decode")
     return _serve(start_decode(config, telemetry.registry), "decode", wait_for_signal, telemetry)
+
+
+def speculation_fields(args) -> dict:
+    """DecodeConfig's speculation fields from the flags of _speculation_args."""
+    return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                speculative_max_batch=args.speculative_max_batch, speculative_adaptive=not args.speculative_fixed_k,
+                draft_model=args.draft_model)
 
 
 def _telemetry(args, tier: str):
@@ -258,7 +275,7 @@ def _prepare(args, _) -> int:
 
 _COMMANDS = {"up": _up, "gateway": _gateway, "prefill": _prefill, "decode": _decode, "generate": _generate,
              "prepare-model": _prepare, "colocated": _colocated, "bench": run_bench, "trace-report": _trace_report,
-             "eval": run_eval, "quantize": run_quantize}
+             "eval": run_eval, "quantize": run_quantize, "distill-draft": run_distill, "trilemma": run_trilemma}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ from common.kernels.kv_pages import (gather_kv_pages, gather_kv_pages_reference,
                                      scatter_kv_pages_reference)
 from common.kernels.paged_attention import paged_attention_decode, paged_attention_decode_reference
 from common.kernels.quant_matmul import int4_matmul, int4_matmul_reference, int8_matmul, int8_matmul_reference
+from common.kv_quant import quantise
 
 
 def _paged_inputs(device, kv_dtype, *, num_heads=6, num_kv_heads=2, head_dim=16, block_size=4,
@@ -51,6 +52,21 @@ def check_paged_attention(device: str, kv_dtype: torch.dtype, **shape) -> None:
     out = paged_attention_decode(*inputs)
     expected = paged_attention_decode_reference(*inputs)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def check_paged_attention_quantised(device: str, kv_dtype: torch.dtype, **shape) -> None:
+    """A quantised pool (codes plus (slots, kv_heads) scales) against the reference on the same pool, which
+    in turn equals the float reference on codes * scales built by plain multiplication."""
+    q, key, value, tables, lens, block_size, scale = _paged_inputs(device, torch.float32, **shape)
+    (key_codes, key_scale), (value_codes, value_scale) = quantise(key, kv_dtype), quantise(value, kv_dtype)
+    out = paged_attention_decode(q, key_codes, value_codes, tables, lens, block_size, scale, key_scale, value_scale)
+    expected = paged_attention_decode_reference(q, key_codes, value_codes, tables, lens, block_size, scale,
+                                                key_scale, value_scale)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    dense_key = key_codes.float() * key_scale[..., None]  # (slots, kv_heads, head_dim)
+    dense_value = value_codes.float() * value_scale[..., None]
+    torch.testing.assert_close(expected, paged_attention_decode_reference(q, dense_key, dense_value, tables, lens,
+                                                                          block_size, scale), atol=1e-6, rtol=1e-6)
 
 
 def check_int8_matmul(device: str, x_dtype: torch.dtype = torch.float32, m=5, n=48, k=96, **blocks) -> None:

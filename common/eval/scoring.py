@@ -4,6 +4,7 @@ perplexity texts, and greedy completions of the task prompts, through the servin
 import torch
 
 from common.kv_pool import KvPool
+from common.kv_wire import DTYPES as KV_DTYPES
 from common.model.llama import LlamaModel, PrefillSpan
 from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
 from common.tokenizer import TextTokenizer
@@ -12,11 +13,12 @@ BLOCK_SIZE = 16
 
 
 class Scorer:
-    def __init__(self, model: LlamaModel, tokenizer: TextTokenizer, max_tokens: int) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: TextTokenizer, max_tokens: int,
+                 kv_dtype: str = "float32") -> None:
         c = model.config
         self.model, self.tokenizer = model, tokenizer
         self.kv = KvPool(num_layers=c.num_layers, num_blocks=-(-max_tokens // BLOCK_SIZE) + 1, block_size=BLOCK_SIZE,
-                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32, device=model.device)
+                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=KV_DTYPES[kv_dtype], device=model.device)
         self.runner = ModelRunner(model, self.kv)
 
     @torch.inference_mode()

@@ -29,7 +29,7 @@ def test_defaults_are_valid():
     [
         {"port": -1},
         {"port": 65536},
-        {"kv_dtype": "int8"},
+        {"kv_dtype": "int4"},
         {"kv_dtype": "fp16"},
         {"block_size": 0},
         {"threads": -1},

@@ -1,0 +1,63 @@
+"""What the trilemma measures offline, once per weight format or (weights, KV dtype) pair: bytes of weights
+as stored, KV bytes per token, and teacher-forced fidelity against fp32 weights with a float32 KV cache on
+the fidelity harness's perplexity texts."""
+
+import math
+from pathlib import Path
+
+import torch
+
+from common.eval.harness import MAX_TOKENS, _text_ids
+from common.eval.scoring import Scorer
+from common.eval.cli import DEFAULT_SUITES_DIR
+from common.eval.suites import load_suites
+from common.bench.runner import kv_bytes_per_token_of
+from common.model.weights import load_model, stored_weight_bytes
+from common.tokenizer import TextTokenizer
+
+
+def weight_bytes(model_dir: Path, formats: set[str]) -> dict[str, int]:
+    out = {}
+    for fmt in sorted(formats):
+        model = load_model(model_dir, fmt)
+        out[fmt] = stored_weight_bytes(model)["total"]
+        del model
+    return out
+
+
+def kv_bytes(model_dir: Path, kv_dtypes: set[str]) -> dict[str, int]:
+    """K and V of one token in every layer, scales included."""
+    from common.model.config import ModelConfig
+
+    c = ModelConfig.from_dir(model_dir)
+    return {d: kv_bytes_per_token_of(d, c.num_layers, c.num_kv_heads, c.head_dim) for d in sorted(kv_dtypes)}
+
+
+def teacher_forced(model_dir: Path, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """For each (weights, kv_dtype): top-1 agreement, mean KL(reference || pair) and perplexity change at
+    every position of the perplexity texts, the reference being ("fp32", "float32")."""
+    tokenizer = TextTokenizer(model_dir)
+    suites = [s for s in load_suites(DEFAULT_SUITES_DIR) if s.is_perplexity]
+    reference: list[torch.Tensor] = []
+    reference_nll, out = 0.0, {}
+    for weights, kv_dtype in [("fp32", "float32"), *sorted(pairs - {("fp32", "float32")})]:
+        model = load_model(model_dir, weights)
+        scorer = Scorer(model, tokenizer, MAX_TOKENS, kv_dtype=kv_dtype)
+        nll, count, agree, kl = 0.0, 0, 0, 0.0
+        for index, ids in enumerate(_text_ids(scorer, suites)):
+            log_probs = scorer.log_probs(ids)  # (len - 1, vocab)
+            nll -= log_probs.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+            count += len(ids) - 1
+            if not out and len(reference) <= index:
+                reference.append(log_probs)
+                continue
+            ref = reference[index]
+            agree += (log_probs.argmax(-1) == ref.argmax(-1)).sum().item()
+            kl += (ref.exp() * (ref - log_probs)).sum().item()
+        if not out:
+            reference_nll = nll
+        out[(weights, kv_dtype)] = {"top1_agreement": round(agree / count, 4) if out else 1.0,
+                                    "mean_kl": round(kl / count, 5) if out else 0.0,
+                                    "ppl_increase": round(math.exp((nll - reference_nll) / count) - 1, 5)}
+        del model, scorer
+    return out
