@@ -40,6 +40,16 @@ def _tier_args(parser: argparse.ArgumentParser, kv_memory_mb: int) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     _weights_arg(parser, "--weights", "this tier's")
+    parser.add_argument("--fidelity-max-ppl-increase", type=float, metavar="FRACTION",
+                        help="refuse to start if --weights raises perplexity on evals/ by more than this vs fp32")
+    parser.add_argument("--fidelity-min-agreement", type=float, metavar="FRACTION",
+                        help="refuse to start if --weights agrees with fp32's next token less often than this")
+
+
+def _check_fidelity(args) -> None:
+    from common.eval.startup_gate import check_startup_fidelity
+
+    check_startup_fidelity(args.model, args.weights, args.fidelity_max_ppl_increase, args.fidelity_min_agreement)
 
 
 def _weights_arg(parser: argparse.ArgumentParser, flag: str, whose: str) -> None:
@@ -200,6 +210,7 @@ def _prefill(args, _) -> int:
     from common.tier import wait_for_signal
     from prefill_svc.server import start_prefill
 
+    _check_fidelity(args)
     config = PrefillConfig(**_tier_fields(args), chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens)
     telemetry = _telemetry(args, "prefill")
     return _serve(start_prefill(config, telemetry.registry), "prefill", wait_for_signal, telemetry)
@@ -209,6 +220,7 @@ def _decode(args, _) -> int:
     from common.tier import wait_for_signal
     from decode_svc.server import start_decode
 
+    _check_fidelity(args)
     config = DecodeConfig(**_tier_fields(args), max_batch_size=args.max_batch_size, lease_ms=args.lease_ms,
                           **speculation_fields(args))
     telemetry = _telemetry(args, "decode")
