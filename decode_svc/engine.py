@@ -26,14 +26,14 @@ from common.engine_loop import EngineLoop
 from common.errors import InvalidArgument, NotFound, ResourceExhausted
 from common.kv_quant import KvRows
 from common.model.runner import DecodeItem, ModelRunner
-from common.sampling import SamplingConfig, sample
+from common.sampling import SamplingConfig
 from common.stop_strings import StopWatcher
 from common.tokenizer import TextTokenizer
 from decode_svc.calibration import measure_step_costs
 from decode_svc.draft import DraftProposer
 from decode_svc.scheduler import Scheduler, SeqView
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
-from decode_svc.speculation import PromptLookupProposer, Proposal, SpecState, SpeculationConfig, verify
+from decode_svc.speculation import PromptLookupProposer, Proposal, SpecState, SpeculationConfig, choose
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
@@ -171,9 +171,13 @@ class DecodeEngine:
         proposals = self._propose(batch)
         logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids, tuple(p.tokens))
                                          for s, p in zip(batch, proposals)])  # (sum of 1 + len(draft), vocab)
-        new_tokens = self._choose(batch, proposals, logits)
+        new_tokens = choose(batch, proposals, logits)
         with self._cond:
             self._record_step(len(batch))
+            for proposal, tokens in zip(proposals, new_tokens):
+                if proposal.tokens:
+                    self._counts["proposed"] += len(proposal.tokens)
+                    self._counts["accepted"] += len(tokens) - 1
             for seq, tokens in zip(batch, new_tokens):
                 self._counts["tokens"] += self._append(seq, tokens)
             self.running = [s for s in self.running if not s.finished]
@@ -188,26 +192,6 @@ class DecodeEngine:
         if self.draft is not None:
             return self.draft.propose(batch, ks)  # k batched draft forwards
         return [Proposal(self.proposer.propose(s.context, k) if k > 0 else []) for s, k in zip(batch, ks)]
-
-    def _choose(self, batch: list[Sequence], proposals: list[Proposal], logits: torch.Tensor) -> list[list[int]]:
-        drafts = [p.tokens for p in proposals]
-        rows = torch.tensor([0, *[1 + len(d) for d in drafts]]).cumsum(0).tolist()
-        plain = [i for i, d in enumerate(drafts) if not d]
-        chosen: list[list[int]] = [[] for _ in batch]
-        if plain:
-            last_rows = logits[[rows[i] for i in plain]]
-            for i, token in zip(plain, sample(last_rows, [batch[i].sampling for i in plain],
-                                              [len(batch[i].tokens) for i in plain])):
-                chosen[i] = [token]
-        for i, draft in enumerate(drafts):
-            if draft:
-                seq = batch[i]
-                chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, len(seq.tokens),
-                                   proposals[i].probs)
-                seq.spec.record(len(draft), len(chosen[i]) - 1)
-                self._counts["proposed"] += len(draft)
-                self._counts["accepted"] += len(chosen[i]) - 1
-        return chosen
 
     def _append(self, seq: Sequence, tokens: list[int]) -> int:
         """Adds a step's tokens in order, up to the first that ends the sequence; returns how many.

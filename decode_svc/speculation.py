@@ -6,7 +6,7 @@ without speculation would produce: token for token when greedy, in distribution 
 
 Speculation pays only while decode is memory-bound and proposals are often right, so each sequence
 adapts its k from recent acceptance and stops proposing when it loses; large batches do not speculate.
-No torch here except in `verify` (and the tensors a Proposal carries).
+No torch here except in `verify` and `choose` (and the tensors a Proposal carries).
 """
 
 from dataclasses import dataclass, field
@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from common.config import SPECULATIVE_METHODS
-from common.sampling import SamplingConfig, draw, probabilities, uniform
+from common.sampling import SamplingConfig, draw, probabilities, sample, uniform
 
 
 @dataclass(frozen=True)
@@ -151,3 +151,24 @@ def _residual(p: torch.Tensor, token: int, q: torch.Tensor | None) -> torch.Tens
     total = float(residual.sum())
     # Rejection happens only where p(d) < q(d), so p - q has positive mass; guard rounding all the same.
     return residual / total if total > 0 else p
+
+
+def choose(batch: list, proposals: list[Proposal], logits: torch.Tensor) -> list[list[int]]:
+    """Each sequence's new tokens from one step's logits (rows: its token, then its drafts): a sample for the
+    sequences that proposed nothing, all sampled together; verification for the others, recorded in their
+    SpecState. batch: Sequences (sampling, tokens, spec)."""
+    drafts = [p.tokens for p in proposals]
+    rows = torch.tensor([0, *[1 + len(d) for d in drafts]]).cumsum(0).tolist()
+    plain = [i for i, d in enumerate(drafts) if not d]
+    chosen: list[list[int]] = [[] for _ in batch]
+    if plain:
+        last_rows = logits[[rows[i] for i in plain]]
+        for i, token in zip(plain, sample(last_rows, [batch[i].sampling for i in plain],
+                                          [len(batch[i].tokens) for i in plain])):
+            chosen[i] = [token]
+    for i, draft in enumerate(drafts):
+        if draft:
+            seq = batch[i]
+            chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, len(seq.tokens), proposals[i].probs)
+            seq.spec.record(len(draft), len(chosen[i]) - 1)
+    return chosen

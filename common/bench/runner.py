@@ -174,7 +174,7 @@ def _logged_step_costs(log_path: Path) -> str | None:
     return next((line.strip() for line in lines if "step cost verifying" in line), None)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], capture_output=True).returncode
@@ -183,7 +183,7 @@ def _git_commit() -> str:
     return head.stdout.strip() + (" + uncommitted changes" if dirty else "")
 
 
-def _machine() -> str:
+def machine_description() -> str:
     import torch
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -212,8 +212,8 @@ def execute(args) -> dict:
                           decode_cpus=args.decode_cpus, gateway_cpus=args.gateway_cpus,
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
                           fixed_k=getattr(args, "fixed_k", False))
-    summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": _git_commit(),
-               "machine": _machine(), "command": args.command_line,
+    summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
+               "machine": machine_description(), "command": args.command_line,
                "workload": {"name": ",".join(w.name for w in workloads),
                             "description": workloads[0].description if len(workloads) == 1 else
                             "; ".join(f"{w.name}: {w.description}" for w in workloads),

@@ -58,7 +58,7 @@ class Gate:
         return found
 
 
-def _text_ids(scorer: Scorer, suites: list[Suite]) -> list[list[int]]:
+def perplexity_text_ids(scorer: Scorer, suites: list[Suite]) -> list[list[int]]:
     return [scorer.tokenizer.encode(t)[:MAX_TOKENS] for s in suites if s.is_perplexity for t in s.texts]
 
 
@@ -67,6 +67,27 @@ def _accuracy(scorer: Scorer, suite: Suite) -> float:
     completions = scorer.greedy(prompts, [item.max_new_tokens for item in suite.tasks])
     correct = [item.is_correct(scorer.tokenizer.decode(ids)) for item, ids in zip(suite.tasks, completions)]
     return sum(correct) / len(correct)
+
+
+def score_texts(scorer: Scorer, texts: list[list[int]],
+                reference: list[torch.Tensor]) -> tuple[float, int, int, float]:
+    """Negative log-likelihood and predicted-token count over texts, and against the reference's
+    log-probabilities: top-1 agreements and summed KL(reference || scorer). With `reference` empty, the
+    scorer is the reference: its log-probabilities are appended to it and agreement and KL stay 0."""
+    is_reference = not reference
+    nll, count, agree, kl = 0.0, 0, 0, 0.0
+    for index, ids in enumerate(texts):
+        log_probs = scorer.log_probs(ids)  # (len - 1, vocab)
+        targets = torch.tensor(ids[1:])
+        nll -= log_probs.gather(1, targets[:, None]).sum().item()
+        count += len(targets)
+        if is_reference:
+            reference.append(log_probs)
+            continue
+        ref = reference[index]
+        agree += (log_probs.argmax(-1) == ref.argmax(-1)).sum().item()
+        kl += (ref.exp() * (ref - log_probs)).sum().item()
+    return nll, count, agree, kl
 
 
 def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gate) -> list[ConfigResult]:
@@ -79,18 +100,7 @@ def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gat
         start = time.monotonic()
         model = load_model(model_dir, fmt)
         scorer = Scorer(model, tokenizer, MAX_TOKENS)
-        nll, count, agree, kl = 0.0, 0, 0, 0.0
-        for index, ids in enumerate(_text_ids(scorer, suites)):
-            log_probs = scorer.log_probs(ids)  # (len - 1, vocab)
-            targets = torch.tensor(ids[1:])
-            nll -= log_probs.gather(1, targets[:, None]).sum().item()
-            count += len(targets)
-            if fmt == REFERENCE:
-                reference_log_probs.append(log_probs)
-                continue
-            ref = reference_log_probs[index]
-            agree += (log_probs.argmax(-1) == ref.argmax(-1)).sum().item()
-            kl += (ref.exp() * (ref - log_probs)).sum().item()
+        nll, count, agree, kl = score_texts(scorer, perplexity_text_ids(scorer, suites), reference_log_probs)
         if fmt == REFERENCE:
             reference_nll = nll
         perplexity = math.exp(nll / count) if count else float("nan")

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 
-from common.eval.harness import MAX_TOKENS, _text_ids
-from common.eval.scoring import Scorer
-from common.eval.cli import DEFAULT_SUITES_DIR
-from common.eval.suites import load_suites
 from common.bench.runner import kv_bytes_per_token_of
+from common.eval.cli import DEFAULT_SUITES_DIR
+from common.eval.harness import MAX_TOKENS, perplexity_text_ids, score_texts
+from common.eval.scoring import Scorer
+from common.eval.suites import load_suites
 from common.model.weights import load_model, stored_weight_bytes
 from common.tokenizer import TextTokenizer
+
+REFERENCE_PAIR = ("fp32", "float32")
 
 
 def weight_bytes(model_dir: Path, formats: set[str]) -> dict[str, int]:
@@ -40,20 +42,10 @@ def teacher_forced(model_dir: Path, pairs: set[tuple[str, str]]) -> dict[tuple[s
     suites = [s for s in load_suites(DEFAULT_SUITES_DIR) if s.is_perplexity]
     reference: list[torch.Tensor] = []
     reference_nll, out = 0.0, {}
-    for weights, kv_dtype in [("fp32", "float32"), *sorted(pairs - {("fp32", "float32")})]:
+    for weights, kv_dtype in [REFERENCE_PAIR, *sorted(pairs - {REFERENCE_PAIR})]:
         model = load_model(model_dir, weights)
         scorer = Scorer(model, tokenizer, MAX_TOKENS, kv_dtype=kv_dtype)
-        nll, count, agree, kl = 0.0, 0, 0, 0.0
-        for index, ids in enumerate(_text_ids(scorer, suites)):
-            log_probs = scorer.log_probs(ids)  # (len - 1, vocab)
-            nll -= log_probs.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
-            count += len(ids) - 1
-            if not out and len(reference) <= index:
-                reference.append(log_probs)
-                continue
-            ref = reference[index]
-            agree += (log_probs.argmax(-1) == ref.argmax(-1)).sum().item()
-            kl += (ref.exp() * (ref - log_probs)).sum().item()
+        nll, count, agree, kl = score_texts(scorer, perplexity_text_ids(scorer, suites), reference)
         if not out:
             reference_nll = nll
         out[(weights, kv_dtype)] = {"top1_agreement": round(agree / count, 4) if out else 1.0,

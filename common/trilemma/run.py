@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from common.bench.peers import PeerOptions
-from common.bench.runner import _git_commit, _machine
+from common.bench.runner import git_commit, machine_description
 from common.bench.workloads import WORKLOADS
 from common.trilemma import measures, report
 from common.trilemma.sweep import DEFAULT_SWEEP, SweepOptions, run_sweep
@@ -32,7 +32,7 @@ def execute(args) -> dict:
                      "kv_bytes_per_token": kv[c.kv_dtype]}
         if not row.error:
             row.fidelity |= forced.get((c.decode_weights, c.kv_dtype), {})
-    summary = {"command": args.command_line, "git_commit": _git_commit(), "machine": _machine(),
+    summary = {"command": args.command_line, "git_commit": git_commit(), "machine": machine_description(),
                "load": f"{args.workload} workload, {args.num_requests} requests, closed loop with "
                        f"{args.concurrency} clients, greedy",
                "fidelity_prompts": f"{args.fidelity_prompts} open chat prompts, {args.fidelity_tokens} greedy tokens "

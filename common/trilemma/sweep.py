@@ -170,8 +170,6 @@ def _p50_p99(block: dict) -> dict:
 
 def run_sweep(configs: list[ServeConfig], options: SweepOptions) -> list[ConfigRow]:
     """The reference first (added when missing), then each configuration."""
-    if REFERENCE not in configs:
-        configs = [REFERENCE, *configs]
     configs = [REFERENCE, *[c for c in configs if c != REFERENCE]]
     rows: list[ConfigRow] = []
     for config in configs:
