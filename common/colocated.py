@@ -86,7 +86,7 @@ def start_colocated(prefill: PrefillConfig, decode: DecodeConfig,
 
 def configs_from_args(args) -> tuple[PrefillConfig, DecodeConfig]:
     shared = dict(model_dir=args.model, host=args.host, block_size=args.block_size, kv_dtype=args.kv_dtype,
-                  threads=args.threads, device=args.device)
+                  threads=args.threads, device=args.device, cpu_weight_layout=args.cpu_weight_layout)
     prefill = PrefillConfig(**shared, port=args.port, kv_memory_mb=args.prefill_kv_memory_mb,
                             chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens)
     decode = DecodeConfig(**shared, port=args.decode_port, kv_memory_mb=args.decode_kv_memory_mb,

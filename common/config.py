@@ -9,6 +9,8 @@ from pathlib import Path
 # int8 and fp8 (float8 e4m3fn) are quantised: codes plus a float32 scale per token and KV head
 # (common/kv_quant.py). Kept here, torch-free, so the CLI can set up the process before torch loads.
 KV_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
+# "dual": float32 weights on CPU also get a oneDNN-blocked copy for products of several rows (common/model/linear.py)
+CPU_WEIGHT_LAYOUTS = ("dual", "single")
 SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
 # How a tier stores its weights; common/model/linear.py registers each (a unit test keeps the two equal).
 WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
@@ -50,6 +52,7 @@ class TierConfig:
     threads: int = 0
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     weights: str = "fp32"  # weight format of this tier (common/model/linear.py WEIGHT_FORMATS)
+    cpu_weight_layout: str = "dual"  # CPU_WEIGHT_LAYOUTS
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -62,6 +65,9 @@ class TierConfig:
             raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.kv_memory_mb < 1:
             raise ValueError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
+        if self.cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
+            raise ValueError(f"cpu_weight_layout must be one of {', '.join(CPU_WEIGHT_LAYOUTS)}, "
+                             f"got {self.cpu_weight_layout!r}")
         if self.weights not in WEIGHT_FORMAT_NAMES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMAT_NAMES)}, got {self.weights!r}")
 

@@ -28,7 +28,8 @@ def free_port(host: str) -> int:
 def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[str]]:
     base = [sys.executable, "-m", "common.cli"]
     model = ["--model", str(args.model), "--host", args.host]
-    kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype, "--device", args.device]
+    kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype, "--device", args.device,
+          "--cpu-weight-layout", args.cpu_weight_layout]
     gateway = [*base, "gateway", *model, "--port", str(args.port),
                "--prefill", f"{args.host}:{prefill_port}", "--decode", f"{args.host}:{decode_port}",
                "--max-new-tokens-limit", str(args.max_new_tokens_limit)]

@@ -1,6 +1,7 @@
 """What both model tiers build at start-up: the model, a KV pool sized by a memory budget, the block
 manager over it, the runner, and the compatibility fingerprint; and how a server runs until stopped."""
 
+import logging
 import signal
 import threading
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from common.config import TierConfig, resolve_threads
 from common.kv_pool import KvPool
 from common.kv_wire import DTYPES
 from common.model.llama import LlamaModel
-from common.model.weights import load_model
+from common.model.weights import load_model, stored_weight_bytes
 from common.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +36,12 @@ def build_runtime(config: TierConfig) -> TierRuntime:
             "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
         )
     model = load_model(config.model_dir, config.weights, resolve_device(config.device))
+    if config.cpu_weight_layout == "dual":
+        single = stored_weight_bytes(model)["total"]
+        if model.add_blocked_copies():
+            log.info("weights %.1f MiB, %.1f MiB with the blocked copies for several-row products "
+                     "(--cpu-weight-layout single keeps one copy)", single / 2**20,
+                     stored_weight_bytes(model)["total"] / 2**20)
     compat = compat_for(config.model_dir, model.config, kv_dtype=config.kv_dtype, block_size=config.block_size)
     return runtime_for(model, config, compat)
 

@@ -27,6 +27,9 @@ class DenseMlp:
         gate, up = self.gate_up(h).chunk(2, dim=-1)  # (tokens, intermediate) each
         return self.down(F.silu(gate) * up)
 
+    def linears(self) -> tuple:
+        return self.gate_up, self.down
+
     @property
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes

@@ -77,6 +77,9 @@ class MoeMlp:
         experts = [DenseMlp.from_weights(w, f"{prefix}experts.{e}.", weight_format) for e in range(num_experts)]
         return cls(w[prefix + "gate.weight"], experts, top_k)
 
+    def linears(self) -> tuple:
+        return tuple(linear for expert in self.experts for linear in expert.linears())
+
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (tokens, hidden) -> (weights (tokens, top_k) in fp32 summing to 1, expert ids (tokens, top_k))."""
         probs = torch.softmax(F.linear(h, self.router).float(), dim=-1)  # (tokens, experts)

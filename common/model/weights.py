@@ -139,11 +139,12 @@ def load_model(model_dir: Path, format_name: str = "fp32", device: torch.device 
 
 def stored_weight_bytes(model: LlamaModel) -> dict[str, int]:
     """Bytes the model holds for its weights, each tensor counted once (a tied LM head shares the embedding):
-    {"embedding", "lm_head" (0 when tied and shared), "layers" (projections, routers and norms), "total"}."""
+    {"embedding", "lm_head" (when tied and shared: 0, or a blocked copy's bytes), "layers" (projections,
+    routers and norms), "total"}. Blocked copies (LlamaModel.add_blocked_copies) count as held."""
     embed = model.embed
     embedding = embed.nbytes if isinstance(embed, PackedWeight) else embed.numel() * embed.element_size()
     head = model.lm_head.weight
-    lm_head = 0 if head is embed else model.lm_head.nbytes
+    lm_head = model.lm_head.nbytes - (embedding if head is embed else 0)  # tied: only a blocked copy's bytes
     layers = model.final_norm.numel() * model.final_norm.element_size()
     for layer in model.layers:
         layers += layer.qkv.nbytes + layer.out.nbytes + layer.mlp.nbytes
