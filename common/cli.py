@@ -68,7 +68,7 @@ def _weights_arg(parser: argparse.ArgumentParser, flag: str, whose: str) -> None
 def _speculation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", choices=SPECULATIVE_METHODS, default="none",
                         help="speculative decoding on the decode tier (outputs are unchanged)")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="most tokens proposed per step")
+    parser.add_argument("--num-speculative-tokens", type=int, default=8, help="most tokens proposed per step")
     parser.add_argument("--speculative-max-batch", type=int, default=8,
                         help="no speculation while more sequences than this share a decode step")
     parser.add_argument("--draft-model", type=Path,

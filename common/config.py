@@ -77,7 +77,7 @@ class DecodeConfig(TierConfig):
     max_batch_size: int = 64
     lease_ms: int = 30_000
     speculative: str = "none"  # none | prompt-lookup | draft
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 8
     speculative_max_batch: int = 8  # larger batches are compute-bound: no speculation there
     speculative_adaptive: bool = True  # False: always propose num_speculative_tokens (to measure acceptance)
     draft_model: Path | None = None  # the draft's checkpoint directory, with speculative "draft"

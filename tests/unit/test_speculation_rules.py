@@ -17,9 +17,16 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
 
 def test_prompt_lookup_falls_back_to_shorter_ngrams_and_to_nothing():
-    proposer = PromptLookupProposer(max_ngram=3)
+    proposer = PromptLookupProposer(max_ngram=3, min_ngram=1)
     assert proposer.propose([5, 6, 7, 8, 1, 9, 7], 2) == [8, 1]
     assert proposer.propose([1, 2, 3, 4], 2) == []
+
+
+def test_prompt_lookup_by_default_needs_two_tokens_and_prefers_the_longest_match():
+    proposer = PromptLookupProposer()
+    assert proposer.propose([5, 6, 7, 8, 1, 9, 7], 2) == []  # one token matches: chance, not copying
+    context = [1, 2, 3, 4, 5, 9, 9, 3, 4, 5, 7, 8, 6, 2, 3, 4, 5]
+    assert proposer.propose(context, 3) == [9, 9, 3]  # 2 3 4 5 beats the later 3 4 5
 
 
 def test_k_follows_acceptance_against_the_measured_step_costs():
