@@ -100,7 +100,8 @@ def bench_target(target, args, requests: dict[str, list[BenchRequest]], loads: l
         collected.latencies.append((f"{target.name} | {workload} | {load.label}", {
             "TTFT": [ttft_ms(r) for r in done], "e2e": [e2e_ms(r) for r in done],
             "TPOT": [t for r in done if (t := tpot_ms(r)) is not None]}))
-        print(f"  {target.name} | {workload} | {load.label}: {run['num_completed']}/{run['num_requests'] + run.get('num_not_sent', 0)} done, "
+        planned = run["num_requests"] + run.get("num_not_sent", 0)
+        print(f"  {target.name} | {workload} | {load.label}: {run['num_completed']}/{planned} done, "
               f"{run['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {run['ttft_ms']['p50']} ms, "
               f"TPOT p50 {run['tpot_ms']['p50']} ms, p99 {run['tpot_ms']['p99']} ms"
               + (f", acceptance {spec['acceptance_rate']:.2f}, {spec['tokens_per_verify_step']['mean']:.2f} tokens "

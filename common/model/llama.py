@@ -92,12 +92,15 @@ class LlamaModel:
         self.group = config.num_heads // config.num_kv_heads
         self.scale = config.head_dim**-0.5
 
+    def linears(self) -> list:
+        """Every linear layer: the LM head, then each layer's qkv, out and MLP (all experts')."""
+        return [self.lm_head] + [linear for layer in self.layers
+                                 for linear in (layer.qkv, layer.out, *layer.mlp.linears())]
+
     def add_blocked_copies(self) -> int:
         """Gives every dense linear a second, oneDNN-blocked copy for products of several rows
         (DenseLinear.add_blocked_copy); returns how many got one (none off CPU or below float32)."""
-        linears = [self.lm_head] + [linear for layer in self.layers
-                                    for linear in (layer.qkv, layer.out, *layer.mlp.linears())]
-        return sum(linear.add_blocked_copy() for linear in linears if isinstance(linear, DenseLinear))
+        return sum(linear.add_blocked_copy() for linear in self.linears() if isinstance(linear, DenseLinear))
 
     @classmethod
     def load(cls, model_dir: Path, dtype: torch.dtype = torch.float32,

@@ -1,15 +1,8 @@
-import sys, time, torch, statistics
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from pathlib import Path
-from common.model.weights import load_model
-from common.kv_pool import KvPool
+import time, statistics
+from micro_setup import default_runner
 import common.model.runner as R
-from common.model.runner import ModelRunner, DecodeItem
-torch.set_num_threads(1)
-md = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
-model = load_model(md, "fp32"); c = model.config
-kv = KvPool(num_layers=c.num_layers, num_blocks=2048, block_size=16, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32)
-runner = ModelRunner(model, kv)
+from common.model.runner import DecodeItem
+runner = default_runner(num_blocks=2048)
 new_plan, new_use = R.plan_groups, R._blocks_in_use
 def old(): R.plan_groups = lambda n: [list(range(len(n)))]; R._blocks_in_use = lambda item, bs: len(item.block_table)
 def new(): R.plan_groups, R._blocks_in_use = new_plan, new_use

@@ -1,27 +1,14 @@
-import sys, time, torch, statistics
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from pathlib import Path
+import time, statistics
 import torch.nn.functional as F
-from common.model.weights import load_model
-from common.kv_pool import KvPool
+from micro_setup import decode_items as items, default_runner
 from common.model.linear import DenseLinear
-from common.model.runner import ModelRunner, DecodeItem
-torch.set_num_threads(1)
-md = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
-model = load_model(md, "fp32"); c = model.config
+runner = default_runner(num_blocks=512)
 # the old layout: (out, in) contiguous, F.linear
-for layer in model.layers:
-    for lin in (layer.qkv, layer.out, layer.mlp.gate_up, layer.mlp.down):
-        lin.w_old = lin.weight.contiguous()
-model.lm_head.w_old = model.lm_head.weight.contiguous()
+for lin in runner.model.linears():
+    lin.w_old = lin.weight.contiguous()
 new_call = DenseLinear.__call__
 def old(): DenseLinear.__call__ = lambda self, x: F.linear(x, self.w_old)
 def new(): DenseLinear.__call__ = new_call
-kv = KvPool(num_layers=c.num_layers, num_blocks=512, block_size=16, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32)
-runner = ModelRunner(model, kv)
-def items(batch, ctx, drafts=0):
-    n = -(-(ctx + 1 + drafts) // 16)
-    return [DecodeItem(100 + b, ctx, list(range(b*n, b*n + n)), draft_ids=tuple(range(200, 200 + drafts))) for b in range(batch)]
 for batch, drafts in ((1, 0), (1, 1), (1, 2), (1, 4), (2, 0), (4, 0), (8, 0), (16, 0)):
     it = items(batch, 128, drafts); res = {"old": [], "new": []}
     for m in (old, new): m(); a = runner.run_decode(it)

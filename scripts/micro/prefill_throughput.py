@@ -1,14 +1,7 @@
 import sys, time, torch
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from pathlib import Path
-from common.model.weights import load_model
-from common.kv_pool import KvPool
-from common.model.runner import ModelRunner, PrefillChunk
-torch.set_num_threads(1)
-md = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
-model = load_model(md, "fp32"); c = model.config
-kv = KvPool(num_layers=c.num_layers, num_blocks=256, block_size=16, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32)
-runner = ModelRunner(model, kv)
+from micro_setup import default_runner
+from common.model.runner import PrefillChunk
+runner = default_runner(num_blocks=256)
 a = torch.randn(2048, 2048); b = torch.randn(2048, 2048); a @ b
 t = time.perf_counter(); a @ b; a @ b; mm = 2 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
 for n in (128, 512, 1024):

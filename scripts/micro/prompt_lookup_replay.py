@@ -9,10 +9,10 @@ interpolated from scripts/micro/blocked_weights.py). Prints tokens per plain-ste
 
     .venv/bin/python scripts/micro/prompt_lookup_replay.py
 """
-import sys, json, statistics
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+import json, statistics
 from pathlib import Path
 import torch
+from micro_setup import MODEL_DIR
 from decode_svc.speculation import PromptLookupProposer, SpecState
 
 COSTS = [1.00, 1.41, 1.48, 1.56, 1.68, 1.74, 1.80, 1.86, 1.91]
@@ -26,8 +26,7 @@ def greedy_answers() -> list[dict]:
     from common.bench.workloads import WORKLOADS, make_requests
     from common.tokenizer import TextTokenizer
     torch.set_num_threads(1)
-    md = Path.home() / ".cache/pdserve/models/SmolLM2-135M-Instruct"
-    tok, model = TextTokenizer(md), AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32).eval()
+    tok, model = TextTokenizer(MODEL_DIR), AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     out = []
     for seed, n in ((0, 8), (1, 16), (2, 16)):
         for r in make_requests(WORKLOADS["extractive"], n, seed):
