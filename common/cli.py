@@ -55,8 +55,8 @@ def _check_fidelity(args) -> None:
 
 def _layout_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-weight-layout", default="dual", choices=CPU_WEIGHT_LAYOUTS,
-                        help="dual: float32 weights on CPU get a second, oneDNN-blocked copy for products of several "
-                             "rows (verify, batched decode, prefill), up to 1.5x faster, at twice the weight memory")
+                        help="dual: CPU weights get a second copy in their kernel's layout, float32 oneDNN-blocked "
+                             "(several-row products up to 1.5x faster) and fp16 FBGEMM-packed, at twice the memory")
 
 
 def _weights_arg(parser: argparse.ArgumentParser, flag: str, whose: str) -> None:
@@ -120,6 +120,7 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
         colocated.add_argument(flag, type=int, default=default)
     colocated.add_argument("--kv-dtype", default="float32", choices=KV_DTYPES)
     colocated.add_argument("--device", default="auto")
+    _weights_arg(colocated, "--weights", "both engines' (one copy)")
     _layout_arg(colocated)
     _speculation_args(colocated)
 
@@ -175,9 +176,8 @@ def build_parser(model_dir: Path) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while idle steal the cores the other tiers (and clients) need: with one
-    # competing process a batch-1 decode step went from 70 ms to 1.7 s. Read once when torch loads, so
-    # it is set here, before any tier imports torch; an explicit setting wins.
+    # OpenMP threads spinning while idle steal the cores other tiers and clients need (a batch-1 step went from 70 ms
+    # to 1.7 s beside one competing process). Read once when torch loads: set before any import; explicit wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = default_model_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~"))

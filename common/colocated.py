@@ -46,9 +46,9 @@ class RunningColocated:
 def _load_shared(prefill: PrefillConfig, decode: DecodeConfig) -> tuple[TierRuntime, TierRuntime]:
     """The prefill side is built as any tier is (threads, model, KV pool, fingerprint); the decode side gets
     its own KV pool and block manager over the same model object."""
-    if (prefill.model_dir, prefill.kv_dtype, prefill.block_size, prefill.device) != (
-            decode.model_dir, decode.kv_dtype, decode.block_size, decode.device):
-        raise ValueError("colocated prefill and decode must share the model, KV dtype, block size and device")
+    if (prefill.model_dir, prefill.weights, prefill.kv_dtype, prefill.block_size, prefill.device) != (
+            decode.model_dir, decode.weights, decode.kv_dtype, decode.block_size, decode.device):
+        raise ValueError("colocated prefill and decode must share the model, weights, KV dtype, block size and device")
     prefill_rt = build_runtime(prefill)
     return prefill_rt, runtime_for(prefill_rt.runner.model, decode, prefill_rt.compat)
 
@@ -86,7 +86,8 @@ def start_colocated(prefill: PrefillConfig, decode: DecodeConfig,
 
 def configs_from_args(args) -> tuple[PrefillConfig, DecodeConfig]:
     shared = dict(model_dir=args.model, host=args.host, block_size=args.block_size, kv_dtype=args.kv_dtype,
-                  threads=args.threads, device=args.device, cpu_weight_layout=args.cpu_weight_layout)
+                  threads=args.threads, device=args.device, weights=args.weights,
+                  cpu_weight_layout=args.cpu_weight_layout)
     prefill = PrefillConfig(**shared, port=args.port, kv_memory_mb=args.prefill_kv_memory_mb,
                             chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens)
     decode = DecodeConfig(**shared, port=args.decode_port, kv_memory_mb=args.decode_kv_memory_mb,

@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 from common.affinity import cpus_arg
+from common.config import WEIGHT_FORMAT_NAMES
 from common.draft.cli import default_draft_dir
 
-PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-spec", "pdserve-draft", "llama.cpp")
+PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft", "llama.cpp")
 WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "smoke")
 
 
@@ -62,6 +63,8 @@ def add_bench_parser(sub, model_dir: Path) -> None:
                        help="cores of pdserve's decode tier; single-process peers get prefill + decode cores")
     bench.add_argument("--gateway-cpus", type=cpus_arg, metavar="LIST", help="cores of the pdserve gateways")
     bench.add_argument("--max-batch-size", type=int, default=32, help="decode batch limit of every peer")
+    bench.add_argument("--pdserve-weights", default="fp32", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT",
+                       help="weight format of both tiers of every pdserve peer (pdserve-fp16 is always fp16)")
     bench.add_argument("--draft-model", type=Path, default=default_draft_dir(model_dir),
                        help="pdserve-draft's draft checkpoint (default: `pdserve distill-draft`'s output)")
     bench.add_argument("--fixed-k", action="store_true",

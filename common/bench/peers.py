@@ -3,6 +3,7 @@
   hf-static          Hugging Face transformers generate, static batches (common/bench/hf_static.py)
   pdserve-colocated  `pdserve up --colocated`: prefill and decode engines in one process
   pdserve            `pdserve up`: the disaggregated stack
+  pdserve-fp16       `pdserve up --prefill-weights fp16 --decode-weights fp16`: the same stack on fp16 weights
   pdserve-spec       `pdserve up --speculative prompt-lookup`: the same stack, speculating by prompt lookup
   pdserve-draft      `pdserve up --speculative draft --draft-model DIR`: the same stack, speculating with a draft
   llama.cpp          llama-cpp-python on the GGUF file itself (common/bench/llama_cpp_peer.py), when installed
@@ -10,6 +11,7 @@ Each runs as child processes pinned to the cores given (prefill and decode cores
 union for the single-process peers, so every peer gets the same cores in total) and is stopped after its runs.
 """
 
+import dataclasses
 import importlib.util
 import signal
 import subprocess
@@ -46,6 +48,7 @@ class PeerOptions:
     host: str = "127.0.0.1"
     draft_model: Path | None = None  # pdserve-draft's draft (`pdserve distill-draft` writes one)
     fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
+    weights: str = "fp32"  # every pdserve peer's weight format, both tiers (pdserve-fp16 excepted: always fp16)
 
     @property
     def engine_cpus(self) -> frozenset[int] | None:
@@ -112,6 +115,7 @@ def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
             "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
             "--decode-port", str(ports["decode"]), "--max-batch-size", str(options.max_batch_size),
             "--metrics-port", "0",  # no fixed metrics ports: stacks run side by side
+            "--prefill-weights", options.weights, "--decode-weights", options.weights,
             *(["--colocated"] if colocated else []), *_cpu_flags(options, colocated), *extra]
 
 
@@ -132,6 +136,10 @@ def start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[s
 
 def start_pdserve(options: PeerOptions) -> RunningPeer:
     return start_stack("pdserve", options, colocated=False)
+
+
+def start_pdserve_fp16(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-fp16", dataclasses.replace(options, weights="fp16"), colocated=False)
 
 
 def _fixed_k(options: PeerOptions) -> tuple[str, ...]:
@@ -183,6 +191,7 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "hf-static": start_hf_static,
     "pdserve-colocated": start_colocated,
     "pdserve": start_pdserve,
+    "pdserve-fp16": start_pdserve_fp16,
     "pdserve-spec": start_pdserve_spec,
     "pdserve-draft": start_pdserve_draft,
     "llama.cpp": start_llama_cpp,

@@ -212,7 +212,7 @@ def execute(args) -> dict:
     options = PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", prefill_cpus=args.prefill_cpus,
                           decode_cpus=args.decode_cpus, gateway_cpus=args.gateway_cpus,
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
-                          fixed_k=getattr(args, "fixed_k", False))
+                          fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"))
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
                "machine": machine_description(), "command": args.command_line,
                "workload": {"name": ",".join(w.name for w in workloads),
@@ -220,7 +220,8 @@ def execute(args) -> dict:
                             "; ".join(f"{w.name}: {w.description}" for w in workloads),
                             "num_requests": args.num_requests, "seed": args.seed},
                "workloads": [{"name": w.name, "description": w.description} for w in workloads],
-               "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}, "peers": [], "skipped": []}
+               "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}, "pdserve_weights": options.weights,
+               "peers": [], "skipped": []}
     collected = Collected([], [])
     for name, start in _targets(args, options):
         if name in TOKEN_IDS_ONLY and text_workloads and not args.address:

@@ -219,3 +219,21 @@ def test_the_draft_peer_is_the_pdserve_peer_plus_its_draft_and_is_compared_with_
     rows = {(r["off"], r["on"]): r["tpot_speedup_p50"] for r in speculation_comparison(runs)}
     assert rows == {("pdserve", "pdserve-spec"): 1.25, ("pdserve", "pdserve-draft"): 2.0,
                     ("pdserve-spec", "pdserve-draft"): 1.6}
+
+
+def test_the_fp16_peer_and_pdserve_weights_set_both_tiers_of_the_stack(monkeypatch, tmp_path):
+    commands = {}
+    monkeypatch.setattr(peers, "free_port", lambda host: 4321)
+    monkeypatch.setattr(peers, "_launch", lambda name, command, *rest: commands.setdefault(name, command))
+    for name in ("pdserve", "pdserve-fp16", "pdserve-colocated"):
+        peers.PEERS[name](PeerOptions(model_dir=tmp_path, log_dir=tmp_path))
+    parsed = {name: build_parser(tmp_path).parse_args(command[command.index("up"):] if "up" in command else command)
+              for name, command in commands.items()}
+    assert [(parsed[n].prefill_weights, parsed[n].decode_weights) for n in ("pdserve", "pdserve-fp16")] == [
+        ("fp32", "fp32"), ("fp16", "fp16")]
+    commands.clear()
+    peers.PEERS["pdserve-colocated"](PeerOptions(model_dir=tmp_path, log_dir=tmp_path, weights="fp16"))
+    up = build_parser(tmp_path).parse_args(commands["pdserve-colocated"][commands["pdserve-colocated"].index("up"):])
+    assert up.colocated and (up.prefill_weights, up.decode_weights) == ("fp16", "fp16")
+    bench = build_parser(tmp_path).parse_args(["bench", "--peers", "pdserve-fp16", "--pdserve-weights", "int8"])
+    assert bench.peers == ["pdserve-fp16"] and bench.pdserve_weights == "int8"

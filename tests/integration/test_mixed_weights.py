@@ -30,6 +30,17 @@ def test_up_passes_each_tiers_weight_format(tmp_path):
     assert "--weights" not in commands["gateway"]
 
 
+def test_up_colocated_passes_its_one_weight_format_and_refuses_two(tmp_path):
+    parser = build_parser(tmp_path)
+    commands = tier_commands(parser.parse_args(["up", "--colocated", "--prefill-weights", "fp16",
+                                                "--decode-weights", "fp16"]), 1, 2)
+    colocated = commands["colocated"]
+    assert colocated[colocated.index("--weights") + 1] == "fp16"
+    assert parser.parse_args(colocated[colocated.index("colocated"):]).weights == "fp16"
+    with pytest.raises(ValueError, match="one copy of the weights"):
+        tier_commands(parser.parse_args(["up", "--colocated", "--decode-weights", "fp16"]), 1, 2)
+
+
 def _runner(model_dir, weights: str) -> ModelRunner:
     model = load_model(model_dir, weights)
     c = model.config

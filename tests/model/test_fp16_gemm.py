@@ -1,0 +1,78 @@
+"""The FBGEMM copy of fp16 weights (`--cpu-weight-layout dual` with `--weights fp16` on CPU): its products
+equal the float64 product with the same fp16-rounded weight for any number of rows, it is made only for fp16
+weights computing in fp32, its bytes are counted, and a model served through it scores like one without."""
+
+import copy
+
+import pytest
+import torch
+from tiny_mixtral import build_tiny_mixtral
+
+from common.kv_pool import KvPool
+from common.model.linear import PackedLinear, fp16_gemm_available, make_linear
+from common.model.quant_cast import CastWeight
+from common.model.runner import ModelRunner, PrefillChunk
+from common.model.weights import load_model, stored_weight_bytes
+
+pytestmark = pytest.mark.skipif(not fp16_gemm_available(CastWeight.pack(torch.zeros(1, 2), torch.float16)),
+                                reason="torch built without FBGEMM")
+
+
+def _weight(rows: int, cols: int) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.05
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (2, 96), (5, 96), (17, 96), (300, 96), (2, 3, 96)])
+def test_fp16_product_equals_the_float64_product_with_the_rounded_weight(shape):
+    weight = _weight(160, 96)
+    linear = make_linear(weight, "fp16")
+    assert isinstance(linear, PackedLinear) and linear.add_blocked_copy()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    expected = (x.double() @ weight.half().double().t()).float()
+    out = linear(x)
+    assert out.shape == (*shape[:-1], 160) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_copy_counts_its_bytes_and_only_fp16_computing_in_fp32_gets_one():
+    fp16 = make_linear(_weight(64, 32), "fp16")
+    assert fp16.nbytes == 64 * 32 * 2
+    fp16.add_blocked_copy()
+    assert fp16.nbytes == 2 * 64 * 32 * 2
+    for name in ("bf16", "int8", "int4-g32"):
+        other = make_linear(_weight(64, 32), name)
+        assert not other.add_blocked_copy() and other.nbytes == other.weight.nbytes
+    on_half = PackedLinear(CastWeight.pack(_weight(64, 32).half(), torch.float16))  # computes in fp16
+    assert not on_half.add_blocked_copy()
+
+
+def test_every_linear_of_a_mixture_of_experts_model_gets_a_copy(tmp_path):
+    build_tiny_mixtral(tmp_path, 128)
+    model = load_model(tmp_path, "fp16")
+    before = stored_weight_bytes(model)["total"]
+    layers, experts = model.config.num_layers, model.config.num_experts
+    assert model.add_blocked_copies() == 1 + layers * (2 + 2 * experts)  # head, qkv and out, gate_up and down
+    assert stored_weight_bytes(model)["total"] > before
+
+
+def test_default_model_through_the_copies_matches_transformers_on_the_rounded_weights(model_dir, hf_model):
+    """The reference: transformers in fp32 on the checkpoint's weights rounded to fp16 (what the format
+    stores); our fp16 model with every FBGEMM copy must give the same logits over a chunked prefill."""
+    model = load_model(model_dir, "fp16")
+    assert model.add_blocked_copies() == 1 + 4 * model.config.num_layers
+    c = model.config
+    runner = ModelRunner(model, KvPool(num_layers=c.num_layers, num_blocks=8, block_size=4,
+                                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32))
+    hf, tokenizer = hf_model
+    ids = tokenizer("Paged attention keeps the cache in blocks, so a sequence grows one block at a time").input_ids
+    rounded = copy.deepcopy(hf)
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(parameter.half().float())
+        expected = rounded(torch.tensor([ids])).logits[0]
+    blocks = [6, 1, 4, 0, 7, 2]
+    first = runner.run_prefill([PrefillChunk(ids[:5], 0, blocks)])
+    rest = runner.run_prefill([PrefillChunk(ids[5:], 5, blocks)])
+    torch.testing.assert_close(first[0], expected[4], atol=2e-4, rtol=0)
+    torch.testing.assert_close(rest[0], expected[-1], atol=2e-4, rtol=0)
