@@ -33,6 +33,9 @@ class PeerUnavailable(Exception):
     """The peer cannot run here; the message says why and how to get it."""
 
 
+# pdserve peers whose decode tier runs apart, on the decode cores alone.
+DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft"})
+
 # Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
 TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp"})
 
@@ -136,6 +139,11 @@ def start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[s
 
 def start_pdserve(options: PeerOptions) -> RunningPeer:
     return start_stack("pdserve", options, colocated=False)
+
+
+def weights_of(name: str, options: PeerOptions) -> str:
+    """The weights a peer serves: a pdserve weight format name, "fp32" for hf-static, "gguf" for llama.cpp."""
+    return {"hf-static": "fp32", "llama.cpp": "gguf", "pdserve-fp16": "fp16"}.get(name, options.weights)
 
 
 def start_pdserve_fp16(options: PeerOptions) -> RunningPeer:

@@ -119,7 +119,8 @@ def roofline_lines(summary: dict) -> list[str]:
     if not roof:
         return []
     lines = [f"The model: {roof['num_parameters'] / 1e6:.1f} M parameters = {roof['weight_bytes'] / 1e6:.0f} MB of "
-             "fp32 weights, all read once per decode step. Measured on this machine now:", ""]
+             "fp32 weights, all read once per decode step (the floors below are fp32's; each batch-1 line uses the weights "
+             "its peer serves). Measured on this machine now:", ""]
     for m in roof["machine"]:
         lines.append(f"- {m['threads']} thread(s): memory bandwidth {m['memory_bandwidth_gbs']} GB/s (fp32 sum over "
                      f"256 MiB) -> batch-1 step floor {m['batch1_step_floor_ms']} ms; fp32 matmul "
@@ -127,8 +128,10 @@ def roofline_lines(summary: dict) -> list[str]:
                      f"{m['saturated_tokens_per_s_ceiling']:.0f} tokens/s (FLOP/s / (2 x parameters))")
     lines.append("")
     for b in roof["batch1"]:
+        read = f"{b['weights']} weights, {b['weight_bytes'] / 1e6:.0f} MB: " if "weights" in b else ""
         lines.append(f"- batch-1 decode step, {b['name']} ({b['threads']} thread(s)): {b['step_ms']:.1f} ms measured "
-                     f"(TPOT p50, one client) vs floor {b['floor_ms']:.1f} ms: {b['step_ms'] / b['floor_ms']:.1f}x the floor")
+                     f"(TPOT p50, one client) vs floor {b['floor_ms']:.1f} ms ({read}bytes read / bandwidth): "
+                     f"{b['step_ms'] / b['floor_ms']:.1f}x the floor")
     for s in roof["saturated"]:
         lines.append(f"- throughput, {s['name']} ({s['threads']} thread(s)): best {s['output_tokens_per_s']:.1f} output "
                      f"tokens/s ({s['load']}) vs ceiling {s['ceiling']:.0f}: "

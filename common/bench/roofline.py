@@ -89,6 +89,20 @@ def roofline(model_dir: Path, threads: int, bytes_per_param: int = 4) -> dict:
     }
 
 
+def served_weight_bytes(model_dir: Path, weights: str) -> int:
+    """Weight bytes a batch-1 step reads: the format's bytes, one copy (the CPU layout's second copy serves
+    products of several rows, or replaces the first); "gguf": the default model's GGUF file."""
+    if weights == "gguf":
+        from common.model.prepare import default_gguf_path
+
+        return default_gguf_path().stat().st_size
+    if weights in ("fp32", "dense"):
+        return count_parameters(model_dir) * 4
+    from common.model.weights import load_model, stored_weight_bytes
+
+    return stored_weight_bytes(load_model(model_dir, weights))["total"]
+
+
 def verify_step_costs(model_dir: Path, threads: int, num_tokens: int, repeats: int = 3) -> dict:
     """The decode tier's own start-up measurement when it speculates (decode_svc/calibration.py, run
     here on a runtime built as the tier builds it, at `threads` torch threads): a batch-1 step verifying

@@ -17,8 +17,8 @@ from common.bench import plots, report
 from common.config import DecodeConfig
 from common.bench.loadgen import LoadSpec, StatsPoller, run_load
 from common.bench.metrics import Slo, decode_batch, e2e_ms, kv_transfer, summarize, tpot_ms, ttft_ms
-from common.bench.peers import PEERS, TOKEN_IDS_ONLY, PeerOptions, PeerUnavailable
-from common.bench.roofline import count_parameters, roofline, verify_step_costs
+from common.bench.peers import DISAGGREGATED, PEERS, TOKEN_IDS_ONLY, PeerOptions, PeerUnavailable, weights_of
+from common.bench.roofline import count_parameters, roofline, served_weight_bytes, verify_step_costs
 from common.bench.workloads import WORKLOADS, BenchRequest, make_requests
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -120,16 +120,26 @@ SPECULATION_BASELINES = {"pdserve-spec": ("pdserve",), "pdserve-draft": ("pdserv
 
 
 def _engine_threads(name: str, options: PeerOptions) -> int:
-    cpus = options.decode_cpus if name in ("pdserve", "pdserve-spec", "pdserve-draft") else options.engine_cpus
+    cpus = options.decode_cpus if name in DISAGGREGATED else options.engine_cpus
     return len(cpus) if cpus else len(os.sched_getaffinity(0))
 
 
-def roofline_summary(model_dir: Path, runs: list[dict], threads_of: dict[str, int]) -> dict:
+def roofline_summary(model_dir: Path, runs: list[dict], threads_of: dict[str, int],
+                     weights_of: dict[str, str] | None = None) -> dict:
+    """Machine figures per thread count; each batch-1 run against the floor of the weights it serves
+    (weights_of: peer -> format, fp32 when absent)."""
     machine = {t: roofline(model_dir, t) for t in sorted(set(threads_of.values()))}
     params = count_parameters(model_dir)
-    batch1 = [{"name": r["name"], "threads": threads_of[r["name"]], "step_ms": r["tpot_ms"]["p50"],
-               "floor_ms": machine[threads_of[r["name"]]]["batch1_step_floor_ms"]}
-              for r in runs if r["workload"] == "batch1" and r["tpot_ms"]["p50"] is not None]
+    weights_of = weights_of or {}
+    batch1 = []
+    for r in runs:
+        if r["workload"] == "batch1" and r["tpot_ms"]["p50"] is not None:
+            name, weights = r["name"], weights_of.get(r["name"], "fp32")
+            read = served_weight_bytes(model_dir, weights)
+            bandwidth = machine[threads_of[name]]["memory_bandwidth_gbs"]
+            batch1.append({"name": name, "threads": threads_of[name], "step_ms": r["tpot_ms"]["p50"],
+                           "weights": weights, "weight_bytes": read,
+                           "floor_ms": round(read / (bandwidth * 1e9) * 1000, 2)})
     saturated = []
     for name in dict.fromkeys(r["name"] for r in runs):
         best = max((r for r in runs if r["name"] == name and r["workload"] != "batch1"),
@@ -248,7 +258,8 @@ def execute(args) -> dict:
         summary["speculation_comparison"] = comparison
     if args.roofline and collected.runs:
         threads = {p["name"]: _engine_threads(p["name"], options) for p in summary["peers"]}
-        summary["roofline"] = roofline_summary(args.model, collected.runs, threads)
+        weights = {p["name"]: weights_of(p["name"], options) for p in summary["peers"]}
+        summary["roofline"] = roofline_summary(args.model, collected.runs, threads, weights)
         speculating = [p["name"] for p in summary["peers"] if p["name"] in SPECULATION_BASELINES]
         if speculating:
             # the peer passes no --num-speculative-tokens: it proposes up to the decode tier's default

@@ -156,10 +156,11 @@ class LlamaModel:
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for index, (layer, load) in enumerate(zip(self.layers, loads)):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
-            q = _rotate(q.view(-1, c.num_heads, c.head_dim), cos, sin)  # (tokens, heads, head_dim)
-            k = _rotate(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
-            v = v.reshape(-1, c.num_kv_heads, c.head_dim)
+            qkv = layer.qkv(h)
+            # queries and keys rotated in one pass: (tokens, heads + kv_heads, head_dim)
+            qk = _rotate(qkv[:, :q_size + kv_size].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
+            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]  # (tokens, heads | kv_heads, head_dim)
+            v = qkv[:, q_size + kv_size:].reshape(-1, c.num_kv_heads, c.head_dim)
             stored = kv.write(index, slots, k, v)
             if on_layer_kv is not None:
                 on_layer_kv(index, stored)
@@ -193,15 +194,18 @@ class LlamaModel:
     def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
         c = self.config
         num_seqs, max_new = batch.num_seqs, batch.max_new
-        padded = q.new_zeros(num_seqs * max_new, c.num_heads, c.head_dim).index_copy_(0, batch.query_rows, q)
-        padded = (padded * self.scale).view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
+        aligned = q.shape[0] == num_seqs * max_new  # every sequence brings max_new tokens: rows already in place
+        if not aligned:
+            q = q.new_zeros(num_seqs * max_new, c.num_heads, c.head_dim).index_copy_(0, batch.query_rows, q)
+        padded = (q * self.scale).view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
         if len(batch.groups) == 1 and batch.groups[0].seqs is None:
             out = self._attend_group(layer, padded, batch.groups[0], kv)
         else:
             out = padded.new_empty(num_seqs, max_new, c.num_heads * c.head_dim)
             for group in batch.groups:
                 out.index_copy_(0, group.seqs, self._attend_group(layer, padded.index_select(0, group.seqs), group, kv))
-        return out.view(num_seqs * max_new, -1).index_select(0, batch.query_rows)
+        out = out.view(num_seqs * max_new, -1)
+        return out if aligned else out.index_select(0, batch.query_rows)
 
     def _attend_group(self, layer: int, q: torch.Tensor, group: DecodeGroup, kv: KvPool) -> torch.Tensor:
         """q: (g, max_new, kv_heads, group, head_dim), scaled -> (g, max_new, heads * head_dim)."""
@@ -209,7 +213,13 @@ class LlamaModel:
         num_seqs, max_new = q.shape[0], q.shape[1]
         k, v = kv.read_blocks(layer, group.block_tables)  # (g, context, kv_heads, head_dim) each
         k, v = k.to(q.dtype), v.to(q.dtype)
-        # One batched matmul per KV head on strided views: BLAS reads them in place, where a permute
+        if num_seqs == 1:  # one sequence: one batched matmul over the KV heads, on strided views of its context
+            q_heads = q[0].permute(1, 0, 2, 3).reshape(c.num_kv_heads, max_new * self.group, c.head_dim)
+            scores = (q_heads @ k[0].permute(1, 2, 0)).view(c.num_kv_heads, max_new, self.group, -1)
+            probs = torch.softmax(scores + group.context_mask[0], dim=-1)  # (kv_heads, max_new, group, context)
+            out = probs.view(c.num_kv_heads, max_new * self.group, -1) @ v[0].transpose(0, 1)
+            return out.view(c.num_kv_heads, max_new, self.group, c.head_dim).transpose(0, 1).reshape(1, max_new, -1)
+        # Several: one batched matmul per KV head on strided views: BLAS reads them in place, where a permute
         # to (g, kv_heads, ...) would copy the whole gathered context first (25x slower here).
         outs = []
         for head in range(c.num_kv_heads):

@@ -124,3 +124,20 @@ def test_markdown_report_has_a_row_per_run_and_the_roofline(tmp_path):
     assert "| peer-a | mixed | poisson 1 req/s | 1/1 |" in text
     assert "2.0x the floor" in text and "llama.cpp skipped: absent" in text
     assert json.loads(report.write_summary(tmp_path, summary).read_text())["runs"][0]["name"] == "peer-a"
+
+
+def test_each_batch1_floor_counts_the_bytes_its_peer_serves(model_dir):
+    from common.bench.peers import PeerOptions, weights_of
+    from common.bench.roofline import served_weight_bytes
+    from common.bench.runner import _engine_threads
+    from common.model.prepare import default_gguf_path
+
+    options = PeerOptions(model_dir=model_dir, log_dir=model_dir, prefill_cpus=frozenset({0}),
+                          decode_cpus=frozenset({1}), weights="fp32")
+    assert {n: weights_of(n, options) for n in ("hf-static", "pdserve", "pdserve-fp16", "llama.cpp")} == {
+        "hf-static": "fp32", "pdserve": "fp32", "pdserve-fp16": "fp16", "llama.cpp": "gguf"}
+    assert _engine_threads("pdserve-fp16", options) == 1 and _engine_threads("pdserve-colocated", options) == 2
+    fp32, fp16 = served_weight_bytes(model_dir, "fp32"), served_weight_bytes(model_dir, "fp16")
+    assert fp32 == count_parameters(model_dir) * 4
+    assert 0.5 < fp16 / fp32 < 0.501  # projections and embedding halve; the norms stay fp32
+    assert served_weight_bytes(model_dir, "gguf") == default_gguf_path().stat().st_size
