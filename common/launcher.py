@@ -38,7 +38,8 @@ def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[s
             raise ValueError(f"--colocated holds one copy of the weights for both engines: --prefill-weights "
                              f"{args.prefill_weights} and --decode-weights {args.decode_weights} must be the same")
         return {"colocated": [*base, "colocated", *model, "--port", str(prefill_port), "--decode-port",
-                              str(decode_port), *kv, "--weights", args.decode_weights, "--prefill-kv-memory-mb", str(args.prefill_kv_memory_mb),
+                              str(decode_port), *kv, "--weights", args.decode_weights,
+                              "--prefill-kv-memory-mb", str(args.prefill_kv_memory_mb),
                               "--decode-kv-memory-mb", str(args.decode_kv_memory_mb), "--chunk-size",
                               str(args.chunk_size), "--max-batch-tokens", str(args.max_batch_tokens),
                               "--max-batch-size", str(args.max_batch_size), "--threads", str(args.decode_threads),

@@ -131,11 +131,13 @@ def roofline_summary(model_dir: Path, runs: list[dict], threads_of: dict[str, in
     machine = {t: roofline(model_dir, t) for t in sorted(set(threads_of.values()))}
     params = count_parameters(model_dir)
     weights_of = weights_of or {}
+    served = {w: served_weight_bytes(model_dir, w)
+              for w in {weights_of.get(r["name"], "fp32") for r in runs if r["workload"] == "batch1"}}
     batch1 = []
     for r in runs:
         if r["workload"] == "batch1" and r["tpot_ms"]["p50"] is not None:
             name, weights = r["name"], weights_of.get(r["name"], "fp32")
-            read = served_weight_bytes(model_dir, weights)
+            read = served[weights]
             bandwidth = machine[threads_of[name]]["memory_bandwidth_gbs"]
             batch1.append({"name": name, "threads": threads_of[name], "step_ms": r["tpot_ms"]["p50"],
                            "weights": weights, "weight_bytes": read,

@@ -1,5 +1,5 @@
 """Decode, verification and prefill-chunk step times, fp32 weights (with their oneDNN-blocked copies) against
-fp16 weights with FBGEMM's packed copies, side by side in one process; and how often they agree.
+fp16 weights with FBGEMM's packed copies, side by side in one process (fidelity: docs/fidelity.md).
 
     .venv/bin/python scripts/micro/fp16_weights.py      (one thread, context 128, default model)
 """
@@ -11,7 +11,6 @@ runners = {"fp32": default_runner(1024, "fp32"), "fp16": default_runner(1024, "f
 for name, runner in runners.items():
     print(f"{name}: linears given a copy: {runner.model.add_blocked_copies()}")
 ids = torch.randint(0, 49152, (1, 256), generator=torch.Generator().manual_seed(0))[0]
-base = {}
 for batch, drafts in ((1, 0), (1, 1), (1, 4), (1, 8), (4, 0), (8, 0), (16, 0), (32, 0), ("prefill 256", 0)):
     res = {name: [] for name in runners}
     for _ in range(5 if batch == "prefill 256" else 9):

@@ -1,6 +1,7 @@
 """The FBGEMM copy of fp16 weights (`--cpu-weight-layout dual` with `--weights fp16` on CPU): its products
 equal the float64 product with the same fp16-rounded weight for any number of rows, it is made only for fp16
-weights computing in fp32, its bytes are counted, and a model served through it scores like one without."""
+weights computing in fp32, its bytes are counted, and the default model through it gives transformers' logits
+on the same fp16-rounded weights."""
 
 import copy
 
