@@ -36,6 +36,12 @@ class KvPool:
         if self.quantised:
             self.key_scale = torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=self.device)
             self.value_scale = torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=self.device)
+        # Per-layer views made once: a decode step touches each layer's K and V several times, and each view
+        # made on the spot is one more small torch call (30 layers x a few per step).
+        as_blocks = (num_blocks, block_size, num_kv_heads, head_dim)
+        self._key_layers, self._value_layers = self.key.unbind(0), self.value.unbind(0)  # (slots, kv_heads, head_dim)
+        self._key_blocks = tuple(t.view(as_blocks) for t in self._key_layers)  # (blocks, block_size, ...)
+        self._value_blocks = tuple(t.view(as_blocks) for t in self._value_layers)
 
     @staticmethod
     def bytes_per_block(*, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -52,9 +58,9 @@ class KvPool:
 
     def encode(self, key: torch.Tensor, value: torch.Tensor) -> KvRows:
         """key, value (tokens, kv_heads, head_dim) in any float dtype -> rows as this pool stores them."""
-        key, value = key.to(self.device), value.to(self.device)
+        key, value = _to(key, self.device), _to(value, self.device)
         if not self.quantised:
-            return KvRows(key.to(self.dtype), value.to(self.dtype))
+            return KvRows(_to(key, self.dtype), _to(value, self.dtype))
         (key_codes, key_scale), (value_codes, value_scale) = quantise(key, self.dtype), quantise(value, self.dtype)
         return KvRows(key_codes, value_codes, key_scale, value_scale)
 
@@ -68,8 +74,8 @@ class KvPool:
         """Stores rows already in this pool's dtype (with scales when quantised) at `slots`, unchanged."""
         assert rows.key.dtype == self.dtype and (rows.key_scale is not None) == self.quantised, "rows of another pool"
         if not self.quantised:
-            self.key[layer].index_copy_(0, slots, rows.key.to(self.device))
-            self.value[layer].index_copy_(0, slots, rows.value.to(self.device))
+            self._key_layers[layer].index_copy_(0, slots, _to(rows.key, self.device))
+            self._value_layers[layer].index_copy_(0, slots, _to(rows.value, self.device))
             return
         # index_copy_ has no fp8 kernel on CPU: copy the codes as bytes.
         self.key[layer].view(torch.uint8).index_copy_(0, slots, rows.key.to(self.device).view(torch.uint8))
@@ -97,8 +103,8 @@ class KvPool:
         out = (batch, blocks * self.block_size, self.num_kv_heads, self.head_dim)
         flat = tables.reshape(-1)
         if not self.quantised:
-            return (self.key[layer].view(as_blocks).index_select(0, flat).view(out),
-                    self.value[layer].view(as_blocks).index_select(0, flat).view(out))
+            return (self._key_blocks[layer].index_select(0, flat).view(out),
+                    self._value_blocks[layer].index_select(0, flat).view(out))
         key = self._gather(self.key[layer].view(as_blocks), flat).view(out)
         value = self._gather(self.value[layer].view(as_blocks), flat).view(out)
         scale_blocks, scale_out = as_blocks[:3], out[:3]  # (blocks, block_size, kv_heads), (batch, context, kv_heads)
@@ -109,3 +115,10 @@ class KvPool:
     def _gather(self, codes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """codes[index] along dim 0, gathered as bytes: not every device has fp8 index kernels."""
         return codes.view(torch.uint8).index_select(0, index).view(self.dtype)
+
+
+def _to(tensor: torch.Tensor, where: torch.device | torch.dtype) -> torch.Tensor:
+    """tensor.to(where), without a torch call when it is already there (the common case, every layer)."""
+    if isinstance(where, torch.dtype):
+        return tensor if tensor.dtype == where else tensor.to(where)
+    return tensor if tensor.device == where else tensor.to(where)

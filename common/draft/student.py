@@ -58,9 +58,9 @@ class StudentLlama(nn.Module):
         self.model.layers = nn.ModuleList(_Layer(config) for _ in range(config.num_layers))
         self.model.norm = _Norm(config.hidden_size)
         self.register_buffer("head_ids", head_ids.long(), persistent=False)  # (head tokens,)
-        cos, sin = _rotary_tables(config)  # (max_positions, head_dim) each
+        cos, sin_signed = _rotary_tables(config)  # (max_positions, head_dim) each
         self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("sin_signed", sin_signed, persistent=False)
 
     @classmethod
     def from_target(cls, target: dict[str, torch.Tensor], target_config: ModelConfig, layer_ids: list[int],
@@ -81,7 +81,8 @@ class StudentLlama(nn.Module):
         c = self.config
         batch, length = token_ids.shape
         x = self.model.embed_tokens(token_ids)  # (batch, tokens, hidden)
-        cos, sin = self.cos[:length].repeat(batch, 1), self.sin[:length].repeat(batch, 1)  # (batch * tokens, head_dim)
+        # (batch * tokens, 1, head_dim) each
+        cos, sin = (t[:length].repeat(batch, 1)[:, None] for t in (self.cos, self.sin_signed))
         for layer in self.model.layers:
             h = _rms_norm(x, layer.input_layernorm.weight, c.rms_norm_eps)
             attn = layer.self_attn

@@ -77,8 +77,9 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp16_packed is not None:
-            flat = x.reshape(-1, self.weight.in_features)
-            out = torch.ops.quantized.linear_dynamic_fp16(flat, self.fp16_packed)
+            if x.dim() == 2:  # (tokens, in_features), as the model calls it
+                return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16_packed)
+            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.weight.in_features), self.fp16_packed)
             return out.view(*x.shape[:-1], out.shape[-1])
         return self.weight.matmul(x)
 

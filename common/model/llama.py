@@ -87,8 +87,8 @@ class LlamaModel:
             self.embed = self.lm_head.weight  # the head's transposed copy serves lookups too: one copy held
         self.final_norm = w["model.norm.weight"]
         self.layers = [self._layer(config, w, i, weight_format) for i in range(config.num_layers)]
-        cos, sin = _rotary_tables(config)  # (max_positions, head_dim) each
-        self.cos, self.sin = cos.to(self.device, dtype), sin.to(self.device, dtype)
+        cos, sin_signed = _rotary_tables(config)  # (max_positions, head_dim) each
+        self.cos, self.sin_signed = cos.to(self.device, dtype), sin_signed.to(self.device, dtype)
         self.group = config.num_heads // config.num_kv_heads
         self.scale = config.head_dim**-0.5
 
@@ -141,9 +141,10 @@ class LlamaModel:
 
     def decode(self, batch: DecodeBatch, kv: KvPool, expert_load: torch.Tensor | None = None) -> torch.Tensor:
         """Runs a few new tokens per sequence; returns logits (num_tokens, vocab), one row per token."""
+        masks = [self._row_mask(group.context_mask, batch.max_new) for group in batch.groups]  # once per step
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-            return self._attend_batch(layer, q, batch, kv)
+            return self._attend_batch(layer, q, batch, masks, kv)
 
         hidden = self._forward(batch.token_ids, batch.positions, batch.slots, kv, attend, None, expert_load)
         return self._logits(hidden)
@@ -152,21 +153,19 @@ class LlamaModel:
         c = self.config
         loads = expert_load if expert_load is not None else [None] * c.num_layers  # (layers, experts)
         x = self.embed[token_ids]  # (tokens, hidden)
-        cos, sin = self.cos[positions], self.sin[positions]  # (tokens, head_dim)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos, sin = self.cos[positions][:, None], self.sin_signed[positions][:, None]  # (tokens, 1, head_dim)
+        q_size, kv_size, eps = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.rms_norm_eps
         for index, (layer, load) in enumerate(zip(self.layers, loads)):
-            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = layer.qkv(h)
+            qkv = layer.qkv(_rms_norm(x, layer.input_norm, eps))
             # queries and keys rotated in one pass: (tokens, heads + kv_heads, head_dim)
             qk = _rotate(qkv[:, :q_size + kv_size].view(-1, c.num_heads + c.num_kv_heads, c.head_dim), cos, sin)
             q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]  # (tokens, heads | kv_heads, head_dim)
-            v = qkv[:, q_size + kv_size:].reshape(-1, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_size + kv_size:].view(-1, c.num_kv_heads, c.head_dim)
             stored = kv.write(index, slots, k, v)
             if on_layer_kv is not None:
                 on_layer_kv(index, stored)
             x = x + layer.out(attend(index, q))
-            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            x = x + layer.mlp(h, load)
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm, eps), load)
         return x
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -191,61 +190,79 @@ class LlamaModel:
         out = out.reshape(kv_heads * self.group, span.num_tokens, -1)  # (heads, tokens, head_dim)
         return out.transpose(0, 1).reshape(span.num_tokens, -1)  # (tokens, heads * head_dim)
 
-    def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, kv: KvPool) -> torch.Tensor:
+    def _row_mask(self, mask: torch.Tensor, max_new: int) -> torch.Tensor:
+        """A group's (g, max_new, 1, context) mask as one row per query row of a KV head's scores, (g, max_new
+        * group, context); (g, 1, context), broadcast over the rows, when each sequence brings one token."""
+        g, context = mask.shape[0], mask.shape[-1]
+        if max_new == 1:
+            return mask.view(g, 1, context)
+        return mask.expand(g, max_new, self.group, context).reshape(g, max_new * self.group, context)
+
+    def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, masks: list[torch.Tensor],
+                      kv: KvPool) -> torch.Tensor:
         c = self.config
         num_seqs, max_new = batch.num_seqs, batch.max_new
         aligned = q.shape[0] == num_seqs * max_new  # every sequence brings max_new tokens: rows already in place
         if not aligned:
             q = q.new_zeros(num_seqs * max_new, c.num_heads, c.head_dim).index_copy_(0, batch.query_rows, q)
-        padded = (q * self.scale).view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
+        padded = q.view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
         if len(batch.groups) == 1 and batch.groups[0].seqs is None:
-            out = self._attend_group(layer, padded, batch.groups[0], kv)
+            out = self._attend_group(layer, padded, batch.groups[0], masks[0], kv)
         else:
             out = padded.new_empty(num_seqs, max_new, c.num_heads * c.head_dim)
-            for group in batch.groups:
-                out.index_copy_(0, group.seqs, self._attend_group(layer, padded.index_select(0, group.seqs), group, kv))
+            for group, mask in zip(batch.groups, masks):
+                out.index_copy_(0, group.seqs,
+                                self._attend_group(layer, padded.index_select(0, group.seqs), group, mask, kv))
         out = out.view(num_seqs * max_new, -1)
         return out if aligned else out.index_select(0, batch.query_rows)
 
-    def _attend_group(self, layer: int, q: torch.Tensor, group: DecodeGroup, kv: KvPool) -> torch.Tensor:
-        """q: (g, max_new, kv_heads, group, head_dim), scaled -> (g, max_new, heads * head_dim)."""
+    def _attend_group(self, layer: int, q: torch.Tensor, group: DecodeGroup, mask: torch.Tensor,
+                      kv: KvPool) -> torch.Tensor:
+        """q: (g, max_new, kv_heads, group, head_dim), mask: _row_mask's -> (g, max_new, heads * head_dim).
+        Scores are scale * q k^T + mask in one baddbmm per product."""
         c = self.config
         num_seqs, max_new = q.shape[0], q.shape[1]
         k, v = kv.read_blocks(layer, group.block_tables)  # (g, context, kv_heads, head_dim) each
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        context = k.shape[1]
         if num_seqs == 1:  # one sequence: one batched matmul over the KV heads, on strided views of its context
-            q_heads = q[0].permute(1, 0, 2, 3).reshape(c.num_kv_heads, max_new * self.group, c.head_dim)
-            scores = (q_heads @ k[0].permute(1, 2, 0)).view(c.num_kv_heads, max_new, self.group, -1)
-            probs = torch.softmax(scores + group.context_mask[0], dim=-1)  # (kv_heads, max_new, group, context)
-            out = probs.view(c.num_kv_heads, max_new * self.group, -1) @ v[0].transpose(0, 1)
+            q_heads = q.view(max_new, c.num_kv_heads, -1, c.head_dim).transpose(0, 1)  # (kv_heads, max_new, group, d)
+            q_heads = q_heads.reshape(c.num_kv_heads, max_new * self.group, c.head_dim)  # a view when max_new is 1
+            scores = torch.baddbmm(mask, q_heads, k.view(context, c.num_kv_heads, c.head_dim).permute(1, 2, 0),
+                                   alpha=self.scale)  # (kv_heads, max_new * group, context)
+            out = torch.bmm(torch.softmax(scores, dim=-1), v.view(context, c.num_kv_heads, c.head_dim).transpose(0, 1))
             return out.view(c.num_kv_heads, max_new, self.group, c.head_dim).transpose(0, 1).reshape(1, max_new, -1)
         # Several: one batched matmul per KV head on strided views: BLAS reads them in place, where a permute
         # to (g, kv_heads, ...) would copy the whole gathered context first (25x slower here).
         outs = []
         for head in range(c.num_kv_heads):
             q_head = q[:, :, head].reshape(num_seqs, max_new * self.group, c.head_dim)
-            scores = (q_head @ k[:, :, head].transpose(1, 2)).view(num_seqs, max_new, self.group, -1)
-            probs = torch.softmax(scores + group.context_mask, dim=-1)  # (g, max_new, group, context)
-            out = probs.view(num_seqs, max_new * self.group, -1) @ v[:, :, head]  # (g, max_new * group, head_dim)
+            scores = torch.baddbmm(mask, q_head, k[:, :, head].transpose(1, 2), alpha=self.scale)  # (g, rows, context)
+            out = torch.bmm(torch.softmax(scores, dim=-1), v[:, :, head])  # (g, max_new * group, head_dim)
             outs.append(out.view(num_seqs, max_new, self.group, c.head_dim))
         return torch.stack(outs, dim=2).reshape(num_seqs, max_new, -1)
 
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    """weight * x / sqrt(mean(x^2) + eps), as Hugging Face's LlamaRMSNorm computes it, in one torch call."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in Hugging Face's rotate_half layout; x: (tokens, heads, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face's rotate_half layout: x * cos + cat(-x2, x1) * sin, where x1 and x2
+    are x's halves. Swapping the halves (flip over a (2, half) view) and multiplying by sin_signed, sin with
+    the first half negated, gives the same products. x: (tokens, heads, head_dim); cos, sin_signed: (tokens, 1,
+    head_dim)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 def _rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin_signed per position, (max_positions, head_dim) each: sin_signed is sin with its first
+    half negated, the sign rotate_half gives (see _rotate)."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     positions = torch.arange(config.max_position_embeddings).float()
     freqs = positions[:, None] * inv_freq[None, :]  # (positions, head_dim / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
