@@ -55,8 +55,8 @@ def _check_fidelity(args) -> None:
 
 def _layout_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-weight-layout", default="dual", choices=CPU_WEIGHT_LAYOUTS,
-                        help="dual: CPU weights get a second copy in their kernel's layout, float32 oneDNN-blocked "
-                             "(several-row products up to 1.5x faster) and fp16 FBGEMM-packed, at twice the memory")
+                        help="dual: float32 CPU weights get a second, oneDNN-blocked copy (several-row products up "
+                             "to 1.5x faster, twice the memory); fp16 projections are held FBGEMM-packed instead")
 
 
 def _weights_arg(parser: argparse.ArgumentParser, flag: str, whose: str) -> None:

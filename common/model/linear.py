@@ -65,28 +65,37 @@ class PackedLinear:
     1.14x faster (scripts/micro/fp16_weights.py)."""
 
     def __init__(self, weight: PackedWeight) -> None:
-        self.weight = weight
+        self.weight: PackedWeight | None = weight  # None once drop_unpacked() leaves the packed copy alone
+        self.in_features, self.out_features = weight.in_features, weight.shape[0]
         self.fp16_packed = None  # FBGEMM's packed fp16 matrix, or none
 
     def add_blocked_copy(self) -> bool:
         """Adds the FBGEMM fp16 copy where it computes this weight's product; returns whether it did."""
-        if not fp16_gemm_available(self.weight):
+        if self.weight is None or not fp16_gemm_available(self.weight):
             return False
         self.fp16_packed = torch.ops.quantized.linear_prepack_fp16(self.weight.dequantize_rows(), None)
+        return True
+
+    def drop_unpacked(self) -> bool:
+        """Frees the unpacked weight where the packed copy serves every product; returns whether it did. Not
+        for a weight whose rows are also looked up (a tied embedding): the packed copy cannot give rows."""
+        if self.fp16_packed is None:
+            return False
+        self.weight = None
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp16_packed is not None:
             if x.dim() == 2:  # (tokens, in_features), as the model calls it
                 return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16_packed)
-            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.weight.in_features), self.fp16_packed)
+            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.fp16_packed)
             return out.view(*x.shape[:-1], out.shape[-1])
         return self.weight.matmul(x)
 
     @property
     def nbytes(self) -> int:
-        copy = 0 if self.fp16_packed is None else self.weight.shape[0] * self.weight.in_features * 2
-        return self.weight.nbytes + copy
+        copy = 0 if self.fp16_packed is None else self.out_features * self.in_features * 2
+        return (0 if self.weight is None else self.weight.nbytes) + copy
 
 
 def fp16_gemm_available(weight: PackedWeight) -> bool:

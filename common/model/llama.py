@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from common.kv_pool import KvPool
 from common.kv_quant import KvRows
 from common.model.config import ModelConfig
-from common.model.linear import DenseLinear, make_linear
+from common.model.linear import DenseLinear, PackedLinear, make_linear
 from common.model.mlp import DenseMlp
 from common.model.moe import MoeMlp, split_experts
 
@@ -100,8 +100,13 @@ class LlamaModel:
     def add_blocked_copies(self) -> int:
         """Gives every linear the second copy its CPU kernel reads fastest: oneDNN-blocked float32 for products
         of several rows (DenseLinear), FBGEMM-packed fp16 (PackedLinear over fp16 weights); returns how many
-        got one (none off CPU, nor in the other formats)."""
-        return sum(linear.add_blocked_copy() for linear in self.linears())
+        got one (none off CPU, nor in the other formats). fp16 projections then keep only their packed copy,
+        which serves all their products; the LM head keeps both, its rows being the tied embedding's lookups."""
+        added = sum(linear.add_blocked_copy() for linear in self.linears())
+        for linear in self.linears()[1:]:
+            if isinstance(linear, PackedLinear):
+                linear.drop_unpacked()
+        return added
 
     @classmethod
     def load(cls, model_dir: Path, dtype: torch.dtype = torch.float32,

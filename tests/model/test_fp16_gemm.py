@@ -1,7 +1,8 @@
 """The FBGEMM copy of fp16 weights (`--cpu-weight-layout dual` with `--weights fp16` on CPU): its products
 equal the float64 product with the same fp16-rounded weight for any number of rows, it is made only for fp16
-weights computing in fp32, its bytes are counted, and the default model through it gives transformers' logits
-on the same fp16-rounded weights."""
+weights computing in fp32, its bytes are counted, projections then drop their unpacked weight (the tied LM head
+keeps its rows for lookups), and the default model through it gives transformers' logits on the same
+fp16-rounded weights."""
 
 import copy
 
@@ -45,6 +46,36 @@ def test_copy_counts_its_bytes_and_only_fp16_computing_in_fp32_gets_one():
         assert not other.add_blocked_copy() and other.nbytes == other.weight.nbytes
     on_half = PackedLinear(CastWeight.pack(_weight(64, 32).half(), torch.float16))  # computes in fp16
     assert not on_half.add_blocked_copy()
+
+
+def test_dropping_the_unpacked_weight_frees_its_bytes_and_keeps_the_products():
+    weight, x = _weight(64, 32), torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    linear = make_linear(weight, "fp16")
+    assert not linear.drop_unpacked()  # no packed copy yet: the unpacked weight is all there is
+    linear.add_blocked_copy()
+    before = linear(x)
+    assert linear.drop_unpacked() and linear.weight is None
+    assert linear.nbytes == 64 * 32 * 2
+    assert torch.equal(linear(x), before) and torch.equal(linear(x[None]), before[None])
+
+
+def test_default_model_in_fp16_holds_the_packed_projections_and_the_embedding_twice(model_dir):
+    """Every projection keeps only its packed copy; the tied embedding keeps its rows (lookups) and a packed
+    copy (the LM head). The expected bytes come from the checkpoint's tensor sizes."""
+    from safetensors import safe_open
+    expected = 0
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            numel = f.get_slice(name).get_shape()
+            numel = numel[0] * (numel[1] if len(numel) > 1 else 1)
+            is_norm = name.endswith("norm.weight")
+            expected += numel * 4 if is_norm else numel * 2  # norms stay float32; the rest is fp16
+            if name == "model.embed_tokens.weight":
+                expected += numel * 2  # the LM head's packed copy
+    model = load_model(model_dir, "fp16")
+    model.add_blocked_copies()
+    assert all(linear.weight is None for linear in model.linears()[1:]) and model.lm_head.weight is not None
+    assert stored_weight_bytes(model)["total"] == expected
 
 
 def test_every_linear_of_a_mixture_of_experts_model_gets_a_copy(tmp_path):

@@ -1,0 +1,55 @@
+"""Decode step times of two checkouts of this repository, measured in turns: one child process per checkout
+per round, old, new, old, new..., so that the machine's drift falls on both alike. Each child loads the
+default model in fp32 and fp16 (with the CPU copies a tier serves with), one torch thread, and times steps
+at a few batch sizes and contexts (median of 9).
+
+    git worktree add /tmp/old <commit>
+    .venv/bin/python scripts/micro/compare_checkouts.py /tmp/old [NEW_CHECKOUT] [--rounds 3]
+"""
+import argparse, json, statistics, subprocess, sys, time
+from pathlib import Path
+
+STEPS = ((1, 128), (1, 1000), (8, 300), (16, 128))  # (batch, context)
+
+
+def child(repo: str) -> None:
+    sys.path[:0] = [repo, repo + "/scripts/micro"]
+    from micro_setup import decode_items, default_runner
+    times = {}
+    for weights in ("fp32", "fp16"):
+        runner = default_runner(2048, weights)
+        runner.model.add_blocked_copies()
+        for batch, context in STEPS:
+            step = decode_items(batch, context)
+            for _ in range(2):
+                runner.run_decode(step)
+            samples = []
+            for _ in range(9):
+                start = time.perf_counter(); runner.run_decode(step); samples.append((time.perf_counter() - start) * 1e3)
+            times[f"{weights} batch {batch} context {context}"] = statistics.median(samples)
+    print(json.dumps(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("old")
+    parser.add_argument("new", nargs="?", default=str(Path(__file__).resolve().parents[2]))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.old)
+    runs = {"old": [], "new": []}
+    for _ in range(args.rounds):
+        for name in ("old", "new"):
+            out = subprocess.run([sys.executable, __file__, "--child", getattr(args, name)], check=True,
+                                 capture_output=True, text=True).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"old {args.old}, new {args.new}: median over {args.rounds} rounds of each child's median step, ms")
+    for key in runs["old"][0]:
+        old, new = (statistics.median(run[key] for run in runs[name]) for name in ("old", "new"))
+        print(f"{key:>28}: old {old:6.1f}  new {new:6.1f}  old/new x{old / new:.2f}")
+
+
+if __name__ == "__main__":
+    main()
