@@ -45,6 +45,10 @@ class DenseLinear:
         return x @ self.weight_t
 
     @property
+    def in_features(self) -> int:
+        return self.weight_t.shape[0]
+
+    @property
     def nbytes(self) -> int:
         copies = 1 if self.blocked is None else 2
         return copies * self.weight_t.numel() * self.weight_t.element_size()

@@ -22,7 +22,7 @@ def median_step_ms(repeats: int = 15) -> float:
 
 class FreeLinear:
     def __init__(self, linear):
-        self.out = linear(torch.zeros(1, linear.weight.shape[-1]))  # (in_features) for dense and packed alike
+        self.out = linear(torch.zeros(1, linear.in_features))
 
     def __call__(self, x):
         return self.out.expand(x.shape[0], -1)
