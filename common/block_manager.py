@@ -1,10 +1,14 @@
 """BlockManager: which KV blocks are free, which are reserved (with a lease), which are in use. No torch.
 
+Allocation hands out the lowest free ids, as one run of consecutive blocks when one is free: a sequence
+whose blocks are a run is read in place by CPU decode attention (common/model/llama.py, SeqContext), where
+scattered blocks are gathered into a copy first, every layer of every step.
+
 A reservation holds blocks for a request whose KV has not started decoding yet. If nobody claims it
 before its lease ends, `expire` frees its blocks: a lost gateway or prefill tier cannot leak memory.
 """
 
-from collections import deque
+import bisect
 from dataclasses import dataclass
 
 
@@ -25,7 +29,7 @@ class BlockManager:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks))  # ascending
         self._reservations: dict[str, Reservation] = {}
 
     @property
@@ -43,10 +47,23 @@ class BlockManager:
         needed = self.blocks_needed(num_tokens)
         if needed > len(self._free):
             raise OutOfBlocks(f"{num_tokens} tokens need {needed} KV blocks, {len(self._free)} are free")
-        return [self._free.popleft() for _ in range(needed)]
+        start = self._first_run(needed)
+        start = 0 if start is None else start  # no run that long: the lowest ids, scattered
+        taken = self._free[start:start + needed]
+        del self._free[start:start + needed]
+        return taken
+
+    def _first_run(self, length: int) -> int | None:
+        """Index into the free list of its first `length` consecutive ids, or None."""
+        free = self._free
+        for i in range(len(free) - length + 1):
+            if free[i + length - 1] - free[i] == length - 1:  # ascending and distinct: consecutive
+                return i
+        return None
 
     def free(self, block_ids: list[int]) -> None:
-        self._free.extend(block_ids)
+        for block in block_ids:
+            bisect.insort(self._free, block)
 
     def reserve(self, handle: str, num_tokens: int, *, lease_s: float, now: float) -> Reservation:
         if handle in self._reservations:

@@ -112,6 +112,16 @@ class KvPool:
         value_scale = self.value_scale[layer].view(scale_blocks).index_select(0, flat).view(scale_out)
         return (dequantise(key, key_scale, self.compute_dtype), dequantise(value, value_scale, self.compute_dtype))
 
+    def read_context(self, layer: int, run_start: int | None, block_table: torch.Tensor,
+                     context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0 .. context - 1 of one sequence -> (context, kv_heads, head_dim) each, in the compute
+        dtype: views of the pool when its blocks are the run from block run_start (float pools), else gathered."""
+        if run_start is None or self.quantised:
+            k, v = self.read_blocks(layer, block_table[None])
+            return k[0, :context], v[0, :context]
+        rows = slice(run_start * self.block_size, run_start * self.block_size + context)
+        return self._key_layers[layer][rows], self._value_layers[layer][rows]
+
     def _gather(self, codes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """codes[index] along dim 0, gathered as bytes: not every device has fp8 index kernels."""
         return codes.view(torch.uint8).index_select(0, index).view(self.dtype)

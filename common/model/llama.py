@@ -2,8 +2,9 @@
 
 Two entry points, because they are different workloads: `prefill` runs the tokens of one or more
 prompts (or chunks of them) through every layer at once, attention per prompt over its own context;
-`decode` runs one new token (or a few) for each sequence of a batch, attention over padded gathers of
-the sequences' KV blocks, one gather per group of similar-length sequences (common/model/decode_groups.py).
+`decode` runs one new token (or a few) for each sequence of a batch. On CPU each sequence attends over its
+own context, read in place when its blocks are consecutive (SeqContext); on a GPU, over padded gathers of the
+sequences' KV blocks, one gather per group of similar-length sequences (common/model/decode_groups.py).
 
 Each layer's MLP is a callable: a dense SwiGLU (common/model/mlp.py) for Llama, a sparse mixture of experts
 (common/model/moe.py) for Mixtral. Both entry points take an optional (layers, experts) int64 `expert_load`
@@ -50,6 +51,21 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True)
+class SeqContext:
+    """One sequence of a decode batch attended on its own, over exactly its context: no padding, and no copy
+    when its blocks in use are consecutive in the pool (the block manager hands out runs when it can). On CPU
+    this beats padded group gathers: 1.65x faster steps at 8 sequences of 1,000 tokens, 1.38x at four of
+    100-1,000, level at 16-32 short ones (the gathers' copies cost more than the per-sequence calls)."""
+
+    first_row: int  # its new tokens are rows first_row .. first_row + num_tokens - 1 of the batch
+    num_tokens: int
+    context: int  # positions 0 .. context - 1: up to and including its last new token
+    run_start: int | None  # its first block when its blocks in use are consecutive, else None
+    block_table: torch.Tensor  # (blocks in use,) gathered when run_start is None
+    mask: torch.Tensor | None  # (num_tokens, 1, context) causal among its new tokens; None for one token
+
+
+@dataclass(frozen=True)
 class DecodeBatch:
     """A few new tokens per sequence (one, or more when verifying speculated tokens).
 
@@ -63,7 +79,8 @@ class DecodeBatch:
     query_rows: torch.Tensor  # (num_tokens,) row of each token in the padded (batch * max_new) layout
     max_new: int
     num_seqs: int
-    groups: tuple["DecodeGroup", ...]  # every sequence in exactly one
+    groups: tuple["DecodeGroup", ...]  # every sequence in exactly one (none when seqs is set)
+    seqs: tuple[SeqContext, ...] | None = None  # set (on CPU): each sequence attends on its own instead
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,8 @@ class LlamaModel:
         masks = [self._row_mask(group.context_mask, batch.max_new) for group in batch.groups]  # once per step
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
+            if batch.seqs is not None:
+                return self._attend_each(layer, q, batch.seqs, kv)
             return self._attend_batch(layer, q, batch, masks, kv)
 
         hidden = self._forward(batch.token_ids, batch.positions, batch.slots, kv, attend, None, expert_load)
@@ -194,6 +213,23 @@ class LlamaModel:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.reshape(kv_heads * self.group, span.num_tokens, -1)  # (heads, tokens, head_dim)
         return out.transpose(0, 1).reshape(span.num_tokens, -1)  # (tokens, heads * head_dim)
+
+    def _attend_each(self, layer: int, q: torch.Tensor, seqs: tuple[SeqContext, ...], kv: KvPool) -> torch.Tensor:
+        """q: (tokens, heads, head_dim) -> (tokens, heads * head_dim), one sequence at a time over its own context."""
+        c = self.config
+        q = q * self.scale
+        outs = []
+        for seq in seqs:
+            n = seq.num_tokens
+            k, v = kv.read_context(layer, seq.run_start, seq.block_table, seq.context)  # (context, kv_heads, d)
+            q_heads = q[seq.first_row:seq.first_row + n].view(n, c.num_kv_heads, self.group, c.head_dim)
+            q_heads = q_heads.transpose(0, 1).reshape(c.num_kv_heads, n * self.group, c.head_dim)
+            scores = torch.bmm(q_heads, k.permute(1, 2, 0))  # (kv_heads, n * group, context)
+            if seq.mask is not None:
+                scores = (scores.view(c.num_kv_heads, n, self.group, -1) + seq.mask).view(c.num_kv_heads, n * self.group, -1)
+            out = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))  # (kv_heads, n * group, head_dim)
+            outs.append(out.view(c.num_kv_heads, n, -1).transpose(0, 1).reshape(n, -1))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _row_mask(self, mask: torch.Tensor, max_new: int) -> torch.Tensor:
         """A group's (g, max_new, 1, context) mask as one row per query row of a KV head's scores, (g, max_new

@@ -10,7 +10,7 @@ import torch
 from common.kv_pool import KvPool
 from common.kv_quant import KvRows
 from common.model.decode_groups import plan_groups
-from common.model.llama import DecodeBatch, DecodeGroup, LlamaModel, PrefillSpan
+from common.model.llama import DecodeBatch, DecodeGroup, LlamaModel, PrefillSpan, SeqContext
 
 # (chunk index in the batch, layer, the chunk's K and V of that layer as the pool stored them)
 ChunkKvHook = Callable[[int, int, KvRows], None]
@@ -41,9 +41,11 @@ class DecodeItem:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KvPool) -> None:
+    def __init__(self, model: LlamaModel, kv: KvPool, per_sequence_attention: bool | None = None) -> None:
         self.model = model
         self.kv = kv
+        # Decode attention per sequence (SeqContext) or by padded groups; None: per sequence on CPU only.
+        self.per_sequence = kv.device.type == "cpu" if per_sequence_attention is None else per_sequence_attention
         c = model.config
         # (layers, experts) tokens routed since start (or the last reset); None for a dense model.
         self.expert_load = (torch.zeros(c.num_layers, c.num_experts, dtype=torch.long, device=kv.device)
@@ -98,8 +100,11 @@ class ModelRunner:
             positions += item_positions
             rows += range(index * max_new, index * max_new + item.num_tokens)
             slots += [item.block_table[p // block_size] * block_size + p % block_size for p in item_positions]
-        plan = plan_groups([_blocks_in_use(item, block_size) for item in items])
-        groups = tuple(self._decode_group(items, seqs, max_new, whole=len(plan) == 1) for seqs in plan)
+        if self.per_sequence:  # each sequence over its own context: see SeqContext
+            groups, seqs = (), self._seq_contexts(items)
+        else:  # on a GPU, padded groups: fewer kernel launches
+            plan = plan_groups([_blocks_in_use(item, block_size) for item in items])
+            groups, seqs = tuple(self._decode_group(items, seqs, max_new, whole=len(plan) == 1) for seqs in plan), None
         batch = DecodeBatch(
             token_ids=torch.tensor(token_ids, device=device),
             positions=torch.tensor(positions, device=device),
@@ -108,8 +113,26 @@ class ModelRunner:
             max_new=max_new,
             num_seqs=len(items),
             groups=groups,
+            seqs=seqs,
         )
         return self.model.decode(batch, self.kv, self.expert_load)
+
+    def _seq_contexts(self, items: list[DecodeItem]) -> tuple[SeqContext, ...]:
+        """Each item's rows, context, blocks in use (a run of consecutive blocks or not) and causal mask."""
+        device, block_size = self.kv.device, self.kv.block_size
+        contexts, row = [], 0
+        for item in items:
+            n, context = item.num_tokens, item.position + item.num_tokens
+            used = item.block_table[:_blocks_in_use(item, block_size)]
+            run_start = used[0] if used == list(range(used[0], used[0] + len(used))) else None
+            mask = None
+            if n > 1:  # new token t sees positions up to its own, position + t
+                seen = torch.arange(context, device=device)[None, :] <= torch.arange(item.position, context,
+                                                                                   device=device)[:, None]
+                mask = torch.zeros(n, context, device=device).masked_fill_(~seen, float("-inf"))[:, None, :]
+            contexts.append(SeqContext(row, n, context, run_start, torch.tensor(used, device=device), mask))
+            row += n
+        return tuple(contexts)
 
     def _decode_group(self, items: list[DecodeItem], seqs: list[int], max_new: int, whole: bool) -> DecodeGroup:
         """The padded block tables and attention mask of items[seqs] (all items, in order, when whole)."""

@@ -1,5 +1,6 @@
 """The project's Llama over a paged KV pool against Hugging Face transformers on the same weights:
-chunked prefill into scattered blocks, and batched decode of sequences of different lengths."""
+chunked prefill into scattered blocks, and batched decode of sequences of different lengths, through both
+decode attention paths (per sequence, in place or gathered; padded groups)."""
 
 import pytest
 import torch
@@ -12,12 +13,17 @@ ATOL = 2e-4
 
 
 @pytest.fixture(scope="module")
-def runner(model_dir):
-    model = LlamaModel.load(model_dir)
+def model(model_dir):
+    return LlamaModel.load(model_dir)
+
+
+@pytest.fixture(scope="module", params=["per-sequence", "grouped"])
+def runner(model, request):
+    """Both decode attention paths: per sequence (what CPU serves with) and padded groups (what a GPU does)."""
     c = model.config
     kv = KvPool(num_layers=c.num_layers, num_blocks=64, block_size=4, num_kv_heads=c.num_kv_heads,
                 head_dim=c.head_dim, dtype=torch.float32)
-    return ModelRunner(model, kv)
+    return ModelRunner(model, kv, per_sequence_attention=request.param == "per-sequence")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +71,19 @@ def test_decode_with_speculated_tokens_matches_reference_at_every_position(runne
     expected_first = logits(prompts[0] + [11, 12, 13, 14])[-4:]
     torch.testing.assert_close(out[:4], expected_first, atol=ATOL, rtol=0)
     torch.testing.assert_close(out[4], logits(prompts[1] + [21])[-1], atol=ATOL, rtol=0)
+
+
+def test_decode_reads_consecutive_blocks_in_place_and_gathers_scattered_ones(runner, reference):
+    logits, tokenizer = reference
+    prompts = [tokenizer(t).input_ids for t in ("Blocks in a row", "Blocks all over the pool, here and there")]
+    tables = [[20, 21, 22, 23, 24, 25], [33, 26, 35, 27, 37, 28, 39, 29, 31]]
+    runner.run_prefill([PrefillChunk(ids, 0, table) for ids, table in zip(prompts, tables)])
+    items = [DecodeItem(7, len(prompts[0]), tables[0], draft_ids=(8,)), DecodeItem(9, len(prompts[1]), tables[1])]
+    contexts = runner._seq_contexts(items)
+    assert [seq.run_start for seq in contexts] == [20, None]  # the two cases under test
+    out = runner.run_decode(items)  # (2 + 1, vocab)
+    torch.testing.assert_close(out[:2], logits(prompts[0] + [7, 8])[-2:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[2], logits(prompts[1] + [9])[-1], atol=ATOL, rtol=0)
 
 
 def test_decode_groups_by_length_and_ignores_reserved_blocks(runner, reference):

@@ -1,4 +1,4 @@
-"""BlockManager: exact block ids, capacity, and reservation leases."""
+"""BlockManager: exact block ids (lowest first, in one run when one is free), capacity, and reservation leases."""
 
 import pytest
 
@@ -17,11 +17,24 @@ def test_blocks_needed_rounds_up_to_whole_blocks(num_tokens, expected):
     assert BlockManager(num_blocks=8, block_size=4).blocks_needed(num_tokens) == expected
 
 
-def test_freed_blocks_are_reused_after_the_never_used_ones():
+def test_freed_blocks_are_reused_lowest_first():
     blocks = BlockManager(num_blocks=4, block_size=2)
     first = blocks.allocate(4)
     blocks.free(first)
-    assert blocks.allocate(8) == [2, 3, 0, 1]
+    assert blocks.allocate(8) == [0, 1, 2, 3]
+
+
+def test_allocation_takes_a_run_of_consecutive_blocks_when_one_is_free():
+    blocks = BlockManager(num_blocks=10, block_size=1)
+    a, b, c, d = blocks.allocate(2), blocks.allocate(1), blocks.allocate(3), blocks.allocate(4)  # 0-1, 2, 3-5, 6-9
+    blocks.free(a)
+    blocks.free(c)
+    assert blocks.allocate(3) == [3, 4, 5]  # 0-1 is too short: the first run of three
+    blocks.free(b)
+    assert blocks.allocate(3) == [0, 1, 2]  # freed 0-1 and 2 join into one run
+    blocks.free(d)
+    blocks.free([1])
+    assert blocks.allocate(5) == [1, 6, 7, 8, 9]  # no run of five: the lowest ids, scattered
 
 
 def test_allocation_beyond_capacity_raises_and_takes_nothing():
@@ -103,7 +116,7 @@ def test_release_frees_once_and_a_second_release_returns_false():
     assert blocks.num_free == 4
     assert blocks.release("a") is False
     assert blocks.num_free == 4
-    assert blocks.allocate(16) == [2, 3, 0, 1]
+    assert blocks.allocate(16) == [0, 1, 2, 3]  # each block once
 
 
 def test_release_of_an_unknown_handle_returns_false():
@@ -114,4 +127,4 @@ def test_released_handle_can_be_reserved_again():
     blocks = BlockManager(num_blocks=4, block_size=4)
     blocks.reserve("a", 4, lease_s=1.0, now=0.0)
     blocks.release("a")
-    assert blocks.reserve("a", 4, lease_s=1.0, now=0.0).block_ids == [1]
+    assert blocks.reserve("a", 4, lease_s=1.0, now=0.0).block_ids == [0]
