@@ -53,9 +53,10 @@ class PrefillSpan:
 @dataclass(frozen=True)
 class SeqContext:
     """One sequence of a decode batch attended on its own, over exactly its context: no padding, and no copy
-    when its blocks in use are consecutive in the pool (the block manager hands out runs when it can). On CPU
-    this beats padded group gathers: 1.65x faster steps at 8 sequences of 1,000 tokens, 1.38x at four of
-    100-1,000, level at 16-32 short ones (the gathers' copies cost more than the per-sequence calls)."""
+    when its blocks in use are consecutive in the pool (the block manager hands out runs when it can). On CPU,
+    against padded group gathers, steps are 1.16-1.18x faster at 8 sequences of 1,000 tokens, 1.11-1.12x at
+    four of 100-1,000, and 0.96-0.98x at 16 of 128, where the per-sequence calls cost more than the small
+    gathers they save (scripts/micro/compare_checkouts.py)."""
 
     first_row: int  # its new tokens are rows first_row .. first_row + num_tokens - 1 of the batch
     num_tokens: int

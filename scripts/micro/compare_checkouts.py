@@ -1,7 +1,7 @@
 """Decode step times of two checkouts of this repository, measured in turns: one child process per checkout
 per round, old, new, old, new..., so that the machine's drift falls on both alike. Each child loads the
 default model in fp32 and fp16 (with the CPU copies a tier serves with), one torch thread, and times steps
-at a few batch sizes and contexts (median of 9).
+at a few batch sizes and contexts, and over four sequences of different lengths (median of 9).
 
     git worktree add /tmp/old <commit>
     .venv/bin/python scripts/micro/compare_checkouts.py /tmp/old [NEW_CHECKOUT] [--rounds 3]
@@ -9,24 +9,35 @@ at a few batch sizes and contexts (median of 9).
 import argparse, json, statistics, subprocess, sys, time
 from pathlib import Path
 
-STEPS = ((1, 128), (1, 1000), (8, 300), (16, 128))  # (batch, context)
+STEPS = ((1, 128), (1, 1000), (8, 300), (16, 128), (8, 1000))  # (batch, context)
+MIXED = (100, 400, 700, 1000)  # one step over sequences of these contexts
 
 
 def child(repo: str) -> None:
     sys.path[:0] = [repo, repo + "/scripts/micro"]
-    from micro_setup import decode_items, default_runner
+    from micro_setup import BLOCK_SIZE, decode_items, default_runner
+    from common.model.runner import DecodeItem
+
+    def mixed_items():
+        items, next_block = [], 0
+        for index, context in enumerate(MIXED):
+            blocks = -(-(context + 1) // BLOCK_SIZE)
+            items.append(DecodeItem(100 + index, context, list(range(next_block, next_block + blocks))))
+            next_block += blocks
+        return items
+
     times = {}
     for weights in ("fp32", "fp16"):
         runner = default_runner(2048, weights)
         runner.model.add_blocked_copies()
-        for batch, context in STEPS:
-            step = decode_items(batch, context)
+        for batch, context in (*STEPS, (len(MIXED), None)):
+            step = decode_items(batch, context) if context else mixed_items()
             for _ in range(2):
                 runner.run_decode(step)
             samples = []
             for _ in range(9):
                 start = time.perf_counter(); runner.run_decode(step); samples.append((time.perf_counter() - start) * 1e3)
-            times[f"{weights} batch {batch} context {context}"] = statistics.median(samples)
+            times[f"{weights} batch {batch} context {context or 'mixed'}"] = statistics.median(samples)
     print(json.dumps(times))
 
 
@@ -48,7 +59,7 @@ def main() -> None:
     print(f"old {args.old}, new {args.new}: median over {args.rounds} rounds of each child's median step, ms")
     for key in runs["old"][0]:
         old, new = (statistics.median(run[key] for run in runs[name]) for name in ("old", "new"))
-        print(f"{key:>28}: old {old:6.1f}  new {new:6.1f}  old/new x{old / new:.2f}")
+        print(f"{key:>30}: old {old:6.1f}  new {new:6.1f}  old/new x{old / new:.2f}")
 
 
 if __name__ == "__main__":
