@@ -223,6 +223,8 @@ class LlamaModel:
         for seq in seqs:
             n = seq.num_tokens
             k, v = kv.read_context(layer, seq.run_start, seq.block_table, seq.context)  # (context, kv_heads, d)
+            if k.dtype != q.dtype:  # a float16 / bfloat16 pool under float32 compute
+                k, v = k.to(q.dtype), v.to(q.dtype)
             q_heads = q[seq.first_row:seq.first_row + n].view(n, c.num_kv_heads, self.group, c.head_dim)
             q_heads = q_heads.transpose(0, 1).reshape(c.num_kv_heads, n * self.group, c.head_dim)
             scores = torch.bmm(q_heads, k.permute(1, 2, 0))  # (kv_heads, n * group, context)

@@ -104,7 +104,8 @@ class ModelRunner:
             groups, seqs = (), self._seq_contexts(items)
         else:  # on a GPU, padded groups: fewer kernel launches
             plan = plan_groups([_blocks_in_use(item, block_size) for item in items])
-            groups, seqs = tuple(self._decode_group(items, seqs, max_new, whole=len(plan) == 1) for seqs in plan), None
+            groups = tuple(self._decode_group(items, members, max_new, whole=len(plan) == 1) for members in plan)
+            seqs = None
         batch = DecodeBatch(
             token_ids=torch.tensor(token_ids, device=device),
             positions=torch.tensor(positions, device=device),

@@ -107,3 +107,24 @@ def test_decode_groups_by_length_and_ignores_reserved_blocks(runner, reference):
     torch.testing.assert_close(out[0], logits(long_ids + [5])[-1], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[1:4], logits(short[0] + [6, 7, 8])[-3:], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[4], logits(short[1] + [9])[-1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_decode_over_a_half_precision_kv_pool_matches_reference(model, reference, kv_dtype, per_sequence):
+    """KV stored in 16 bits, attention computed in float32: the same next token as transformers, and logits
+    within the rounding of K and V: two of the dtype's epsilons, relative to the largest logit."""
+    logits, tokenizer = reference
+    c = model.config
+    runner = ModelRunner(model, KvPool(num_layers=c.num_layers, num_blocks=16, block_size=4,
+                                       num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype),
+                         per_sequence_attention=per_sequence)
+    prompts = [tokenizer(t).input_ids for t in ("Half precision keys", "and values, in blocks")]
+    tables = [[0, 1, 2, 3], [9, 5, 11, 7]]  # one run, one scattered
+    runner.run_prefill([PrefillChunk(ids, 0, table) for ids, table in zip(prompts, tables)])
+    out = runner.run_decode([DecodeItem(5, len(prompts[0]), tables[0]), DecodeItem(6, len(prompts[1]), tables[1])])
+    for row, (ids, token) in enumerate(zip(prompts, (5, 6))):
+        expected = logits(ids + [token])[-1]
+        atol = 2 * torch.finfo(kv_dtype).eps * expected.abs().max().item()
+        torch.testing.assert_close(out[row], expected, atol=atol, rtol=0)
+        assert out[row].argmax() == expected.argmax()
