@@ -1,7 +1,7 @@
 """BlockManager: which KV blocks are free, which are reserved (with a lease), which are in use. No torch.
 
 Allocation hands out the lowest free ids, as one run of consecutive blocks when one is free: a sequence
-whose blocks are a run is read in place by CPU decode attention (common/model/llama.py, SeqContext), where
+whose blocks are a run is read in place by CPU decode attention (common/model/decode_attention.py), where
 scattered blocks are gathered into a copy first, every layer of every step.
 
 A reservation holds blocks for a request whose KV has not started decoding yet. If nobody claims it

@@ -2,9 +2,8 @@
 
 Two entry points, because they are different workloads: `prefill` runs the tokens of one or more
 prompts (or chunks of them) through every layer at once, attention per prompt over its own context;
-`decode` runs one new token (or a few) for each sequence of a batch. On CPU each sequence attends over its
-own context, read in place when its blocks are consecutive (SeqContext); on a GPU, over padded gathers of the
-sequences' KV blocks, one gather per group of similar-length sequences (common/model/decode_groups.py).
+`decode` runs one new token (or a few) for each sequence of a batch, attention as
+common/model/decode_attention.py does it (per sequence on CPU, by padded groups on a GPU).
 
 Each layer's MLP is a callable: a dense SwiGLU (common/model/mlp.py) for Llama, a sparse mixture of experts
 (common/model/moe.py) for Mixtral. Both entry points take an optional (layers, experts) int64 `expert_load`
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from common.kv_pool import KvPool
 from common.kv_quant import KvRows
 from common.model.config import ModelConfig
+from common.model.decode_attention import DecodeAttention, DecodeBatch
 from common.model.linear import DenseLinear, PackedLinear, make_linear
 from common.model.mlp import DenseMlp
 from common.model.moe import MoeMlp, split_experts
@@ -50,49 +50,6 @@ class PrefillSpan:
     context_slots: torch.Tensor  # (start + num_tokens,) KV slots of positions 0 .. end-1
 
 
-@dataclass(frozen=True)
-class SeqContext:
-    """One sequence of a decode batch attended on its own, over exactly its context: no padding, and no copy
-    when its blocks in use are consecutive in the pool (the block manager hands out runs when it can). On CPU,
-    against padded group gathers, steps are 1.16-1.18x faster at 8 sequences of 1,000 tokens, 1.11-1.12x at
-    four of 100-1,000, and 0.96-0.98x at 16 of 128, where the per-sequence calls cost more than the small
-    gathers they save (scripts/micro/compare_checkouts.py)."""
-
-    first_row: int  # its new tokens are rows first_row .. first_row + num_tokens - 1 of the batch
-    num_tokens: int
-    context: int  # positions 0 .. context - 1: up to and including its last new token
-    run_start: int | None  # its first block when its blocks in use are consecutive, else None
-    block_table: torch.Tensor  # (blocks in use,) gathered when run_start is None
-    mask: torch.Tensor | None  # (num_tokens, 1, context) causal among its new tokens; None for one token
-
-
-@dataclass(frozen=True)
-class DecodeBatch:
-    """A few new tokens per sequence (one, or more when verifying speculated tokens).
-
-    Token rows are flattened (num_tokens = sum over sequences); attention pads them to
-    (batch, max_new, ...) where row `query_rows[i]` = sequence * max_new + offset holds token i.
-    """
-
-    token_ids: torch.Tensor  # (num_tokens,)
-    positions: torch.Tensor  # (num_tokens,)
-    slots: torch.Tensor  # (num_tokens,) where each new token's KV goes
-    query_rows: torch.Tensor  # (num_tokens,) row of each token in the padded (batch * max_new) layout
-    max_new: int
-    num_seqs: int
-    groups: tuple["DecodeGroup", ...]  # every sequence in exactly one (none when seqs is set)
-    seqs: tuple[SeqContext, ...] | None = None  # set (on CPU): each sequence attends on its own instead
-
-
-@dataclass(frozen=True)
-class DecodeGroup:
-    """Sequences whose KV is gathered and attended together, padded to the longest of them."""
-
-    seqs: torch.Tensor | None  # (g,) indices into the batch's sequences; None: all of them, in order
-    block_tables: torch.Tensor  # (g, max_blocks) each sequence's blocks, padded with block 0
-    context_mask: torch.Tensor  # (g, max_new, 1, max_blocks * block_size) 0 where a query may look, else -inf
-
-
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  device: torch.device | str = "cpu", weight_format: str = "dense") -> None:
@@ -108,7 +65,7 @@ class LlamaModel:
         cos, sin_signed = _rotary_tables(config)  # (max_positions, head_dim) each
         self.cos, self.sin_signed = cos.to(self.device, dtype), sin_signed.to(self.device, dtype)
         self.group = config.num_heads // config.num_kv_heads
-        self.scale = config.head_dim**-0.5
+        self.decode_attention = DecodeAttention(config)
 
     def linears(self) -> list:
         """Every linear layer: the LM head, then each layer's qkv, out and MLP (all experts')."""
@@ -164,13 +121,7 @@ class LlamaModel:
 
     def decode(self, batch: DecodeBatch, kv: KvPool, expert_load: torch.Tensor | None = None) -> torch.Tensor:
         """Runs a few new tokens per sequence; returns logits (num_tokens, vocab), one row per token."""
-        masks = [self._row_mask(group.context_mask, batch.max_new) for group in batch.groups]  # once per step
-
-        def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-            if batch.seqs is not None:
-                return self._attend_each(layer, q, batch.seqs, kv)
-            return self._attend_batch(layer, q, batch, masks, kv)
-
+        attend = self.decode_attention.for_batch(batch, kv)
         hidden = self._forward(batch.token_ids, batch.positions, batch.slots, kv, attend, None, expert_load)
         return self._logits(hidden)
 
@@ -214,79 +165,6 @@ class LlamaModel:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.reshape(kv_heads * self.group, span.num_tokens, -1)  # (heads, tokens, head_dim)
         return out.transpose(0, 1).reshape(span.num_tokens, -1)  # (tokens, heads * head_dim)
-
-    def _attend_each(self, layer: int, q: torch.Tensor, seqs: tuple[SeqContext, ...], kv: KvPool) -> torch.Tensor:
-        """q: (tokens, heads, head_dim) -> (tokens, heads * head_dim), one sequence at a time over its own context."""
-        c = self.config
-        q = q * self.scale
-        outs = []
-        for seq in seqs:
-            n = seq.num_tokens
-            k, v = kv.read_context(layer, seq.run_start, seq.block_table, seq.context)  # (context, kv_heads, d)
-            if k.dtype != q.dtype:  # a float16 / bfloat16 pool under float32 compute
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            q_heads = q[seq.first_row:seq.first_row + n].view(n, c.num_kv_heads, self.group, c.head_dim)
-            q_heads = q_heads.transpose(0, 1).reshape(c.num_kv_heads, n * self.group, c.head_dim)
-            scores = torch.bmm(q_heads, k.permute(1, 2, 0))  # (kv_heads, n * group, context)
-            if seq.mask is not None:
-                scores = (scores.view(c.num_kv_heads, n, self.group, -1) + seq.mask).view(c.num_kv_heads, n * self.group, -1)
-            out = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))  # (kv_heads, n * group, head_dim)
-            outs.append(out.view(c.num_kv_heads, n, -1).transpose(0, 1).reshape(n, -1))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _row_mask(self, mask: torch.Tensor, max_new: int) -> torch.Tensor:
-        """A group's (g, max_new, 1, context) mask as one row per query row of a KV head's scores, (g, max_new
-        * group, context); (g, 1, context), broadcast over the rows, when each sequence brings one token."""
-        g, context = mask.shape[0], mask.shape[-1]
-        if max_new == 1:
-            return mask.view(g, 1, context)
-        return mask.expand(g, max_new, self.group, context).reshape(g, max_new * self.group, context)
-
-    def _attend_batch(self, layer: int, q: torch.Tensor, batch: DecodeBatch, masks: list[torch.Tensor],
-                      kv: KvPool) -> torch.Tensor:
-        c = self.config
-        num_seqs, max_new = batch.num_seqs, batch.max_new
-        aligned = q.shape[0] == num_seqs * max_new  # every sequence brings max_new tokens: rows already in place
-        if not aligned:
-            q = q.new_zeros(num_seqs * max_new, c.num_heads, c.head_dim).index_copy_(0, batch.query_rows, q)
-        padded = q.view(num_seqs, max_new, c.num_kv_heads, self.group, c.head_dim)
-        if len(batch.groups) == 1 and batch.groups[0].seqs is None:
-            out = self._attend_group(layer, padded, batch.groups[0], masks[0], kv)
-        else:
-            out = padded.new_empty(num_seqs, max_new, c.num_heads * c.head_dim)
-            for group, mask in zip(batch.groups, masks):
-                out.index_copy_(0, group.seqs,
-                                self._attend_group(layer, padded.index_select(0, group.seqs), group, mask, kv))
-        out = out.view(num_seqs * max_new, -1)
-        return out if aligned else out.index_select(0, batch.query_rows)
-
-    def _attend_group(self, layer: int, q: torch.Tensor, group: DecodeGroup, mask: torch.Tensor,
-                      kv: KvPool) -> torch.Tensor:
-        """q: (g, max_new, kv_heads, group, head_dim), mask: _row_mask's -> (g, max_new, heads * head_dim).
-        Scores are scale * q k^T + mask in one baddbmm per product."""
-        c = self.config
-        num_seqs, max_new = q.shape[0], q.shape[1]
-        k, v = kv.read_blocks(layer, group.block_tables)  # (g, context, kv_heads, head_dim) each
-        if k.dtype != q.dtype:
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        context = k.shape[1]
-        if num_seqs == 1:  # one sequence: one batched matmul over the KV heads, on strided views of its context
-            q_heads = q.view(max_new, c.num_kv_heads, -1, c.head_dim).transpose(0, 1)  # (kv_heads, max_new, group, d)
-            q_heads = q_heads.reshape(c.num_kv_heads, max_new * self.group, c.head_dim)  # a view when max_new is 1
-            scores = torch.baddbmm(mask, q_heads, k.view(context, c.num_kv_heads, c.head_dim).permute(1, 2, 0),
-                                   alpha=self.scale)  # (kv_heads, max_new * group, context)
-            out = torch.bmm(torch.softmax(scores, dim=-1), v.view(context, c.num_kv_heads, c.head_dim).transpose(0, 1))
-            return out.view(c.num_kv_heads, max_new, self.group, c.head_dim).transpose(0, 1).reshape(1, max_new, -1)
-        # Several: one batched matmul per KV head on strided views: BLAS reads them in place, where a permute
-        # to (g, kv_heads, ...) would copy the whole gathered context first (25x slower here).
-        outs = []
-        for head in range(c.num_kv_heads):
-            q_head = q[:, :, head].reshape(num_seqs, max_new * self.group, c.head_dim)
-            scores = torch.baddbmm(mask, q_head, k[:, :, head].transpose(1, 2), alpha=self.scale)  # (g, rows, context)
-            out = torch.bmm(torch.softmax(scores, dim=-1), v[:, :, head])  # (g, max_new * group, head_dim)
-            outs.append(out.view(num_seqs, max_new, self.group, c.head_dim))
-        return torch.stack(outs, dim=2).reshape(num_seqs, max_new, -1)
-
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps), as Hugging Face's LlamaRMSNorm computes it, in one torch call."""

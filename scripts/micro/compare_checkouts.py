@@ -36,7 +36,9 @@ def child(repo: str) -> None:
                 runner.run_decode(step)
             samples = []
             for _ in range(9):
-                start = time.perf_counter(); runner.run_decode(step); samples.append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                runner.run_decode(step)
+                samples.append((time.perf_counter() - start) * 1e3)
             times[f"{weights} batch {batch} context {context or 'mixed'}"] = statistics.median(samples)
     print(json.dumps(times))
 
