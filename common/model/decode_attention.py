@@ -75,7 +75,7 @@ class DecodeAttention:
         return lambda layer, q: self._groups(layer, q, batch, masks, kv)
 
     def _each(self, layer: int, q: torch.Tensor, seqs: tuple[SeqContext, ...], kv: KvPool) -> torch.Tensor:
-        """q: (tokens, heads, head_dim) -> (tokens, heads * head_dim), one sequence at a time over its own context."""
+        """One sequence at a time, over its own context; the scale goes on q once for all of them."""
         c = self.config
         q = q * self.scale
         outs = []
@@ -102,7 +102,7 @@ class DecodeAttention:
         return mask.expand(g, max_new, self.group, context).reshape(g, max_new * self.group, context)
 
     def _groups(self, layer: int, q: torch.Tensor, batch: DecodeBatch, masks: list[torch.Tensor],
-                      kv: KvPool) -> torch.Tensor:
+                kv: KvPool) -> torch.Tensor:
         c = self.config
         num_seqs, max_new = batch.num_seqs, batch.max_new
         aligned = q.shape[0] == num_seqs * max_new  # every sequence brings max_new tokens: rows already in place
@@ -120,7 +120,7 @@ class DecodeAttention:
         return out if aligned else out.index_select(0, batch.query_rows)
 
     def _group(self, layer: int, q: torch.Tensor, group: DecodeGroup, mask: torch.Tensor,
-                      kv: KvPool) -> torch.Tensor:
+               kv: KvPool) -> torch.Tensor:
         """q: (g, max_new, kv_heads, group, head_dim), mask: _row_mask's -> (g, max_new, heads * head_dim).
         Scores are scale * q k^T + mask in one baddbmm per product."""
         c = self.config

@@ -65,8 +65,8 @@ class PackedLinear:
     `add_blocked_copy` gives an fp16 weight with fp32 products on CPU a second copy packed for FBGEMM's fp16
     matrix product (torch.ops.quantized.linear_dynamic_fp16: fp16 weights widened in registers, fp32
     activations and sums), reading half of fp32's bytes. Against fp32 with its blocked copy, a batch-1 step
-    takes 33.6 ms instead of 43.5, verifying 4 drafts 41.4 instead of 68.7, and a 256-token prefill chunk is
-    1.14x faster (scripts/micro/fp16_weights.py)."""
+    takes 27.9 ms instead of 35.9, verifying 4 drafts 35.6 instead of 63.1, and a 256-token prefill chunk is
+    1.12x faster (scripts/micro/fp16_weights.py). Once the copy exists, `drop_unpacked` frees the fp16 weight."""
 
     def __init__(self, weight: PackedWeight) -> None:
         self.weight: PackedWeight | None = weight  # None once drop_unpacked() leaves the packed copy alone
