@@ -1,8 +1,10 @@
 """BlockManager: exact block ids (lowest first, in one run when one is free), capacity, and reservation leases."""
 
+import random
+
 import pytest
 
-from common.block_manager import BlockManager, OutOfBlocks
+from common.block_manager import MAX_RUN_WINDOWS, BlockManager, OutOfBlocks
 
 
 def test_allocation_hands_out_lowest_free_ids_in_order():
@@ -35,6 +37,28 @@ def test_allocation_takes_a_run_of_consecutive_blocks_when_one_is_free():
     blocks.free(d)
     blocks.free([1])
     assert blocks.allocate(5) == [1, 6, 7, 8, 9]  # no run of five: the lowest ids, scattered
+
+
+def test_run_search_finds_the_run_a_scan_of_every_window_finds():
+    rng = random.Random(0)
+    for _ in range(2000):
+        blocks = BlockManager(num_blocks=60, block_size=1)
+        blocks.allocate(60)
+        free, length = sorted(rng.sample(range(60), rng.randint(0, 60))), rng.randint(1, 8)
+        blocks.free(free)
+        if length > len(free):
+            continue
+        first = next((i for i in range(len(free) - length + 1) if free[i + length - 1] - free[i] == length - 1), None)
+        expected = free[first:first + length] if first is not None else free[:length]
+        assert blocks.allocate(length) == expected
+
+
+def test_run_search_is_bounded_in_a_fragmented_pool():
+    """Every other block taken: the only run lies past the search bound, so the lowest free ids come."""
+    size = 4 * MAX_RUN_WINDOWS + 8
+    blocks = BlockManager(num_blocks=size, block_size=1)
+    blocks.free(blocks.allocate(size)[::2] + [size - 3])  # the only run: size - 4, size - 3, size - 2
+    assert blocks.allocate(2) == [0, 2]
 
 
 def test_allocation_beyond_capacity_raises_and_takes_nothing():
