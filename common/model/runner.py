@@ -129,8 +129,8 @@ class ModelRunner:
             run_start = used[0] if used == list(range(used[0], used[0] + len(used))) else None
             mask = None
             if n > 1:  # new token t sees positions up to its own, position + t
-                seen = torch.arange(context, device=device)[None, :] <= torch.arange(item.position, context,
-                                                                                   device=device)[:, None]
+                own = torch.arange(item.position, context, device=device)[:, None]  # (n, 1)
+                seen = torch.arange(context, device=device)[None, :] <= own  # (n, context)
                 mask = torch.zeros(n, context, device=device).masked_fill_(~seen, float("-inf"))[:, None, :]
             contexts.append(SeqContext(row, n, context, run_start, torch.tensor(used, device=device), mask))
             row += n

@@ -48,7 +48,8 @@ def test_run_search_finds_the_run_a_scan_of_every_window_finds():
         blocks.free(free)
         if length > len(free):
             continue
-        first = next((i for i in range(len(free) - length + 1) if free[i + length - 1] - free[i] == length - 1), None)
+        windows = range(len(free) - length + 1)
+        first = next((i for i in windows if free[i + length - 1] - free[i] == length - 1), None)
         expected = free[first:first + length] if first is not None else free[:length]
         assert blocks.allocate(length) == expected
 
