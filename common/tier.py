@@ -14,6 +14,7 @@ from common.compat import Compat, compat_for
 from common.config import TierConfig, resolve_threads
 from common.kv_pool import KvPool
 from common.kv_wire import DTYPES
+from common.machine import describe_machine
 from common.model.llama import LlamaModel
 from common.model.weights import load_model, stored_weight_bytes
 from common.model.runner import ModelRunner
@@ -29,6 +30,8 @@ class TierRuntime:
 
 
 def build_runtime(config: TierConfig) -> TierRuntime:
+    # Once per tier, first: its logs then say which CPU's kernels (and GPU) every later figure came from.
+    log.info("machine: %s", describe_machine())
     torch.set_num_threads(resolve_threads(config.threads))
     if not (config.model_dir / "config.json").exists():
         raise FileNotFoundError(

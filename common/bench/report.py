@@ -142,7 +142,7 @@ def roofline_lines(summary: dict) -> list[str]:
 def write_markdown(out_dir: Path, summary: dict) -> Path:
     w = summary["workload"]
     parts = [f"# pdserve bench: {w['name']}", "",
-             f"{summary['created']}, commit {summary['git_commit']}, {summary['machine']}", "",
+             f"{summary['created']}, commit {summary['git_commit']}.", "", f"Machine: {summary['machine']}", "",
              f"Workload `{w['name']}`: {w['description']}; {w['num_requests']} requests, seed {w['seed']}. "
              f"Goodput objectives: TTFT <= {summary['slo']['ttft_ms']:g} ms and TPOT <= {summary['slo']['tpot_ms']:g} ms.",
              "", runs_table(summary["runs"]), "",

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from common.bench import plots, report
 from common.config import DecodeConfig
+from common.machine import describe_machine, machine_facts
 from common.bench.loadgen import LoadSpec, StatsPoller, run_load
 from common.bench.metrics import Slo, decode_batch, e2e_ms, kv_transfer, summarize, tpot_ms, ttft_ms
 from common.bench.peers import DISAGGREGATED, PEERS, TOKEN_IDS_ONLY, PeerOptions, PeerUnavailable, weights_of
@@ -197,12 +198,10 @@ def git_commit() -> str:
 
 
 def machine_description() -> str:
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU")
+    """describe_machine(), then what this run adds: threads are pinned per process, and the load average as
+    the run starts (other work competing for the cores)."""
     load1, load5, _ = os.getloadavg()
-    return (f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__} threads per process as pinned, "
+    return (f"{describe_machine()}; threads per process as pinned; "
             f"load average {load1:.1f} / {load5:.1f} at the start")
 
 
@@ -226,7 +225,7 @@ def execute(args) -> dict:
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
                           fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"))
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
-               "machine": machine_description(), "command": args.command_line,
+               "machine": machine_description(), "machine_facts": machine_facts(), "command": args.command_line,
                "workload": {"name": ",".join(w.name for w in workloads),
                             "description": workloads[0].description if len(workloads) == 1 else
                             "; ".join(f"{w.name}: {w.description}" for w in workloads),

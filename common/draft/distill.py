@@ -24,6 +24,7 @@ from common.draft.corpus import Sample, TargetWriter
 from common.draft.prompts import PromptSource
 from common.draft.student import StudentLlama
 from common.draft.train import evaluate, make_batches, train
+from common.machine import machine_facts
 from common.model.config import ModelConfig
 from common.model.weights import load_dense
 
@@ -45,6 +46,7 @@ class DistillConfig:
     lr: float = 5e-4
     seed: int = 0
     max_answers: int | None = None  # stop writing after this many answers, even with time left
+    max_steps: int | None = None  # stop training after this many steps, even with time left
     reuse_corpus: bool = False  # train on out_dir/distill/corpus.pt when it exists instead of writing anew
 
     def __post_init__(self) -> None:
@@ -124,10 +126,12 @@ def distill(config: DistillConfig) -> dict:
             f"agreement {entry['agreement']}; held-out {entry['held_out_loss']}, {entry['held_out_agreement']}")
 
     totals = train(student, make_batches(training, head_ids, config.batch_tokens, rng),
-                   started + budget_s - min(_SAVE_MARGIN_S, budget_s / 10), config.lr, rng, on_log, eval_batches)
+                   started + budget_s - min(_SAVE_MARGIN_S, budget_s / 10), config.lr, rng, on_log, eval_batches,
+                   max_steps=config.max_steps)
     after = evaluate(student, eval_batches)
     report = {
-        "target": str(config.target_dir), "config": {k: str(v) for k, v in asdict(config).items()},
+        "target": str(config.target_dir), "machine": machine_facts(),
+        "config": {k: str(v) for k, v in asdict(config).items()},
         "source_layers": layer_ids, "head_tokens": len(head_ids),
         "head_coverage_of_answer_tokens": round(_coverage(samples, head_ids), 4),
         "corpus": {"answers": len(samples), "answer_tokens": sum(s.num_answer_tokens for s in samples),

@@ -18,6 +18,7 @@ import torch
 from common.config import resolve_threads
 from common.eval.scoring import Scorer
 from common.eval.suites import Suite, load_suites
+from common.machine import describe_machine, machine_facts
 from common.model.weights import load_model, stored_weight_bytes
 from common.tokenizer import TextTokenizer
 
@@ -139,9 +140,12 @@ def run_from_args(args) -> int:
     suites = load_suites(args.suites, args.only)
     gate = Gate(args.max_ppl_increase, args.min_agreement, dict(args.min_accuracy))
     results = evaluate(args.model, args.weights or ["int8"], suites, gate)
+    # Kernels, and so summation orders and the figures' last digits, differ between CPUs.
+    print(f"Machine: {describe_machine()}\n")
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "suites": [s.name for s in suites],
+        args.json.write_text(json.dumps({"model": str(args.model), "machine_facts": machine_facts(),
+                                         "suites": [s.name for s in suites],
                                          "results": [asdict(r) for r in results]}, indent=2) + "\n")
     failed = [r.weights for r in results if r.failures]
     if failed:

@@ -101,7 +101,7 @@ def plot(path: Path, rows: list[dict]) -> None:
 def write(out_dir: Path, summary: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "trilemma.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = (f"# pdserve trilemma\n\n`{summary['command']}`\n\n{summary['machine']}\n\n"
+    text = (f"# pdserve trilemma\n\n`{summary['command']}`\n\nMachine: {summary['machine']}\n\n"
             f"Load: {summary['load']}. Fidelity prompts: {summary['fidelity_prompts']}.\n\n"
             f"{table(summary['rows'])}\n")
     (out_dir / "trilemma.md").write_text(text)

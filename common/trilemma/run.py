@@ -5,6 +5,7 @@ from pathlib import Path
 from common.bench.peers import PeerOptions
 from common.bench.runner import git_commit, machine_description
 from common.bench.workloads import WORKLOADS
+from common.machine import machine_facts
 from common.trilemma import measures, report
 from common.trilemma.sweep import DEFAULT_SWEEP, SweepOptions, run_sweep
 
@@ -18,7 +19,7 @@ def execute(args) -> dict:
         concurrency=args.concurrency, num_fidelity_prompts=args.fidelity_prompts,
         fidelity_tokens=args.fidelity_tokens, max_duration_s=args.max_duration_s,
         peer=PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", prefill_cpus=args.prefill_cpus,
-                         decode_cpus=args.decode_cpus))
+                         decode_cpus=args.decode_cpus, fixed_k=args.fixed_k))
     rows = run_sweep(list(args.configs or DEFAULT_SWEEP), options)
     configs = [r.config for r in rows]
     weights = measures.weight_bytes(args.model, {c.prefill_weights for c in configs} | {c.decode_weights
@@ -33,6 +34,7 @@ def execute(args) -> dict:
         if not row.error:
             row.fidelity |= forced.get((c.decode_weights, c.kv_dtype), {})
     summary = {"command": args.command_line, "git_commit": git_commit(), "machine": machine_description(),
+               "machine_facts": machine_facts(),
                "load": f"{args.workload} workload, {args.num_requests} requests, closed loop with "
                        f"{args.concurrency} clients, greedy",
                "fidelity_prompts": f"{args.fidelity_prompts} open chat prompts, {args.fidelity_tokens} greedy tokens "

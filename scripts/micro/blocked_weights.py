@@ -3,7 +3,8 @@
     .venv/bin/python scripts/micro/blocked_weights.py      (one thread, context 128, default model, fp32)
 """
 import time, statistics
-from micro_setup import decode_items as items, default_runner
+from micro_setup import decode_items as items, default_runner, print_machine
+print_machine()
 runner = default_runner(num_blocks=1024); model = runner.model
 print("linears given a blocked copy:", model.add_blocked_copies())
 linears = model.linears()

@@ -52,6 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.old)
+    from micro_setup import print_machine  # this checkout's: the children run on the same machine
+    print_machine()
     runs = {"old": [], "new": []}
     for _ in range(args.rounds):
         for name in ("old", "new"):

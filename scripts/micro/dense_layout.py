@@ -1,7 +1,8 @@
 import time, statistics
 import torch.nn.functional as F
-from micro_setup import decode_items as items, default_runner
+from micro_setup import decode_items as items, default_runner, print_machine
 from common.model.linear import DenseLinear
+print_machine()
 runner = default_runner(num_blocks=512)
 # the old layout: (out, in) contiguous, F.linear
 for lin in runner.model.linears():

@@ -5,8 +5,9 @@ fp16 weights with FBGEMM's packed copies, side by side in one process (fidelity:
 """
 import statistics, time
 import torch
-from micro_setup import decode_items as items, default_runner
+from micro_setup import decode_items as items, default_runner, print_machine
 from common.model.runner import PrefillChunk
+print_machine()
 runners = {"fp32": default_runner(1024, "fp32"), "fp16": default_runner(1024, "fp16")}
 for name, runner in runners.items():
     print(f"{name}: linears given a copy: {runner.model.add_blocked_copies()}")

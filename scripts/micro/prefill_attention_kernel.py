@@ -1,4 +1,6 @@
 import torch, time, torch.nn.functional as F
+from micro_setup import print_machine
+print_machine()
 torch.set_num_threads(1)
 for n in (512, 1024):
     q = torch.randn(9, n, 64); k = torch.randn(3, n, 64); v = torch.randn(3, n, 64)

@@ -1,6 +1,7 @@
 import sys, time, torch
-from micro_setup import default_runner
+from micro_setup import default_runner, print_machine
 from common.model.runner import PrefillChunk
+print_machine()
 runner = default_runner(num_blocks=256)
 a = torch.randn(2048, 2048); b = torch.randn(2048, 2048); a @ b
 t = time.perf_counter(); a @ b; a @ b; mm = 2 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9

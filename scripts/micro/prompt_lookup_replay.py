@@ -12,7 +12,7 @@ interpolated from scripts/micro/blocked_weights.py). Prints tokens per plain-ste
 import json, statistics
 from pathlib import Path
 import torch
-from micro_setup import MODEL_DIR
+from micro_setup import MODEL_DIR, print_machine
 from decode_svc.speculation import PromptLookupProposer, SpecState
 
 COSTS = [1.00, 1.41, 1.48, 1.56, 1.68, 1.74, 1.80, 1.86, 1.91]
@@ -58,6 +58,7 @@ def replay(req: dict, proposer, max_k: int, adaptive: bool = True) -> tuple[int,
 
 
 def main() -> None:
+    print_machine()
     data = greedy_answers()
     for name, proposer, max_k, adaptive in (
             ("n-grams 3..1, k <= 4 (before)", PromptLookupProposer(3, 1), 4, True),

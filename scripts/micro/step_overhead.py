@@ -5,7 +5,8 @@ with every linear swapped for a stand-in that returns a preallocated output at n
 """
 import statistics, sys, time
 import torch
-from micro_setup import decode_items as items, default_runner
+from micro_setup import decode_items as items, default_runner, print_machine
+print_machine()
 runner = default_runner(1024, sys.argv[1] if len(sys.argv) > 1 else "fp16"); model = runner.model
 model.add_blocked_copies()
 step = items(1, 128)

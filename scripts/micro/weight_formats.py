@@ -1,5 +1,6 @@
 import sys, time, statistics
-from micro_setup import decode_items as items, default_runner
+from micro_setup import decode_items as items, default_runner, print_machine
+print_machine()
 runners = {fmt: default_runner(num_blocks=512, weights=fmt) for fmt in sys.argv[1:]}
 for batch in (1, 2, 4, 8):
     it = items(batch, 128); res = {f: [] for f in runners}

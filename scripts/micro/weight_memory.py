@@ -27,5 +27,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2])
     else:
+        from micro_setup import print_machine
+        print_machine()
         for name in sys.argv[1:] or ["fp32", "fp16"]:
             subprocess.run([sys.executable, __file__, "--child", name], check=True)

@@ -117,12 +117,14 @@ def test_markdown_report_has_a_row_per_run_and_the_roofline(tmp_path):
             "machine": [{"threads": 1, "memory_bandwidth_gbs": 10.0, "matmul_gflops": 100.0, "batch1_step_floor_ms": 0.4,
                          "saturated_tokens_per_s_ceiling": 50000.0}],
             "batch1": [{"name": "peer-a", "threads": 1, "step_ms": 0.8, "floor_ms": 0.4}], "saturated": []}
-    summary = {"created": "now", "git_commit": "abc", "machine": "m", "slo": {"ttft_ms": 1000, "tpot_ms": 1000},
+    summary = {"created": "now", "git_commit": "abc", "machine": "Some CPU (2 cores usable)",
+               "slo": {"ttft_ms": 1000, "tpot_ms": 1000},
                "workload": {"name": "mixed", "description": "d", "num_requests": 1, "seed": 0},
                "runs": [run], "peers": [], "skipped": [{"name": "llama.cpp", "reason": "absent"}], "roofline": roof}
     text = report.write_markdown(tmp_path, summary).read_text()
     assert "| peer-a | mixed | poisson 1 req/s | 1/1 |" in text
     assert "2.0x the floor" in text and "llama.cpp skipped: absent" in text
+    assert "Machine: Some CPU (2 cores usable)" in text
     assert json.loads(report.write_summary(tmp_path, summary).read_text())["runs"][0]["name"] == "peer-a"
 
 
