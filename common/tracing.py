@@ -77,11 +77,26 @@ class WallClock:
     """Converts time.monotonic() readings (what the engines record) to the Unix nanoseconds of span
     timestamps, so a phase measured by an engine can become a span after the fact."""
 
-    def __init__(self) -> None:
-        self._offset_ns = time.time_ns() - time.monotonic_ns()
+    def __init__(self, num_reads: int = 5) -> None:
+        self._offset_ns = wall_minus_monotonic_ns(num_reads)
 
     def ns(self, monotonic_s: float) -> int:
         return int(monotonic_s * 1e9) + self._offset_ns
+
+
+def wall_minus_monotonic_ns(num_reads: int = 5) -> int:
+    """time.time_ns() - time.monotonic_ns() at one instant. Each try reads the wall clock between two
+    monotonic reads and takes their midpoint, so its error is at most half the gap between them; the
+    tightest of num_reads tries wins. (One plain pair of reads is off by whatever ran between them, a
+    thread switch included, which could put a converted phase before the live span that contains it.)"""
+    best_gap_ns, best_offset_ns = None, 0
+    for _ in range(num_reads):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        if best_gap_ns is None or after - before < best_gap_ns:
+            best_gap_ns, best_offset_ns = after - before, wall - (before + after) // 2
+    return best_offset_ns
 
 
 def record_phase(name: str, parent: Span, start_s: float, end_s: float, clock: WallClock,

@@ -4,6 +4,7 @@ opentelemetry-proto package's generated stubs, keeping what it receives in memor
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -78,9 +79,14 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         return found
 
     def wait_for(self, done: Callable[[list[ReceivedSpan]], bool], timeout_s: float) -> list[ReceivedSpan]:
-        """The spans received once `done` holds, or all of them when timeout_s runs out."""
+        """The spans received once `done` holds. Fails when it still does not after timeout_s, naming what
+        did arrive, so a late or missing span fails here and not as a puzzling count in a later assert."""
         deadline = time.monotonic() + timeout_s
-        while not done(spans := self.spans()) and time.monotonic() < deadline:
+        while not done(spans := self.spans()):
+            if time.monotonic() >= deadline:
+                arrived = Counter(s.name for s in spans)
+                raise AssertionError(f"{done.__name__} still false after {timeout_s:g} s; {len(spans)} spans "
+                                     f"arrived: {dict(sorted(arrived.items()))}")
             time.sleep(0.2)
         return spans
 

@@ -31,6 +31,9 @@ def add_trilemma_parser(sub, model_dir: Path) -> None:
     trilemma.add_argument("--fidelity-tokens", type=int, default=48, help="tokens of each greedy answer")
     trilemma.add_argument("--no-teacher-forced", dest="teacher_forced", action="store_false",
                           help="skip the teacher-forced agreement / KL / perplexity measures")
+    trilemma.add_argument("--fixed-k", action="store_true",
+                          help="speculating configurations always propose --num-speculative-tokens (no adaptive "
+                               "k): how much they speculate no longer depends on this machine's measured costs")
     trilemma.add_argument("--max-duration-s", type=float, default=300.0, help="hard cap of each load run")
     trilemma.add_argument("--prefill-cpus", type=cpus_arg, metavar="LIST")
     trilemma.add_argument("--decode-cpus", type=cpus_arg, metavar="LIST")

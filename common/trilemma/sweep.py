@@ -8,7 +8,8 @@ sweep starts the real disaggregated stack (`pdserve up` with those flags), then 
   fidelity  against the first configuration (the reference, all fp32): greedy answers to fixed chat prompts
             through the running stack (tokens equal to the reference's, up to the first difference), and
             teacher-forced top-1 agreement, KL and perplexity change of the decode tier's weights and KV dtype
-            from the fidelity harness (`pdserve eval`'s perplexity texts).
+            from the fidelity harness (`pdserve eval`'s perplexity texts). A speculating configuration also
+            counts the drafts it proposed and accepted in those greedy answers: what the comparison covered.
 
 Every configuration runs the same requests, one after another, on the same cores.
 """
@@ -61,9 +62,12 @@ class ServeConfig:
         return (f"P {self.prefill_weights} / D {self.decode_weights} / KV {self.kv_dtype}"
                 + ("" if self.speculative == "none" else f" / spec {self.speculative}"))
 
-    def flags(self) -> tuple[str, ...]:
+    def flags(self, fixed_k: bool = False) -> tuple[str, ...]:
+        """`pdserve up` flags; with fixed_k a speculating configuration always proposes its k
+        (--speculative-fixed-k), whatever the decode tier measured its verify steps to cost."""
+        fixed = ("--speculative-fixed-k",) if fixed_k and self.speculative != "none" else ()
         return ("--prefill-weights", self.prefill_weights, "--decode-weights", self.decode_weights,
-                "--kv-dtype", self.kv_dtype, "--speculative", self.speculative)
+                "--kv-dtype", self.kv_dtype, "--speculative", self.speculative, *fixed)
 
 
 REFERENCE = ServeConfig()
@@ -102,38 +106,46 @@ class ConfigRow:
     latency: dict = field(default_factory=dict)  # ttft_ms / tpot_ms: {p50, p99}
     cost: dict = field(default_factory=dict)  # output_tokens_per_s, weight bytes per tier, kv_bytes_per_token
     fidelity: dict = field(default_factory=dict)  # greedy_match, teacher-forced measures
+    speculation: dict = field(default_factory=dict)  # drafts proposed / accepted in the greedy answers
     greedy_ids: list[list[int]] = field(default_factory=list)
     error: str = ""
 
     def as_dict(self) -> dict:
         out = {"label": self.config.label, **asdict(self.config), "latency": self.latency, "cost": self.cost,
                "fidelity": self.fidelity}
+        out |= {"speculation": self.speculation} if self.config.speculative != "none" else {}
         return out | ({"error": self.error} if self.error else {})
 
 
-def greedy_answers(address: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Token ids of greedy answers to each prompt (one user chat turn), sent one after another."""
-    answers = []
+def greedy_answers(address: str, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], dict]:
+    """Token ids of greedy answers to each prompt (one user chat turn), sent one after another; and the draft
+    tokens proposed and accepted over all of them (zero without speculation)."""
+    answers, proposed, accepted = [], 0, 0
     with grpc.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for index, prompt in enumerate(prompts):
             request = gateway_pb2.GenerateRequest(max_new_tokens=max_new_tokens, request_id=f"trilemma-{index}",
                                                   sampling=common_pb2.SamplingParams(temperature=0.0))
             request.messages.messages.add(role="user", content=prompt)
-            answers.append([t for reply in stub.Generate(request, timeout=120) for t in reply.token_ids])
-    return answers
+            replies = list(stub.Generate(request, timeout=120))
+            answers.append([t for reply in replies for t in reply.token_ids])
+            if replies and replies[-1].HasField("speculation"):  # set on the last reply when it speculated
+                proposed += replies[-1].speculation.num_proposed
+                accepted += replies[-1].speculation.num_accepted
+    return answers, {"num_proposed": proposed, "num_accepted": accepted}
 
 
 def greedy_match(answers: list[list[int]], reference: list[list[int]]) -> dict:
-    """Per prompt, the share of the reference answer reproduced before the first differing token; and the
-    share of answers identical to the reference."""
+    """Per prompt, the share of the reference answer reproduced before the first differing token; the share
+    of answers identical to the reference; and how many tokens the answers hold (none: nothing compared)."""
     shares, identical = [], 0
     for ours, ref in zip(answers, reference):
         same = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
         shares.append(same / len(ref) if ref else 1.0)
         identical += ours == ref
     return {"greedy_prefix_match": round(sum(shares) / len(shares), 4) if shares else None,
-            "greedy_identical": round(identical / len(answers), 4) if answers else None}
+            "greedy_identical": round(identical / len(answers), 4) if answers else None,
+            "greedy_tokens": sum(len(ours) for ours in answers)}
 
 
 def measure_serving(config: ServeConfig, options: SweepOptions, reference: ConfigRow | None) -> ConfigRow:
@@ -142,7 +154,8 @@ def measure_serving(config: ServeConfig, options: SweepOptions, reference: Confi
     peer_options = options.peer or PeerOptions(model_dir=options.model_dir, log_dir=options.out_dir / "logs")
     name = "trilemma-" + "-".join(v for v in asdict(config).values())
     try:
-        peer: RunningPeer = start_stack(name, peer_options, colocated=False, extra=config.flags())
+        peer: RunningPeer = start_stack(name, peer_options, colocated=False,
+                                        extra=config.flags(fixed_k=peer_options.fixed_k))
     except RuntimeError as error:
         row.error = str(error)
         return row
@@ -155,7 +168,7 @@ def measure_serving(config: ServeConfig, options: SweepOptions, reference: Confi
         row.latency = {"ttft_ms": _p50_p99(summary["ttft_ms"]), "tpot_ms": _p50_p99(summary["tpot_ms"])}
         row.cost = {"output_tokens_per_s": summary["output_tokens_per_s"], "num_failed": summary["num_failed"]}
         prompts = list(OPEN_CHAT_PROMPTS[:options.num_fidelity_prompts])
-        row.greedy_ids = greedy_answers(peer.gateway_address, prompts, options.fidelity_tokens)
+        row.greedy_ids, row.speculation = greedy_answers(peer.gateway_address, prompts, options.fidelity_tokens)
         row.fidelity = greedy_match(row.greedy_ids, reference.greedy_ids if reference else row.greedy_ids)
     except grpc.RpcError as error:
         row.error = f"{error.code().name}: {error.details()}"

@@ -20,12 +20,14 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import docker
 import grpc
 import pytest
 
+from common.trace_report import read_spans
 from helpers import request
 from pdserve.v1 import gateway_pb2_grpc
 
@@ -184,13 +186,30 @@ def test_grafana_serves_the_provisioned_dashboard(deployment):
     assert dashboard["title"] == "pdserve tiers" and len(dashboard["panels"]) >= 6
 
 
+REPORTED_PHASES = {"prefill.compute", "kv.transfer", "kv.receive", "decode.queue"}
+FLUSH_TIMEOUT_S = 60  # the collector's batch processor flushes every few seconds
+
+
+def collector_phases(client, into: Path) -> Counter:
+    """Spans per phase in the collector's trace file so far, copied to `into`: none while the file is not
+    there yet, or ends in a line still being written."""
+    try:
+        chunks, _ = containers(client)["otel-collector"].get_archive("/traces/spans.jsonl")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
+            archive.extractall(into, filter="data")
+        return Counter(s.phase for s in read_spans((into / "spans.jsonl").read_text().splitlines()))
+    except (docker.errors.NotFound, ValueError):
+        return Counter()
+
+
 def test_trace_report_reads_the_collector_file(deployment, traffic, tmp_path):
-    time.sleep(5)  # the collector's batch processor flushes every few seconds
-    chunks, _ = containers(deployment)["otel-collector"].get_archive("/traces/spans.jsonl")
-    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
-        archive.extractall(tmp_path, filter="data")
+    deadline = time.monotonic() + FLUSH_TIMEOUT_S
+    while (phases := collector_phases(deployment, tmp_path))["request"] < NUM_REQUESTS \
+            or not REPORTED_PHASES <= set(phases):
+        assert time.monotonic() < deadline, f"after {FLUSH_TIMEOUT_S} s the collector's file holds {dict(phases)}"
+        time.sleep(1)
     result = subprocess.run([sys.executable, "-m", "common.cli", "trace-report", str(tmp_path / "spans.jsonl")],
                             capture_output=True, text=True, timeout=120, check=True)
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
     assert int(rows["request"][2]) >= NUM_REQUESTS
-    assert {"prefill.compute", "kv.transfer", "kv.receive", "decode.queue"} <= set(rows)
+    assert REPORTED_PHASES <= set(rows)

@@ -1,7 +1,9 @@
 """The pure pieces of telemetry: NVML gauges (against a fake NVML), engine stats as metrics, when spans are
-exported, metrics ports of `pdserve up`, and the trace report's arithmetic."""
+exported, metrics ports of `pdserve up`, the trace report's arithmetic, and the monotonic-to-wall conversion
+of spans recorded after the fact."""
 
 import json
+import time
 from argparse import Namespace
 from types import SimpleNamespace
 
@@ -14,6 +16,7 @@ from common.launcher import metrics_flags
 from common.metrics import DECODE_STATS, StatsCollector
 from common.telemetry import TelemetryConfig, exports_traces
 from common.trace_report import format_report, percentile, read_spans
+from common.tracing import WallClock
 
 
 class FakeNvmlError(Exception):
@@ -137,3 +140,15 @@ def test_report_gives_each_phase_in_request_order():
 def test_report_names_a_line_that_is_not_json():
     with pytest.raises(ValueError, match="line 2"):
         list(read_spans(['{"resourceSpans": []}', "not json"]))
+
+
+def test_wall_clock_puts_a_monotonic_reading_between_the_wall_reads_around_it():
+    clock = WallClock()
+    # The offset's error is half the tightest bracket of its reads: tens of nanoseconds unless every try was
+    # preempted; a microsecond covers that, and a unit or sign slip is off by far more.
+    slack_ns = 1_000
+    for _ in range(100):
+        wall_before = time.time_ns()
+        converted = clock.ns(time.monotonic())
+        wall_after = time.time_ns()
+        assert wall_before - slack_ns <= converted <= wall_after + slack_ns

@@ -13,6 +13,8 @@ def test_spec_parses_every_key_and_keeps_defaults():
     assert ServeConfig.parse("") == REFERENCE
     assert config.flags() == ("--prefill-weights", "int8", "--decode-weights", "int4-awq-g128", "--kv-dtype",
                               "float16", "--speculative", "prompt-lookup")
+    assert config.flags(fixed_k=True)[-1] == "--speculative-fixed-k"
+    assert "--speculative-fixed-k" not in REFERENCE.flags(fixed_k=True)  # nothing to fix without speculation
 
 
 @pytest.mark.parametrize("spec, message", [("decode=int3", "decode='int3' is not one of"),
@@ -49,3 +51,4 @@ def test_greedy_match_counts_tokens_up_to_the_first_difference():
     match = greedy_match(ours, reference)
     assert match["greedy_identical"] == round(1 / 3, 4)
     assert match["greedy_prefix_match"] == round((1 + 0.5 + 0.75) / 3, 4)
+    assert match["greedy_tokens"] == 4 + 2 + 3
