@@ -1,5 +1,7 @@
 """Client helpers for the integration tests."""
 
+from pathlib import Path
+
 import torch
 
 from pdserve.v1 import gateway_pb2
@@ -28,6 +30,26 @@ def collect(stub, req, timeout: float = 300):
         text += reply.text
         last = reply
     return token_ids, text, last
+
+
+def assert_greedy_matches(hf_model, prompt_ids: list[int], got: list[int], expected: list[int]) -> None:
+    """got, the service's greedy tokens, equals transformers' `expected` token for token, up to the first
+    choice transformers made by less than four float32 decoder bounds (tests/bounds.py: each side's logits
+    are within one bound of the exact ones, and a choice turns only on a gap that small); the prompts here
+    have none, so that is the whole sequence, and it must be at least half of it."""
+    from bounds import decoder_tolerance
+
+    from common.model.config import ModelConfig
+
+    model = hf_model[0]
+    config = ModelConfig.from_dir(Path(model.name_or_path))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + expected])).logits[0, len(prompt_ids) - 1:-1]  # (new, vocab)
+    top2 = logits.topk(2, dim=-1).values
+    decided = [float(a - b) > 4 * decoder_tolerance(config, row) for (a, b), row in zip(top2, logits)]
+    kept = decided.index(False) if False in decided else len(expected)
+    assert kept >= len(expected) // 2, f"the reference has near-ties from token {kept}: choose another prompt"
+    assert got[:kept] == expected[:kept] and (kept < len(expected) or got == expected), (got, expected, kept)
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -2,13 +2,13 @@
 each process pinned to the cores given (--colocated-cpus, --gateway-cpus)."""
 
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from stack import launch_stack, stop_stack
-from helpers import collect, hf_greedy, request
+from helpers import assert_greedy_matches, collect, hf_greedy, request
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from test_topology import _child_pids
 
@@ -45,14 +45,9 @@ def test_concurrent_long_and_short_prompts_match_transformers(colocated, hf_mode
     """Both engines step at once over the shared weights; every output is still Hugging Face's."""
     _, addresses = colocated
     prompts = [[3_000 + (7 * i) % 500 for i in range(300)], [1_200, 1_201, 1_202], [4_000 + i for i in range(20)]]
-    outputs: dict[int, list[int]] = {}
-    with grpc.insecure_channel(addresses["gateway"]) as channel:
+    with grpc.insecure_channel(addresses["gateway"]) as channel, ThreadPoolExecutor(len(prompts)) as pool:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        threads = [threading.Thread(target=lambda i=i: outputs.__setitem__(
-            i, collect(stub, request(token_ids=prompts[i], max_new_tokens=8))[0])) for i in range(len(prompts))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=180)
-    for i, prompt in enumerate(prompts):
-        assert outputs[i] == hf_greedy(hf_model, prompt, 8)
+        futures = [pool.submit(collect, stub, request(token_ids=p, max_new_tokens=8), 180) for p in prompts]
+        outputs = [future.result()[0] for future in futures]
+    for prompt, output in zip(prompts, outputs):
+        assert_greedy_matches(hf_model, prompt, output, hf_greedy(hf_model, prompt, 8))

@@ -1,5 +1,5 @@
-"""A stack whose tiers both keep an int8 KV cache (`pdserve up --kv-dtype int8`): greedy output stays close
-to Hugging Face transformers, the KV pushed from prefill to decode is about a quarter of float32's
+"""A stack whose tiers both keep an int8 KV cache (`pdserve up --kv-dtype int8`): greedy output equals Hugging
+Face transformers' wherever an int8 cache keeps the same choices, the KV pushed from prefill to decode is about a quarter of float32's
 (codes plus one float32 scale per token and KV head), malformed scales are refused, and an int8 prefill
 tier refuses an fp8 decode instance with the usual layout-mismatch error."""
 
@@ -9,8 +9,11 @@ import grpc
 import pytest
 import torch
 
+from bounds import greedy_margins
+
 from common import kv_wire
 from common.config import DecodeConfig, GatewayConfig
+from common.kv_pool import KvPool
 from decode_svc.server import start_decode
 from gateway.server import start_gateway
 from helpers import collect, hf_greedy, request
@@ -18,11 +21,10 @@ from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
 from stack import launch_stack, stop_stack
 
 MAX_NEW_TOKENS = 16
-# Prompts whose float32 greedy path (transformers) has no near-tie in its first 16 tokens: top-2 logit
-# margins >= 0.12. Any perturbation of the KV may flip a near-tie, after which greedy paths part for good.
-DECISIVE_PROMPTS = ["The capital of France is", "Water boils at a temperature of"]
-NEAR_TIE_PROMPT = "Once upon a time, in a small village by the sea, there lived"  # margin 0.04 at token 2
-NEAR_TIE_LOGITS = 0.25
+# Greedy paths with no near-tie in 16 tokens (transformers' top-2 margins >= 1.35 logits): an int8 cache must
+# keep every token. The open-ended ones have near-ties (0.15 and 0.04), where any perturbation may flip them.
+DECISIVE_PROMPTS = ["Numbers: 1, 2, 3, 4,", "Even numbers: 2, 4, 6, 8,", "10, 20, 30, 40,"]
+OPEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
 
 
 @pytest.fixture(scope="module")
@@ -39,33 +41,59 @@ def _free_blocks(decode) -> int:
     return decode.Stats(decode_pb2.StatsRequest(), timeout=10).num_blocks_free
 
 
-def _top2_margin(hf_model, token_ids: list[int]) -> float:
-    """transformers' float32 logit margin between its top two next tokens after token_ids."""
-    with torch.no_grad():
-        top2 = hf_model[0](torch.tensor([token_ids])).logits[0, -1].topk(2).values
-    return float(top2[0] - top2[1])
+def _margins(logits: torch.Tensor, chosen: list[int]) -> torch.Tensor:
+    """Each row's logit of its chosen token minus the best other: (rows,)."""
+    picked = logits[torch.arange(len(chosen)), chosen]
+    others = logits.clone()
+    others[torch.arange(len(chosen)), chosen] = float("-inf")
+    return picked - others.max(-1).values
 
 
-def test_int8_kv_greedy_output_mostly_agrees_with_transformers(int8_stack, hf_model):
-    """Measured: all 16 tokens agree for each decisive prompt (int8 KV moves logits by < 1, top-2 gaps much
-    less); the near-tie prompt departs at token 2, where transformers' own margin is 0.04."""
+def _int8_margin_shift(model_dir, paths: list[tuple[list[int], list[int]]]) -> float:
+    """How far an int8 KV cache moves a top-2 margin: the largest change, over every position of these
+    (prompt, transformers' greedy tokens) paths fed in process, of the margin of transformers' token, between
+    a float32 and an int8 pool. Codes that the tiers' float32 rounding puts on the other side of a rounding
+    boundary move it again, by no more than requantising: so a choice whose margin exceeds twice this is kept."""
+    from common.model.llama import LlamaModel
+    from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
+
+    model, shift = LlamaModel.load(model_dir), 0.0
+    c = model.config
+    for prompt_ids, tokens in paths:
+        margins = []
+        for dtype in (torch.float32, torch.int8):
+            runner = ModelRunner(model, KvPool(num_layers=c.num_layers, num_blocks=4, block_size=16,
+                                               num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype))
+            rows = [runner.run_prefill([PrefillChunk(prompt_ids, 0, [0, 1, 2, 3])])[0]]
+            rows += [runner.run_decode([DecodeItem(t, len(prompt_ids) + i, [0, 1, 2, 3])])[0]
+                     for i, t in enumerate(tokens[:-1])]
+            margins.append(_margins(torch.stack(rows), tokens))
+        shift = max(shift, float((margins[1] - margins[0]).abs().max()))
+    return shift
+
+
+def test_int8_kv_greedy_output_equals_transformers_up_to_its_near_ties(int8_stack, hf_model, model_dir):
+    """Decisive prompts: all 16 tokens equal transformers' float32 greedy output. Open-ended ones: equal up to
+    the first position whose margin is within twice int8's measured margin shift, where int8 may choose
+    otherwise (and then the paths part for good)."""
     _, _, channels = int8_stack
     gateway = gateway_pb2_grpc.GatewayStub(channels["gateway"])
-    for prompt in [*DECISIVE_PROMPTS, NEAR_TIE_PROMPT]:
-        prompt_ids = hf_model[1](prompt).input_ids
-        expected = hf_greedy(hf_model, prompt_ids, MAX_NEW_TOKENS)
-        token_ids, _, _ = collect(gateway, request(prompt, max_new_tokens=MAX_NEW_TOKENS), timeout=120)
-        agreeing = next((i for i, (a, b) in enumerate(zip(token_ids, expected)) if a != b), len(expected))
+    prompts = {prompt: hf_model[1](prompt).input_ids for prompt in DECISIVE_PROMPTS + OPEN_PROMPTS}
+    expected = {prompt: hf_greedy(hf_model, ids, MAX_NEW_TOKENS) for prompt, ids in prompts.items()}
+    allowance = 2 * _int8_margin_shift(model_dir, [(prompts[p], expected[p]) for p in prompts])
+    for prompt, ids in prompts.items():
+        margins = greedy_margins(hf_model, ids, expected[prompt])
+        kept = next((i for i, margin in enumerate(margins) if margin <= allowance), len(margins))
         if prompt in DECISIVE_PROMPTS:
-            assert agreeing >= 12, (prompt, token_ids, expected)
-        if agreeing < len(expected):  # wherever it departs, the reference itself was nearly undecided
-            assert _top2_margin(hf_model, prompt_ids + expected[:agreeing]) < NEAR_TIE_LOGITS, (prompt, agreeing)
+            assert kept == MAX_NEW_TOKENS, f"{prompt!r} has a margin within int8's allowance {allowance:.2f}"
+        token_ids, _, _ = collect(gateway, request(prompt, max_new_tokens=MAX_NEW_TOKENS), timeout=120)
+        assert token_ids[:kept] == expected[prompt][:kept], (prompt, kept, allowance, token_ids, expected[prompt])
 
 
 def test_int8_kv_transfer_is_under_30_percent_of_float32(int8_stack, hf_model):
     addresses, decode, channels = int8_stack
     free_at_start = _free_blocks(decode)
-    prompt_ids = hf_model[1](NEAR_TIE_PROMPT).input_ids
+    prompt_ids = hf_model[1](OPEN_PROMPTS[1]).input_ids
     reserve = decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=len(prompt_ids), max_new_tokens=2),
                              timeout=10)
     reply = prefill_pb2_grpc.PrefillStub(channels["prefill"]).Prefill(prefill_pb2.PrefillRequest(

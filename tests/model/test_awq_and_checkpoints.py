@@ -16,6 +16,7 @@ from common.model.weights import checkpoint_path, load_model, prepare_weights, s
 TINY = dict(vocab_size=101, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
             rms_norm_eps=1e-5)
+OUTLIER_CHANNELS = (3, 40, 77)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,10 @@ def tiny(tmp_path_factory):
     model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
     for param in model.parameters():  # random norms too, so folding into them is visible
         param.data.normal_(0, 0.3 if param.dim() == 1 else 0.05).add_(1.0 if param.dim() == 1 else 0.0)
+    with torch.no_grad():  # outlier channels, as trained LLMs have: what activation-aware scales are for
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param[list(OUTLIER_CHANNELS)] *= 8
     model_dir = tmp_path_factory.mktemp("tiny")
     model.config.save_pretrained(model_dir)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -95,21 +100,32 @@ def test_checkpoint_is_saved_once_reloaded_and_rebuilt_when_the_source_changes(t
         prepare_weights(model_dir, "int8", source_digest="b")  # other source weights: the marker refuses
 
 
-def test_awq_checkpoint_loads_into_a_model_close_to_the_reference(tiny, monkeypatch):
-    model, model_dir, _ = tiny
-    monkeypatch.setattr(awq, "calibration_token_ids", lambda _: [list(range(1, 60)), list(range(40, 100))])
-    ids = [5, 17, 99, 3, 42, 8, 61, 23]
-    reference = torch.log_softmax(_hf_logits(model, ids)[-1], -1)
-    ours = load_model(model_dir, "int4-awq-g32")
+def _mean_kl(model, model_dir, weights: str) -> float:
+    """Mean KL(reference || ours) over every position of three sequences, ours in the given format."""
     from common.kv_pool import KvPool
     from common.model.runner import ModelRunner, PrefillChunk
 
-    kv = KvPool(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=16, dtype=torch.float32)
-    logits = ModelRunner(ours, kv).run_prefill([PrefillChunk(ids, 0, [0, 1])])[0]
-    kl = (reference.exp() * (reference - torch.log_softmax(logits, -1))).sum()
-    assert kl < 0.05
+    ours, kls = load_model(model_dir, weights), []
+    for ids in ([5, 17, 99, 3, 42, 8, 61, 23], [11, 12, 13, 50, 51, 52, 90, 91], [7, 70, 1, 2, 33, 44, 55, 66]):
+        reference = torch.log_softmax(_hf_logits(model, ids), -1)  # (tokens, vocab)
+        runner = ModelRunner(ours, KvPool(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=2, head_dim=16,
+                                          dtype=torch.float32))
+        logits = torch.stack([runner.run_prefill([PrefillChunk([token], i, [0, 1])])[0] for i, token in enumerate(ids)])
+        kls.append((reference.exp() * (reference - torch.log_softmax(logits, -1))).sum(-1))
+    return float(torch.cat(kls).mean())
+
+
+def test_awq_checkpoint_keeps_the_model_closer_than_round_to_nearest(tiny, monkeypatch):
+    """AWQ's scales protect the channels where activations are large; with such channels (the fixture's
+    outliers) its int4 model must be clearly closer to the reference than plain round-to-nearest int4 at the
+    same group size: measured 0.39x RTN's KL (0.0042 against 0.0108), 0.70x without the outliers. Scales of 1
+    are round-to-nearest exactly (ratio 1) and fail."""
+    model, model_dir, _ = tiny
+    monkeypatch.setattr(awq, "calibration_token_ids", lambda _: [list(range(1, 60)), list(range(40, 100))])
+    awq_kl, rtn_kl = _mean_kl(model, model_dir, "int4-awq-g32"), _mean_kl(model, model_dir, "int4-g32")
+    assert awq_kl < 0.6 * rtn_kl, (awq_kl, rtn_kl)
     assert checkpoint_path(model_dir, "int4-awq-g32").exists()
-    sizes = stored_weight_bytes(ours)
+    sizes = stored_weight_bytes(load_model(model_dir, "int4-awq-g32"))
     assert sizes["lm_head"] == 0  # tied: the int8 embedding is the LM head, stored once
 
 
