@@ -5,6 +5,7 @@ than the matrix-vector product of a plain step, so the decode tier measures the 
 """
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -16,14 +17,16 @@ if TYPE_CHECKING:
 
 
 def measure_step_costs(runner: ModelRunner, blocks: BlockManager, k_max: int, draft: "DraftProposer | None" = None,
-                       *, context: int = 64, repeats: int = 5) -> tuple[float, ...]:
+                       *, context: int = 64, repeats: int = 5,
+                       clock: Callable[[], float] = time.perf_counter) -> tuple[float, ...]:
     """Time of a batch-1 step verifying k drafts, relative to a plain step, on this machine: what
     speculation trades against (small matrix products cost far more than a matrix-vector one on CPUs).
     With a draft model, the k draft forwards that propose the drafts are timed as part of the step.
 
     The k are timed in turn within each round, so a busy neighbour slows them alike, and each takes its
     median round; no k counts as cheaper than a plain step. Costs need not grow with k: BLAS picks
-    different kernels for different row counts (here 3 drafts measured cheaper than 2).
+    different kernels for different row counts (here 3 drafts measured cheaper than 2). `clock` is
+    time.perf_counter; a test may count work with it instead.
     """
     scratch = blocks.allocate(context + k_max + 1)
     try:
@@ -34,10 +37,10 @@ def measure_step_costs(runner: ModelRunner, blocks: BlockManager, k_max: int, dr
             samples = [[] for _ in items]
             for _ in range(repeats):
                 for k, item in enumerate(items):
-                    started = time.perf_counter()
+                    started = clock()
                     propose(k)
                     runner.run_decode([item])
-                    samples[k].append(time.perf_counter() - started)
+                    samples[k].append(clock() - started)
     finally:
         blocks.free(scratch)
     medians = [sorted(times)[len(times) // 2] for times in samples]

@@ -1,15 +1,20 @@
 """Starting and stopping a stack with the real launcher (`pdserve up`), for fixtures and tests."""
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from common.grpc_util import is_serving
 from common.launcher import free_port
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 # Small chunks and blocks so ordinary test prompts exercise chunked prefill and many KV blocks.
 STACK_CHUNK_SIZE = 32
@@ -29,6 +34,13 @@ class Stack:
 
     def decode_stats(self) -> decode_pb2.DecodeStats:
         return self.decode.Stats(decode_pb2.StatsRequest(), timeout=10)
+
+    def prefill_stats(self) -> prefill_pb2.PrefillStats:
+        return self.prefill.Stats(prefill_pb2.PrefillStatsRequest(), timeout=10)
+
+    def tier_pid(self, tier: str) -> int:
+        """The process id of one tier ("prefill", "decode", "gateway") under this stack's launcher."""
+        return tier_pid(self.process.pid, tier)
 
 
 def launch_stack(model_dir: Path, *extra: str,
@@ -54,6 +66,22 @@ def launch_stack(model_dir: Path, *extra: str,
     return process, addresses
 
 
+@contextmanager
+def running_stack(model_dir: Path, *extra: str) -> Iterator[Stack]:
+    """`pdserve up` with `extra` flags (launch_stack), with a stub per tier; stopped on leaving."""
+    process, addresses = launch_stack(model_dir, *extra)
+    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    try:
+        yield Stack(process=process, gateway_address=addresses["gateway"], prefill_address=addresses["prefill"],
+                    decode_address=addresses["decode"], gateway=gateway_pb2_grpc.GatewayStub(channels["gateway"]),
+                    prefill=prefill_pb2_grpc.PrefillStub(channels["prefill"]),
+                    decode=decode_pb2_grpc.DecodeStub(channels["decode"]))
+    finally:
+        for channel in channels.values():
+            channel.close()
+        stop_stack(process)
+
+
 def stop_stack(process: subprocess.Popen) -> int:
     process.send_signal(signal.SIGTERM)
     try:
@@ -61,3 +89,24 @@ def stop_stack(process: subprocess.Popen) -> int:
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait()
+
+
+def tier_pid(launcher_pid: int, tier: str) -> int:
+    """The child of the launcher whose command line runs `tier` (`... -m common.cli decode ...`)."""
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if tier.encode() in args[:4]:
+                return int(child)
+    raise LookupError(f"no {tier} process under launcher {launcher_pid}")
+
+
+@contextmanager
+def paused(pid: int):
+    """The process stopped (SIGSTOP) inside the block and resumed (SIGCONT) however the block ends: a test's
+    way to hold a tier still while it sets up what must happen meanwhile, instead of racing the clock."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -23,6 +23,7 @@ def add_distill_parser(sub, model_dir: Path) -> None:
     parser.add_argument("--batch-size", type=int, default=24, help="answers the target writes at once")
     parser.add_argument("--max-new-tokens", type=int, default=192, help="longest answer the target writes")
     parser.add_argument("--max-answers", type=int, help="stop writing after this many answers (default: the budget)")
+    parser.add_argument("--max-steps", type=int, help="stop training after this many steps (default: the budget)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per training step")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,5 +46,6 @@ def run_distill(args, default_model: Path) -> int:
                           minutes=args.minutes, layers=args.layers, head_tokens=args.head_tokens,
                           generate_share=args.generate_share, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, batch_tokens=args.batch_tokens, lr=args.lr,
-                          seed=args.seed, max_answers=args.max_answers, reuse_corpus=args.reuse_corpus))
+                          seed=args.seed, max_answers=args.max_answers, max_steps=args.max_steps,
+                          reuse_corpus=args.reuse_corpus))
     return 0

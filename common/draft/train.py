@@ -91,8 +91,9 @@ def evaluate(student: StudentLlama, batches: list[Batch]) -> Evaluation:
 
 
 def train(student: StudentLlama, batches: list[Batch], deadline: float, lr: float, rng: random.Random,
-          on_log: Callable[[dict], None], held_out: list[Batch], log_every_s: float = 60.0) -> dict:
-    """Steps over `batches` (reshuffled each epoch) until the monotonic deadline; every log_every_s scores
+          on_log: Callable[[dict], None], held_out: list[Batch], log_every_s: float = 60.0,
+          max_steps: int | None = None) -> dict:
+    """Steps over `batches` (reshuffled each epoch) until the monotonic deadline (or max_steps); every log_every_s scores
     `held_out` and keeps the best weights so far, which the student holds on return (a small corpus is
     learnt by heart within minutes). Returns the totals."""
     params = [p for p in student.parameters() if p.requires_grad]
@@ -101,12 +102,13 @@ def train(student: StudentLlama, batches: list[Batch], deadline: float, lr: floa
     step = epoch = 0
     recent: list[tuple[float, float]] = []
     best = _Best(evaluate(student, held_out).loss, 0, _copy(params))
-    while time.monotonic() < deadline:
+    limit = max_steps if max_steps is not None else float("inf")
+    while time.monotonic() < deadline and step < limit:
         order = list(batches)
         rng.shuffle(order)
         for batch in order:
             now = time.monotonic()
-            if now >= deadline:
+            if now >= deadline or step >= limit:
                 break
             progress = (now - started) / max(deadline - started, 1e-9)
             for group in optimiser.param_groups:

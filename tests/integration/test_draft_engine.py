@@ -126,10 +126,24 @@ def test_sampled_drafts_carry_their_distribution_and_are_reproducible(runtime, m
     assert first == again
 
 
-def test_calibration_prices_the_draft_and_a_slow_draft_turns_speculation_off(runtime, model_dir):
+def test_calibration_prices_the_draft_and_a_slow_draft_turns_speculation_off(runtime, model_dir, monkeypatch):
+    """Calibration prices a step verifying k drafts with the k draft forwards that proposed them. Timed by a
+    clock that counts model forwards (so the figures do not depend on this machine's speed or load): a
+    verify step is one forward, and drafting with the target adds k more, so speculation never pays."""
     engine = _engine(runtime, model_dir, model_dir)  # drafting with the target costs a target step per token
-    plain = measure_step_costs(runtime.runner, runtime.blocks, 4, repeats=3)
-    with_draft = measure_step_costs(runtime.runner, runtime.blocks, 4, engine.draft, repeats=3)
-    assert with_draft[4] > plain[4] + 2.0  # four more forwards of the same size
+    forwards = 0
+    for runner in (runtime.runner, engine.draft.runner):
+        counted = runner.run_decode
+
+        def run_decode(items, counted=counted):
+            nonlocal forwards
+            forwards += 1
+            return counted(items)
+
+        monkeypatch.setattr(runner, "run_decode", run_decode)
+    plain = measure_step_costs(runtime.runner, runtime.blocks, 4, repeats=3, clock=lambda: forwards)
+    with_draft = measure_step_costs(runtime.runner, runtime.blocks, 4, engine.draft, repeats=3, clock=lambda: forwards)
+    assert plain == (1.0,) * 5
+    assert with_draft == (1.0, 2.0, 3.0, 4.0, 5.0)
     assert SpecState(max_k=4, step_costs=with_draft).next_k() == 0
     assert engine.draft.num_free_blocks == engine.draft.blocks.num_blocks  # scratch blocks given back

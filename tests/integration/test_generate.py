@@ -2,12 +2,14 @@
 generate on the same weights, token for token; concurrent requests share decode batches."""
 
 import concurrent.futures
+import time
 
 import pytest
 
 from pdserve.v1 import common_pb2
 
-from helpers import collect, hf_greedy, request
+from helpers import assert_greedy_matches, collect, hf_greedy, request
+from stack import STACK_BLOCK_SIZE, STACK_CHUNK_SIZE, paused
 
 MAX_NEW_TOKENS = 20
 _PARAGRAPH = (
@@ -54,7 +56,7 @@ def test_greedy_output_equals_transformers(stack, hf_model, name):
 
     token_ids, text, last = collect(stack.gateway, _service_request(name))
 
-    assert token_ids == expected
+    assert_greedy_matches(hf_model, prompt_ids, token_ids, expected)
     assert text == hf_model[1].decode(expected, skip_special_tokens=True)
     assert last.usage.prompt_tokens == len(prompt_ids)
     assert last.usage.completion_tokens == len(expected)
@@ -66,13 +68,18 @@ def test_greedy_output_equals_transformers(stack, hf_model, name):
 def test_prompt_token_ids_equal_transformers(stack, hf_model):
     prompt_ids = hf_model[1]("Numbers: 1, 2, 3, 4,").input_ids
     token_ids, _, _ = collect(stack.gateway, request(token_ids=prompt_ids, max_new_tokens=MAX_NEW_TOKENS))
-    assert token_ids == hf_greedy(hf_model, prompt_ids, MAX_NEW_TOKENS)
+    assert_greedy_matches(hf_model, prompt_ids, token_ids, hf_greedy(hf_model, prompt_ids, MAX_NEW_TOKENS))
 
 
 def test_long_prompt_was_prefilled_in_chunks(stack, hf_model):
+    """The stack's prefill tier runs chunks of STACK_CHUNK_SIZE tokens: a ~400-token prompt alone takes one
+    forward pass per chunk, and its greedy output is still transformers'."""
     prompt_ids = _hf_ids(hf_model, "many_blocks")
-    _, _, last = collect(stack.gateway, _service_request("many_blocks", max_new_tokens=2))
-    assert last.usage.prompt_tokens == len(prompt_ids) > 16 * 20
+    steps_before = stack.prefill_stats().num_steps
+    token_ids, _, last = collect(stack.gateway, _service_request("many_blocks", max_new_tokens=2))
+    assert stack.prefill_stats().num_steps - steps_before == -(-len(prompt_ids) // STACK_CHUNK_SIZE) > 10
+    assert token_ids == hf_greedy(hf_model, prompt_ids, 2)
+    assert last.usage.prompt_tokens == len(prompt_ids) > STACK_BLOCK_SIZE * 20
     assert last.timings.prefill_ms > 0 and last.timings.time_to_first_token_ms > 0
     assert last.timings.total_ms >= last.timings.time_to_first_token_ms
 
@@ -88,16 +95,24 @@ def _concurrent_prompts() -> list[tuple[str, int]]:
 
 
 def test_concurrent_requests_equal_solo_and_share_batches(stack):
+    """Plain decoding (speculation off: one token per sequence per step): 32 requests arriving together give
+    their solo outputs, and the decode tier runs them in shared steps. The decode tier is paused while they
+    are sent, so they all wait at their reservation and then arrive at once, whatever the machine's speed."""
     prompts = _concurrent_prompts()
-    solo = [collect(stack.gateway, request(p, max_new_tokens=n))[0] for p, n in prompts]
-    steps_before = stack.decode_stats().num_steps
+    solo = [collect(stack.gateway, request(p, max_new_tokens=n, speculative=False))[0] for p, n in prompts]
+    before = stack.decode_stats()
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        futures = [pool.submit(collect, stack.gateway, request(p, max_new_tokens=n)) for p, n in prompts]
+        with paused(stack.tier_pid("decode")):
+            futures = [pool.submit(collect, stack.gateway, request(p, max_new_tokens=n, speculative=False))
+                       for p, n in prompts]
+            time.sleep(1.0)  # for the requests to reach the gateway; later ones would only batch less
         together = [f.result()[0] for f in futures]
+    after = stack.decode_stats()
 
     assert together == solo
-    stats = stack.decode_stats()
-    assert stats.max_batch_size > 1
-    # Shared batches: far fewer decode steps than tokens generated.
-    assert stats.num_steps - steps_before < sum(len(t) for t in together) / 2
+    # Tokens per step is the mean batch size (the first token of each comes from prefill): one if the
+    # requests had run one after another.
+    tokens, steps = after.num_tokens_generated - before.num_tokens_generated, after.num_steps - before.num_steps
+    assert tokens == sum(len(t) - 1 for t in together)
+    assert tokens / steps > 2, (tokens, steps)

@@ -21,13 +21,14 @@ def test_a_short_distillation_saves_a_draft_that_learned_and_loads(model_dir, tm
     out = tmp_path / "draft"
     # A child process, as the command runs: the CLI sets OMP_WAIT_POLICY before torch loads (in this process
     # torch is loaded already, and spinning OpenMP threads beside other work made each step seconds long).
+    # Counts, not the clock, end each stage: 6 answers, 40 steps, well inside a 10-minute budget on any machine.
     subprocess.run([sys.executable, "-m", "common.cli", "distill-draft", "--model", str(model_dir), "--out", str(out),
-                    "--minutes", "1", "--layers", "1", "--batch-size", "4", "--max-new-tokens", "16",
-                    "--max-answers", "6", "--head-tokens", "1024", "--batch-tokens", "512"], check=True, timeout=180)
+                    "--minutes", "10", "--layers", "1", "--batch-size", "4", "--max-new-tokens", "16",
+                    "--max-answers", "6", "--max-steps", "40", "--head-tokens", "1024", "--batch-tokens", "512"],
+                   check=True, timeout=600)
     report = json.loads((out / "distill" / "report.json").read_text())
-    assert report["corpus"]["answers"] >= 2 and report["training"]["steps"] >= 1
+    assert report["corpus"]["answers"] == 6 and report["training"]["steps"] == 40
     assert report["held_out_after"]["loss"] < report["held_out_before"]["loss"]
-    assert report["total_seconds"] < 60 + 30  # the budget, plus loading and saving
     check_draft_matches(model_dir, out)  # the target's tokenizer files came along
     assert ModelConfig.from_dir(out).num_layers == 1
     assert len(json.loads((out / HEAD_FILE).read_text())["token_ids"]) == 1024
