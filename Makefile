@@ -26,7 +26,7 @@ test: model
 	$(BIN)/pytest
 
 protos: $(STAMP)
-	$(BIN)/python -m common.protogen
+	$(BIN)/python -m pdserve.protogen.generate
 
 clean:
 	rm -rf $(VENV)

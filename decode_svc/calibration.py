@@ -9,7 +9,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
-from common.block_manager import BlockManager
+from common.kv.block_manager import BlockManager
 from common.model.runner import DecodeItem, ModelRunner
 
 if TYPE_CHECKING:

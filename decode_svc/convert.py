@@ -1,6 +1,6 @@
 """Protobuf <-> domain objects for the decode service. Nothing past this module sees protobuf."""
 
-from common.proto_convert import FINISH_REASONS
+from common.edge.proto import FINISH_REASONS
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot
 from pdserve.v1 import common_pb2, decode_pb2
 

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from common.block_manager import BlockManager, OutOfBlocks
-from common.config import DecodeConfig
-from common.draft import HEAD_FILE
-from common.kv_pool import KvPool
+from common.basics.config import DecodeConfig
+from common.basics.sampling import SamplingConfig
+from common.kv.block_manager import BlockManager, OutOfBlocks
+from common.kv.pool import KvPool
+from common.model.draft_head import HEAD_FILE
 from common.model.linear import DenseLinear
 from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
+from common.model.sampling import probabilities
 from common.model.weights import load_model
-from common.sampling import SamplingConfig, probabilities
 from decode_svc.draft_check import check_draft_matches
 from decode_svc.sequence import Sequence
 from decode_svc.speculation import Proposal

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.model.config import ModelConfig
+from common.basics.model_config import ModelConfig
 
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

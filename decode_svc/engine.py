@@ -19,21 +19,25 @@ import time
 import uuid
 from collections import deque
 
-import torch
-
-from common.block_manager import BlockManager, OutOfBlocks
-from common.engine_loop import EngineLoop
-from common.errors import InvalidArgument, NotFound, ResourceExhausted
-from common.kv_quant import KvRows
+from common.basics.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.basics.sampling import SamplingConfig
+from common.basics.stop_strings import StopWatcher
+from common.basics.tokenizer import TextTokenizer
+from common.kv.block_manager import BlockManager, OutOfBlocks
+from common.kv.quant import KvRows
 from common.model.runner import DecodeItem, ModelRunner
-from common.sampling import SamplingConfig
-from common.stop_strings import StopWatcher
-from common.tokenizer import TextTokenizer
+from common.runtime.engine_loop import EngineLoop
 from decode_svc.calibration import measure_step_costs
 from decode_svc.draft import DraftProposer
 from decode_svc.scheduler import Scheduler, SeqView
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
-from decode_svc.speculation import PromptLookupProposer, Proposal, SpecState, SpeculationConfig, choose
+from decode_svc.speculation import (
+    PromptLookupProposer,
+    Proposal,
+    SpecState,
+    SpeculationConfig,
+    choose,
+)
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL

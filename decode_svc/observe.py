@@ -9,8 +9,8 @@ import time
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from common.metrics import DecodeMetrics
-from common.tracing import WallClock, record_phase, tracer
+from common.edge.metrics import DecodeMetrics
+from common.edge.tracing import WallClock, record_phase, tracer
 from decode_svc.engine import DecodeEvent, Sequence
 
 _TRACER = "pdserve.decode"

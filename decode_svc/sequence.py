@@ -5,8 +5,8 @@ import queue
 import time
 from dataclasses import dataclass, field
 
-from common.sampling import SamplingConfig
-from common.stop_strings import StopWatcher
+from common.basics.sampling import SamplingConfig
+from common.basics.stop_strings import StopWatcher
 from decode_svc.speculation import SpecState
 
 

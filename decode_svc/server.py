@@ -8,15 +8,20 @@ import grpc
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
-from common import kv_wire
-from common.config import DecodeConfig
-from common.errors import FailedPrecondition, Internal, InvalidArgument, PdserveError
-from common.grpc_util import add_health, make_server, maps_errors, set_serving
-from common.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
-from common.proto_convert import compat_to_proto, sampling_from_proto
-from common.tier import bind, build_runtime
-from common.tokenizer import TextTokenizer
-from common.tracing import incoming_context, tracer
+from common.basics.config import DecodeConfig
+from common.basics.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    PdserveError,
+)
+from common.basics.tokenizer import TextTokenizer
+from common.edge.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
+from common.edge.proto import compat_to_proto, sampling_from_proto
+from common.edge.server import add_health, bind, make_server, maps_errors, set_serving
+from common.edge.tracing import incoming_context, tracer
+from common.kv import wire as kv_wire
+from common.runtime.tier import build_runtime
 from decode_svc.convert import event_to_proto, stats_to_proto
 from decode_svc.draft import draft_for
 from decode_svc.engine import FINISH_ERROR, DecodeEngine

@@ -14,8 +14,9 @@ from typing import Protocol
 
 import torch
 
-from common.config import SPECULATIVE_METHODS
-from common.sampling import SamplingConfig, draw, probabilities, sample, uniform
+from common.basics.config import SPECULATIVE_METHODS
+from common.basics.sampling import SamplingConfig
+from common.model.sampling import draw, probabilities, sample, uniform
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry.trace import Span, SpanKind
 
-from common.proto_convert import sampling_to_proto
-from common.tracing import child_span, outgoing_metadata
+from common.edge.proto import sampling_to_proto
+from common.edge.tracing import child_span, outgoing_metadata
 from gateway.router import Router
 from gateway.validation import GenerationSpec
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc

@@ -2,7 +2,7 @@
 happened (tokenized, first token, finished, failed) and this module decides how it is recorded.
 
 The request span is never made current: the servicer is a generator that gRPC may abandon on a client
-cancel, and every child span names its parent explicitly (common.tracing.child_span)."""
+cancel, and every child span names its parent explicitly (common.edge.tracing.child_span)."""
 
 import time
 
@@ -10,8 +10,8 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from common.metrics import GatewayMetrics
-from common.tracing import tracer
+from common.edge.metrics import GatewayMetrics
+from common.edge.tracing import tracer
 from gateway.validation import GenerationSpec
 
 GEN_AI_PROVIDER = "pdserve"

@@ -7,16 +7,25 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from common.config import GatewayConfig
-from common.errors import PdserveError
-from common.grpc_util import (REQUEST_ID_KEY, add_health, make_channel, make_server, maps_errors, metadata_value,
-                              set_serving, status_of, time_remaining_s)
-from common.metrics import GatewayMetrics
-from common.model.config import ModelConfig
-from common.proto_convert import FINISH_REASONS
-from common.tier import bind
-from common.tokenizer import TextTokenizer
-from common.tracing import child_span, incoming_context
+from common.basics.config import GatewayConfig
+from common.basics.errors import PdserveError
+from common.basics.model_config import ModelConfig
+from common.basics.tokenizer import TextTokenizer
+from common.edge.metrics import GatewayMetrics
+from common.edge.proto import FINISH_REASONS
+from common.edge.server import (
+    REQUEST_ID_KEY,
+    add_health,
+    bind,
+    make_channel,
+    make_server,
+    maps_errors,
+    metadata_value,
+    set_serving,
+    status_of,
+    time_remaining_s,
+)
+from common.edge.tracing import child_span, incoming_context
 from gateway.generation import Generation, Stubs, TierError
 from gateway.observe import RequestObserver
 from gateway.router import Router

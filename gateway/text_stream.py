@@ -5,8 +5,8 @@ of a stop string is held back until it is clearly not one. When a stop string ap
 to it is released and the stream is done; the stop string itself is never sent.
 """
 
-from common.stop_strings import find_stop, stop_prefix_length
-from common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from common.basics.stop_strings import find_stop, stop_prefix_length
+from common.basics.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 class TextStream:

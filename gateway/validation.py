@@ -4,11 +4,11 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
-from common.config import GatewayConfig
-from common.errors import InvalidArgument
-from common.proto_convert import sampling_from_proto
-from common.sampling import SamplingConfig
-from common.tokenizer import TextTokenizer
+from common.basics.config import GatewayConfig
+from common.basics.errors import InvalidArgument
+from common.basics.sampling import SamplingConfig
+from common.basics.tokenizer import TextTokenizer
+from common.edge.proto import sampling_from_proto
 from pdserve.v1 import gateway_pb2
 
 CHAT_ROLES = ("system", "user", "assistant")

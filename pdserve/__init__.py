@@ -1,1 +1,1 @@
-"""Generated wire code for the pdserve.v1 protocol (see protos/ and common/protogen.py)."""
+"""Generated wire code for the pdserve.v1 protocol (see protos/ and pdserve/protogen/generate.py)."""

@@ -14,12 +14,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.block_manager import BlockManager, OutOfBlocks
-from common.engine_loop import EngineLoop
-from common.errors import ResourceExhausted
-from common.kv_quant import KvRows
+from common.basics.errors import ResourceExhausted
+from common.basics.sampling import SamplingConfig
+from common.kv.block_manager import BlockManager, OutOfBlocks
+from common.kv.quant import KvRows
 from common.model.runner import ModelRunner, PrefillChunk
-from common.sampling import SamplingConfig, sample
+from common.model.sampling import sample
+from common.runtime.engine_loop import EngineLoop
 from prefill_svc.kv_sender import KvSender
 
 

@@ -19,9 +19,9 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from common import kv_wire
-from common.kv_quant import KvRows
-from common.tracing import outgoing_metadata, tracer
+from common.edge.tracing import outgoing_metadata, tracer
+from common.kv import wire as kv_wire
+from common.kv.quant import KvRows
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 

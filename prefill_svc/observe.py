@@ -4,8 +4,8 @@ the tier's metrics."""
 
 from opentelemetry.trace import Span
 
-from common.metrics import PrefillMetrics
-from common.tracing import WallClock, record_phase
+from common.edge.metrics import PrefillMetrics
+from common.edge.tracing import WallClock, record_phase
 from pdserve.v1 import decode_pb2
 from prefill_svc.engine import PrefillJob
 from prefill_svc.kv_sender import GrpcKvSender

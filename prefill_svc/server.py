@@ -9,15 +9,32 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
-from common.compat import Compat
-from common.config import PrefillConfig
-from common.errors import Cancelled, FailedPrecondition, Internal, InvalidArgument, PdserveError, Unavailable
-from common.grpc_util import (REQUEST_ID_KEY, add_health, make_channel, make_server, maps_errors, metadata_value,
-                              set_serving, status_of, time_remaining_s)
-from common.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
-from common.proto_convert import compat_from_proto, compat_to_proto, sampling_from_proto
-from common.tier import bind, build_runtime
-from common.tracing import incoming_context, tracer
+from common.basics.compat import Compat
+from common.basics.config import PrefillConfig
+from common.basics.errors import (
+    Cancelled,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    PdserveError,
+    Unavailable,
+)
+from common.edge.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
+from common.edge.proto import compat_from_proto, compat_to_proto, sampling_from_proto
+from common.edge.server import (
+    REQUEST_ID_KEY,
+    add_health,
+    bind,
+    make_channel,
+    make_server,
+    maps_errors,
+    metadata_value,
+    set_serving,
+    status_of,
+    time_remaining_s,
+)
+from common.edge.tracing import incoming_context, tracer
+from common.runtime.tier import build_runtime
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from prefill_svc.engine import PrefillEngine, PrefillJob
 from prefill_svc.kv_sender import GrpcKvSender

@@ -14,9 +14,10 @@ if not torch.cuda.is_available():
 import pytest
 from stack import running_stack
 
-from common.config import default_model_dir
-from common.machine import describe_machine
-from common.model.prepare import prepare_default_model
+from common.basics.config import default_model_dir
+from common.basics.tokenizer import TextTokenizer
+from common.runtime.machine import describe_machine
+from pdserve.prepare.default_model import prepare_default_model
 
 
 def pytest_report_header(config) -> list[str]:
@@ -54,3 +55,16 @@ def hf_model_f64(model_dir):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir) -> TextTokenizer:
+    return TextTokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_dir):
+    """The independent reference: Hugging Face transformers' tokenizer for the same directory."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

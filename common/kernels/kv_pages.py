@@ -1,17 +1,17 @@
 """KV page gather/scatter for transfer: copy a sequence's scattered pool slots into one contiguous buffer
 (prefill side, before sending) and write received pages into the receiver's slots (decode side).
 
-Pool layout (common/kv_pool.py): (layers, slots, kv_heads, head_dim); pages: (layers, num_tokens, kv_heads,
+Pool layout (common/kv/pool.py): (layers, slots, kv_heads, head_dim); pages: (layers, num_tokens, kv_heads,
 head_dim). One program copies one token row of one layer; dtype conversion happens on the way (e.g. a
 float32 sender into a float16 pool). Quantised codes (int8, fp8) only move unconverted: their scales
-(common/kv_quant.py) travel beside them, and a cast of codes alone would lose the scale.
+(common/kv/quant.py) travel beside them, and a cast of codes alone would lose the scale.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from common.kv_quant import is_quantised
+from common.kv.quant import is_quantised
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _scatter_kernel(cache_ptr, pages_ptr, slots_ptr, num_tokens, stride_cl, stri
 def _check(cache: torch.Tensor, other: torch.dtype) -> int:
     if cache.dtype != other and (is_quantised(cache.dtype) or is_quantised(other)):
         raise ValueError(f"quantised KV moves as codes plus scales, never converted ({cache.dtype} <-> {other}): "
-                         "use the pool's own dtype and dequantise with common/kv_quant.py")
+                         "use the pool's own dtype and dequantise with common/kv/quant.py")
     if not cache[0, 0].is_contiguous():
         raise ValueError("each (kv_heads, head_dim) row of the cache must be contiguous")
     return cache.shape[2] * cache.shape[3]

@@ -1,6 +1,6 @@
 """Paged-attention decode: one query token per sequence against its KV, read in place from the paged pool.
 
-The pool's layout (common/kv_pool.py): per layer, key and value are (slots, kv_heads, head_dim) with
+The pool's layout (common/kv/pool.py): per layer, key and value are (slots, kv_heads, head_dim) with
 slot = block * block_size + offset; a sequence's blocks are listed in its row of `block_tables`.
 One program handles one (sequence, KV head) pair and all query heads of that KV head's group, so each
 key/value block is read once per group; softmax runs online over the blocks (flash-decoding style).
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common.kv_quant import dequantise, is_quantised
+from common.kv.quant import dequantise, is_quantised
 
 
 @triton.jit

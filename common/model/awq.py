@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from common.kv_pool import KvPool
-from common.model.config import ModelConfig
+from common.basics.model_config import ModelConfig
+from common.kv.pool import KvPool
 from common.model.linear import WeightFormat
 from common.model.llama import LlamaModel
 from common.model.mlp import DenseMlp
@@ -36,7 +36,7 @@ SEQUENCE_TOKENS = 128
 
 def calibration_token_ids(model_dir: Path) -> list[list[int]]:
     """The calibration texts (paragraphs of awq_calibration.txt), tokenised and cut into sequences."""
-    from common.tokenizer import TextTokenizer
+    from common.basics.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(model_dir)
     ids: list[int] = []

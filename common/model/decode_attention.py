@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.kv_pool import KvPool
-from common.model.config import ModelConfig
+from common.basics.model_config import ModelConfig
+from common.kv.pool import KvPool
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from common.kv_pool import KvPool
-from common.kv_quant import KvRows
-from common.model.config import ModelConfig
+from common.basics.model_config import ModelConfig
+from common.kv.pool import KvPool
+from common.kv.quant import KvRows
 from common.model.decode_attention import DecodeAttention, DecodeBatch
 from common.model.linear import DenseLinear, PackedLinear, make_linear
 from common.model.mlp import DenseMlp

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common.kv_pool import KvPool
-from common.kv_quant import KvRows
-from common.model.decode_groups import plan_groups
+from common.kv.pool import KvPool
+from common.kv.quant import KvRows
 from common.model.decode_attention import DecodeBatch, DecodeGroup, SeqContext
+from common.model.decode_groups import plan_groups
 from common.model.llama import LlamaModel, PrefillSpan
 
 # (chunk index in the batch, layer, the chunk's K and V of that layer as the pool stored them)

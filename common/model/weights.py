@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.compat import weights_digest
-from common.model.config import ModelConfig
+from common.basics.compat import weights_digest
+from common.basics.model_config import ModelConfig
 from common.model.linear import WeightFormat, weight_format
 from common.model.llama import LlamaModel
 from common.model.moe import split_experts

@@ -2,8 +2,12 @@
 
     .venv/bin/python scripts/micro/blocked_weights.py      (one thread, context 128, default model, fp32)
 """
-import time, statistics
-from micro_setup import decode_items as items, default_runner, print_machine
+import statistics
+import time
+
+from micro_setup import decode_items as items
+from micro_setup import default_runner, print_machine
+
 print_machine()
 runner = default_runner(num_blocks=1024); model = runner.model
 print("linears given a blocked copy:", model.add_blocked_copies())

@@ -6,7 +6,12 @@ at a few batch sizes and contexts, and over four sequences of different lengths 
     git worktree add /tmp/old <commit>
     .venv/bin/python scripts/micro/compare_checkouts.py /tmp/old [NEW_CHECKOUT] [--rounds 3]
 """
-import argparse, json, statistics, subprocess, sys, time
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 STEPS = ((1, 128), (1, 1000), (8, 300), (16, 128), (8, 1000))  # (batch, context)
@@ -16,6 +21,7 @@ MIXED = (100, 400, 700, 1000)  # one step over sequences of these contexts
 def child(repo: str) -> None:
     sys.path[:0] = [repo, repo + "/scripts/micro"]
     from micro_setup import BLOCK_SIZE, decode_items, default_runner
+
     from common.model.runner import DecodeItem
 
     def mixed_items():
@@ -52,7 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.old)
-    from micro_setup import print_machine  # this checkout's: the children run on the same machine
+    from micro_setup import (
+        print_machine,  # this checkout's: the children run on the same machine
+    )
     print_machine()
     runs = {"old": [], "new": []}
     for _ in range(args.rounds):

@@ -1,7 +1,11 @@
-import time, statistics
+import statistics
+import time
+
 from micro_setup import default_runner, print_machine
+
 import common.model.runner as R
 from common.model.runner import DecodeItem
+
 print_machine()
 runner = default_runner(num_blocks=2048)
 new_plan, new_use = R.plan_groups, R._blocks_in_use

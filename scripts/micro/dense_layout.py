@@ -1,7 +1,12 @@
-import time, statistics
+import statistics
+import time
+
 import torch.nn.functional as F
-from micro_setup import decode_items as items, default_runner, print_machine
+from micro_setup import decode_items as items
+from micro_setup import default_runner, print_machine
+
 from common.model.linear import DenseLinear
+
 print_machine()
 runner = default_runner(num_blocks=512)
 # the old layout: (out, in) contiguous, F.linear

@@ -3,10 +3,15 @@ fp16 weights with FBGEMM's packed copies, side by side in one process (fidelity:
 
     .venv/bin/python scripts/micro/fp16_weights.py      (one thread, context 128, default model)
 """
-import statistics, time
+import statistics
+import time
+
 import torch
-from micro_setup import decode_items as items, default_runner, print_machine
+from micro_setup import decode_items as items
+from micro_setup import default_runner, print_machine
+
 from common.model.runner import PrefillChunk
+
 print_machine()
 runners = {"fp32": default_runner(1024, "fp32"), "fp16": default_runner(1024, "fp16")}
 for name, runner in runners.items():

@@ -9,11 +9,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from common.config import default_model_dir  # noqa: E402
-from common.machine import describe_machine  # noqa: E402
-from common.kv_pool import KvPool  # noqa: E402
+from common.basics.config import default_model_dir  # noqa: E402
+from common.kv.pool import KvPool  # noqa: E402
 from common.model.runner import DecodeItem, ModelRunner  # noqa: E402
 from common.model.weights import load_model  # noqa: E402
+from common.runtime.machine import describe_machine  # noqa: E402
 
 BLOCK_SIZE = 16
 MODEL_DIR = default_model_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~"))

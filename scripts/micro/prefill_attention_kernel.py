@@ -1,5 +1,9 @@
-import torch, time, torch.nn.functional as F
+import time
+
+import torch
+import torch.nn.functional as F
 from micro_setup import print_machine
+
 print_machine()
 torch.set_num_threads(1)
 for n in (512, 1024):

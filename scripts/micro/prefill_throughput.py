@@ -1,6 +1,11 @@
-import sys, time, torch
+import sys
+import time
+
+import torch
 from micro_setup import default_runner, print_machine
+
 from common.model.runner import PrefillChunk
+
 print_machine()
 runner = default_runner(num_blocks=256)
 a = torch.randn(2048, 2048); b = torch.randn(2048, 2048); a @ b

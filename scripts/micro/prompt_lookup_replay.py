@@ -9,10 +9,13 @@ interpolated from scripts/micro/blocked_weights.py). Prints tokens per plain-ste
 
     .venv/bin/python scripts/micro/prompt_lookup_replay.py
 """
-import json, statistics
+import json
+import statistics
 from pathlib import Path
+
 import torch
 from micro_setup import MODEL_DIR, print_machine
+
 from decode_svc.speculation import PromptLookupProposer, SpecState
 
 COSTS = [1.00, 1.41, 1.48, 1.56, 1.68, 1.74, 1.80, 1.86, 1.91]
@@ -23,8 +26,9 @@ def greedy_answers() -> list[dict]:
     if CACHE.exists():
         return json.loads(CACHE.read_text())
     from transformers import AutoModelForCausalLM
-    from common.bench.workloads import WORKLOADS, make_requests
-    from common.tokenizer import TextTokenizer
+
+    from common.basics.tokenizer import TextTokenizer
+    from pdserve.bench.workloads import WORKLOADS, make_requests
     torch.set_num_threads(1)
     tok, model = TextTokenizer(MODEL_DIR), AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     out = []

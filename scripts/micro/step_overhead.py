@@ -3,9 +3,14 @@ with every linear swapped for a stand-in that returns a preallocated output at n
 
     .venv/bin/python scripts/micro/step_overhead.py [WEIGHTS]      (one thread, context 128; default fp16)
 """
-import statistics, sys, time
+import statistics
+import sys
+import time
+
 import torch
-from micro_setup import decode_items as items, default_runner, print_machine
+from micro_setup import decode_items as items
+from micro_setup import default_runner, print_machine
+
 print_machine()
 runner = default_runner(1024, sys.argv[1] if len(sys.argv) > 1 else "fp16"); model = runner.model
 model.add_blocked_copies()

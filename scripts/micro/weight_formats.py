@@ -1,5 +1,10 @@
-import sys, time, statistics
-from micro_setup import decode_items as items, default_runner, print_machine
+import statistics
+import sys
+import time
+
+from micro_setup import decode_items as items
+from micro_setup import default_runner, print_machine
+
 print_machine()
 runners = {fmt: default_runner(num_blocks=512, weights=fmt) for fmt in sys.argv[1:]}
 for batch in (1, 2, 4, 8):

@@ -5,7 +5,8 @@ One child process per format, so each starts from the same empty heap.
 
     .venv/bin/python scripts/micro/weight_memory.py [FORMAT ...]      (default: fp32 fp16)
 """
-import subprocess, sys
+import subprocess
+import sys
 
 
 def anonymous_rss_mib() -> float:
@@ -15,6 +16,7 @@ def anonymous_rss_mib() -> float:
 
 def child(weights: str) -> None:
     from micro_setup import MODEL_DIR
+
     from common.model.weights import load_model, stored_weight_bytes
     before = anonymous_rss_mib()
     model = load_model(MODEL_DIR, weights)

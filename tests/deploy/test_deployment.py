@@ -26,9 +26,9 @@ from pathlib import Path
 import docker
 import grpc
 import pytest
-
-from common.trace_report import read_spans
 from helpers import request
+
+from pdserve.trace_report.report import read_spans
 from pdserve.v1 import gateway_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,7 +208,7 @@ def test_trace_report_reads_the_collector_file(deployment, traffic, tmp_path):
             or not REPORTED_PHASES <= set(phases):
         assert time.monotonic() < deadline, f"after {FLUSH_TIMEOUT_S} s the collector's file holds {dict(phases)}"
         time.sleep(1)
-    result = subprocess.run([sys.executable, "-m", "common.cli", "trace-report", str(tmp_path / "spans.jsonl")],
+    result = subprocess.run([sys.executable, "-m", "pdserve.cli", "trace-report", str(tmp_path / "spans.jsonl")],
                             capture_output=True, text=True, timeout=120, check=True)
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
     assert int(rows["request"][2]) >= NUM_REQUESTS

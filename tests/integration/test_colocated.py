@@ -6,11 +6,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
-from stack import launch_stack, stop_stack
 from helpers import assert_greedy_matches, collect, hf_greedy, request
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from test_topology import _child_pids
+from stack import launch_stack, stop_stack
+from stack_probes import tier_pids
+
+from pdserve.v1 import (
+    decode_pb2,
+    decode_pb2_grpc,
+    gateway_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
 
 ENGINE_CPU = min(os.sched_getaffinity(0))
 GATEWAY_CPU = max(os.sched_getaffinity(0))
@@ -24,14 +30,9 @@ def colocated(model_dir):
     stop_stack(process)
 
 
-def _cmdline(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline") as f:
-        return f.read().split("\0")
-
-
 def test_one_engine_process_serves_both_services_pinned(colocated):
     process, addresses = colocated
-    children = {_cmdline(pid)[3]: pid for pid in _child_pids(process.pid)}  # python -m common.cli <tier>
+    children = tier_pids(process.pid)
     assert set(children) == {"colocated", "gateway"}
     assert os.sched_getaffinity(children["colocated"]) == {ENGINE_CPU}
     assert os.sched_getaffinity(children["gateway"]) == {GATEWAY_CPU}

@@ -11,14 +11,13 @@ import subprocess
 import sys
 
 import pytest
-from stack import launch_stack, stop_stack
-
-from common.launcher import free_port
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
-
 from draft_models import truncated_draft
 from helpers import collect, request
-from test_speculation import MAX_NEW_TOKENS, PROMPTS
+from speculation_prompts import MAX_NEW_TOKENS, PROMPTS
+from stack import launch_stack, stop_stack
+
+from pdserve.launcher import free_port
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def test_a_draft_with_another_tokenizer_stops_the_decode_tier_at_start_up(model_
     vocab = tokenizer["model"]["vocab"]
     vocab["the"], vocab["and"] = vocab["and"], vocab["the"]
     (bad / "tokenizer.json").write_text(json.dumps(tokenizer))
-    done = subprocess.run([sys.executable, "-m", "common.cli", "decode", "--model", str(model_dir),
+    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "decode", "--model", str(model_dir),
                            "--port", str(free_port("127.0.0.1")), "--metrics-port", "0", "--kv-memory-mb", "64",
                            "--speculative", "draft", "--draft-model", str(bad)],
                           capture_output=True, text=True, timeout=120)

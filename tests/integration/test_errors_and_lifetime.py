@@ -6,12 +6,11 @@ import time
 import grpc
 import pytest
 import torch
-
-from common import kv_wire
-from pdserve.v1 import common_pb2, decode_pb2
-
 from helpers import collect, request
 from stack import paused
+
+from common.kv import wire as kv_wire
+from pdserve.v1 import common_pb2, decode_pb2
 
 BAD_REQUESTS = {
     "no input": (request(max_new_tokens=4), "set one of prompt, messages or prompt_token_ids"),

@@ -3,12 +3,12 @@
 import subprocess
 import sys
 
-from common.eval.startup_gate import check_startup_fidelity
+from common.fidelity.gate import check_startup_fidelity
 
 
 def test_decode_tier_refuses_int4_g128_under_a_ten_percent_perplexity_gate(model_dir):
     # docs/fidelity.md: int4-g128 (round-to-nearest) raises perplexity by ~86 % on this model
-    done = subprocess.run([sys.executable, "-m", "common.cli", "decode", "--model", str(model_dir), "--port", "0",
+    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "decode", "--model", str(model_dir), "--port", "0",
                            "--metrics-port", "0", "--weights", "int4-g128", "--fidelity-max-ppl-increase", "0.1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]

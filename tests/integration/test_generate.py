@@ -5,11 +5,10 @@ import concurrent.futures
 import time
 
 import pytest
-
-from pdserve.v1 import common_pb2
-
 from helpers import assert_greedy_matches, collect, hf_greedy, request
 from stack import STACK_BLOCK_SIZE, STACK_CHUNK_SIZE, paused
+
+from pdserve.v1 import common_pb2
 
 MAX_NEW_TOKENS = 20
 _PARAGRAPH = (

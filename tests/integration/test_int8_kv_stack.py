@@ -8,17 +8,23 @@ import time
 import grpc
 import pytest
 import torch
-
 from bounds import greedy_margins
+from helpers import collect, hf_greedy, request
+from stack import launch_stack, stop_stack
 
-from common import kv_wire
-from common.config import DecodeConfig, GatewayConfig
-from common.kv_pool import KvPool
+from common.basics.config import DecodeConfig, GatewayConfig
+from common.kv import wire as kv_wire
+from common.kv.pool import KvPool
 from decode_svc.server import start_decode
 from gateway.server import start_gateway
-from helpers import collect, hf_greedy, request
-from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from stack import launch_stack, stop_stack
+from pdserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    gateway_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
 
 MAX_NEW_TOKENS = 16
 # Greedy paths with no near-tie in 16 tokens (transformers' top-2 margins >= 1.35 logits): an int8 cache must

@@ -5,19 +5,17 @@ prompt, then int4-AWQ greedy decoding over that KV);
 
 import pytest
 import torch
-
 from bounds import decoder_tolerance
+from helpers import collect, request
 from stack import launch_stack, stop_stack
 from transformers import DynamicCache
 
-from common.cli import build_parser
-from common.launcher import tier_commands
-from common.model.config import ModelConfig
+from common.basics.model_config import ModelConfig
+from common.basics.tokenizer import TextTokenizer
 from common.model.packed import PackedWeight
 from common.model.weights import prepare_weights
-from common.tokenizer import TextTokenizer
-
-from helpers import collect, request
+from pdserve.cli import build_parser
+from pdserve.launcher import tier_commands
 
 DECODE_WEIGHTS = "int4-awq"
 MAX_NEW_TOKENS = 16

@@ -8,12 +8,11 @@ fast."""
 import grpc
 import pytest
 import torch
+from helpers import collect, request
 from stack import launch_stack, stop_stack
 from tiny_mixtral import build_tiny_mixtral, hf_expert_counts
 
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
-
-from helpers import collect, request
 
 MAX_NEW_TOKENS = 12
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village"]

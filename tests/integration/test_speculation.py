@@ -3,26 +3,10 @@ alone and mixed with non-speculating requests, and it does speculate where the t
 
 import concurrent.futures
 
-from pdserve.v1 import common_pb2
-
 from helpers import collect, request
+from speculation_prompts import MAX_NEW_TOKENS, PROMPTS
 
-_ARTICLE = (
-    "The Rhine rises in the Swiss Alps, flows through Lake Constance, forms part of the border between "
-    "Germany and France, and reaches the North Sea in the Netherlands. Its valley has been a trade route "
-    "since Roman times, and castles line the gorge between Bingen and Koblenz."
-)
-PROMPTS = [
-    f"{_ARTICLE}\n\nRepeat the first sentence of the text above exactly:\n",
-    f"{_ARTICLE}\n\nQuote the part about castles:\n",
-    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
-    "one two three four one two three four one two three",
-    "The capital of France is",
-    "Write a short poem about the sea.",
-    "List the days of the week: Monday, Tuesday,",
-    "Copy this sentence: The quick brown fox jumps over the lazy dog. Copy: The quick",
-]
-MAX_NEW_TOKENS = 24
+from pdserve.v1 import common_pb2
 
 
 def _run(stack, prompt: str, speculative: bool, **fields):

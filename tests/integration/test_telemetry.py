@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import grpc
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
-
-from stack import STACK_CHUNK_SIZE, launch_stack, stop_stack
 from helpers import request
 from otlp_receiver import OtlpReceiver, ReceivedSpan
-from pdserve.v1 import gateway_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from stack import STACK_CHUNK_SIZE, launch_stack, stop_stack
 from stack_probes import free_port_run, tier_pids
+
+from pdserve.v1 import gateway_pb2_grpc
 
 LONG_PROMPT = ("The history of computing is a story of abstractions: from relays to vacuum tubes, from transistors "
                "to integrated circuits, and from assembly language to compilers that let people say what they mean.")
@@ -260,7 +260,7 @@ def test_up_prints_every_metrics_address(traffic):
 def test_trace_report_breaks_down_the_exported_spans(traffic, spans, tmp_path):
     path = tmp_path / "spans.jsonl"
     traffic.receiver.write_json_lines(path)
-    result = subprocess.run([sys.executable, "-m", "common.cli", "trace-report", str(path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "pdserve.cli", "trace-report", str(path)], capture_output=True,
                             text=True, timeout=60, check=True)
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
     durations_ms = sorted((s.end_ns - s.start_ns) / 1e6 for s in request_spans(spans))

@@ -7,12 +7,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from common.config import DecodeConfig, GatewayConfig, PrefillConfig
+from helpers import collect, request
 from stack import launch_stack, stop_stack
+
+from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
 from decode_svc.server import start_decode
 from gateway.server import start_gateway
-from helpers import collect, request
 from pdserve.v1 import gateway_pb2_grpc
 from prefill_svc.server import start_prefill
 

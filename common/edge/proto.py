@@ -1,0 +1,51 @@
+"""Protobuf <-> domain objects shared by every tier: compatibility info, sampling, finish reasons."""
+
+from common.basics.compat import Compat
+from common.basics.sampling import SamplingConfig
+from pdserve.v1 import common_pb2
+
+FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def compat_to_proto(compat: Compat) -> common_pb2.CompatInfo:
+    return common_pb2.CompatInfo(
+        model_id=compat.model_id,
+        weights_digest=compat.weights_digest,
+        kv_dtype=compat.kv_dtype,
+        block_size=compat.block_size,
+        num_layers=compat.num_layers,
+        num_kv_heads=compat.num_kv_heads,
+        head_dim=compat.head_dim,
+        fingerprint=compat.fingerprint,
+    )
+
+
+def compat_from_proto(info: common_pb2.CompatInfo) -> Compat:
+    return Compat(
+        model_id=info.model_id,
+        weights_digest=info.weights_digest,
+        kv_dtype=info.kv_dtype,
+        block_size=info.block_size,
+        num_layers=info.num_layers,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+    )
+
+
+def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingConfig:
+    """Raises ValueError on out-of-range values (callers map it to INVALID_ARGUMENT)."""
+    return SamplingConfig(
+        temperature=params.temperature if params.HasField("temperature") else 0.0,
+        top_p=params.top_p if params.HasField("top_p") else 1.0,
+        top_k=params.top_k if params.HasField("top_k") else 0,
+        seed=params.seed if params.HasField("seed") else 0,
+    )
+
+
+def sampling_to_proto(config: SamplingConfig) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                                     seed=config.seed)

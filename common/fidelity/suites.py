@@ -1,0 +1,76 @@
+"""Evaluation suites: JSON-lines files in evals/, one item per line.
+
+A perplexity suite holds {"text": ...} items. A task suite holds exact-answer items:
+    {"prompt": ..., "answer": ..., "chat": false, "max_new_tokens": 8, "match": "first_line", "ignore_case": false}
+"chat" renders the prompt as one user turn with the model's chat template; "match" is "first_line" (the
+first non-empty line of the completion, stripped, equals the answer) or "contains" (the answer appears in it).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_SUITES_DIR = Path(__file__).resolve().parents[2] / "evals"  # the repository's evals/
+
+MATCHES = ("first_line", "contains")
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    prompt: str
+    answer: str
+    chat: bool = False
+    max_new_tokens: int = 8
+    match: str = "first_line"
+    ignore_case: bool = False
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCHES:
+            raise ValueError(f"match must be one of {MATCHES}, got {self.match!r}")
+
+    def is_correct(self, completion: str) -> bool:
+        answer, text = (self.answer.lower(), completion.lower()) if self.ignore_case else (self.answer, completion)
+        if self.match == "contains":
+            return answer in text
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return bool(lines) and lines[0] == answer.strip()
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    texts: tuple[str, ...] = ()  # perplexity suite
+    tasks: tuple[TaskItem, ...] = ()  # task suite
+
+    @property
+    def is_perplexity(self) -> bool:
+        return bool(self.texts)
+
+
+def load_suite(path: Path) -> Suite:
+    texts, tasks = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if "text" in item:
+                texts.append(item["text"])
+            else:
+                tasks.append(TaskItem(**item))
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
+    if bool(texts) == bool(tasks):
+        raise ValueError(f"{path}: a suite holds either text items (perplexity) or task items, not {'both' if texts else 'neither'}")
+    return Suite(path.stem, tuple(texts), tuple(tasks))
+
+
+def load_suites(directory: Path, only: list[str] | None = None) -> list[Suite]:
+    paths = sorted(directory.glob("*.jsonl"))
+    if not paths:
+        raise FileNotFoundError(f"no *.jsonl suites in {directory}")
+    suites = [load_suite(p) for p in paths if not only or p.stem in only]
+    missing = set(only or ()) - {s.name for s in suites}
+    if missing:
+        raise ValueError(f"no suite named {', '.join(sorted(missing))} in {directory}")
+    return suites

@@ -1,0 +1,206 @@
+"""The peers `pdserve bench` starts and compares, one named run each, on the same model and machine:
+
+  hf-static          Hugging Face transformers generate, static batches (pdserve/bench/hf_static.py)
+  pdserve-colocated  `pdserve up --colocated`: prefill and decode engines in one process
+  pdserve            `pdserve up`: the disaggregated stack
+  pdserve-fp16       `pdserve up --prefill-weights fp16 --decode-weights fp16`: the same stack on fp16 weights
+  pdserve-spec       `pdserve up --speculative prompt-lookup`: the same stack, speculating by prompt lookup
+  pdserve-draft      `pdserve up --speculative draft --draft-model DIR`: the same stack, speculating with a draft
+  llama.cpp          llama-cpp-python on the GGUF file itself (pdserve/bench/llama_cpp_peer.py), when installed
+Each runs as child processes pinned to the cores given (prefill and decode cores apart for pdserve; their
+union for the single-process peers, so every peer gets the same cores in total) and is stopped after its runs.
+"""
+
+import dataclasses
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.edge.server import is_serving
+from pdserve.affinity import pin_to
+from pdserve.launcher import free_port
+
+_START_TIMEOUT_S = 240.0
+_STOP_TIMEOUT_S = 20.0
+
+
+class PeerUnavailable(Exception):
+    """The peer cannot run here; the message says why and how to get it."""
+
+
+# pdserve peers whose decode tier runs apart, on the decode cores alone.
+DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft"})
+
+# Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
+TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp"})
+
+
+@dataclass(frozen=True)
+class PeerOptions:
+    model_dir: Path
+    log_dir: Path
+    prefill_cpus: frozenset[int] | None = None
+    decode_cpus: frozenset[int] | None = None
+    gateway_cpus: frozenset[int] | None = None
+    max_batch_size: int = 32
+    host: str = "127.0.0.1"
+    draft_model: Path | None = None  # pdserve-draft's draft (`pdserve distill-draft` writes one)
+    fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
+    weights: str = "fp32"  # every pdserve peer's weight format, both tiers (pdserve-fp16 excepted: always fp16)
+
+    @property
+    def engine_cpus(self) -> frozenset[int] | None:
+        """The cores of a single-process peer: the prefill and decode cores together."""
+        if self.prefill_cpus is None or self.decode_cpus is None:
+            return None
+        return self.prefill_cpus | self.decode_cpus
+
+
+@dataclass
+class RunningPeer:
+    name: str
+    gateway_address: str
+    stats_address: str | None  # a pdserve.v1.Decode Stats endpoint, or None
+    process: subprocess.Popen
+    log_path: Path
+    cpus: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _cpus_text(cpus: frozenset[int] | None) -> str:
+    return ",".join(map(str, sorted(cpus))) if cpus else "any"
+
+
+def _launch(name: str, command: list[str], options: PeerOptions, addresses: list[str], gateway: str,
+            stats: str | None, cpus: frozenset[int] | None, cpus_label: str) -> RunningPeer:
+    options.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = options.log_dir / f"{name}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_to(cpus))
+    peer = RunningPeer(name, gateway, stats, process, log_path, cpus_label)
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while not all(is_serving(a) for a in addresses):
+        if process.poll() is not None or time.monotonic() > deadline:
+            peer.stop()
+            raise RuntimeError(f"peer {name} did not start (exit {process.returncode}); see {log_path}")
+        time.sleep(0.5)
+    return peer
+
+
+def _cpu_flags(options: PeerOptions, colocated: bool) -> list[str]:
+    tiers = {"gateway": options.gateway_cpus}
+    tiers |= {"colocated": options.engine_cpus} if colocated else {"prefill": options.prefill_cpus,
+                                                                    "decode": options.decode_cpus}
+    return [arg for tier, cpus in tiers.items() if cpus for arg in (f"--{tier}-cpus", _cpus_text(cpus))]
+
+
+# pdserve-spec's only difference from pdserve: everything else (cores, batch limit, defaults) is the same.
+SPECULATIVE_FLAGS = ("--speculative", "prompt-lookup")
+
+
+def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    """The `pdserve up` command line of a stack peer on the given gateway, prefill and decode ports."""
+    return [sys.executable, "-m", "pdserve.cli", "up", "--model", str(options.model_dir), "--host", options.host,
+            "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
+            "--decode-port", str(ports["decode"]), "--max-batch-size", str(options.max_batch_size),
+            "--metrics-port", "0",  # no fixed metrics ports: stacks run side by side
+            "--prefill-weights", options.weights, "--decode-weights", options.weights,
+            *(["--colocated"] if colocated else []), *_cpu_flags(options, colocated), *extra]
+
+
+def start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[str, ...] = ()) -> RunningPeer:
+    host = options.host
+    ports = {tier: free_port(host) for tier in ("gateway", "prefill", "decode")}
+    command = stack_command(options, ports, colocated, extra)
+    addresses = {tier: f"{host}:{port}" for tier, port in ports.items()}
+    if colocated:
+        label = f"prefill+decode {_cpus_text(options.engine_cpus)}"
+    else:
+        label = f"prefill {_cpus_text(options.prefill_cpus)}, decode {_cpus_text(options.decode_cpus)}"
+    label += f", gateway {_cpus_text(options.gateway_cpus)}"
+    # the launcher pins its children; the launcher process itself only waits
+    return _launch(name, command, options, list(addresses.values()), addresses["gateway"], addresses["decode"],
+                   None, label)
+
+
+def start_pdserve(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve", options, colocated=False)
+
+
+def weights_of(name: str, options: PeerOptions) -> str:
+    """The weights a peer serves: a pdserve weight format name, "fp32" for hf-static, "gguf" for llama.cpp."""
+    return {"hf-static": "fp32", "llama.cpp": "gguf", "pdserve-fp16": "fp16"}.get(name, options.weights)
+
+
+def start_pdserve_fp16(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-fp16", dataclasses.replace(options, weights="fp16"), colocated=False)
+
+
+def _fixed_k(options: PeerOptions) -> tuple[str, ...]:
+    return ("--speculative-fixed-k",) if options.fixed_k else ()
+
+
+def start_pdserve_spec(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-spec", options, colocated=False, extra=SPECULATIVE_FLAGS + _fixed_k(options))
+
+
+def start_pdserve_draft(options: PeerOptions) -> RunningPeer:
+    draft = options.draft_model
+    if draft is None or not (draft / "config.json").exists():
+        raise PeerUnavailable(f"no draft model at {draft}; train one with `pdserve distill-draft` or pass --draft-model")
+    return start_stack("pdserve-draft", options, colocated=False,
+                       extra=("--speculative", "draft", "--draft-model", str(draft), *_fixed_k(options)))
+
+
+def start_colocated(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-colocated", options, colocated=True)
+
+
+def start_hf_static(options: PeerOptions) -> RunningPeer:
+    if importlib.util.find_spec("transformers") is None:
+        raise PeerUnavailable("transformers is not installed (pip install -e '.[bench]')")
+    address = f"{options.host}:{free_port(options.host)}"
+    command = [sys.executable, "-m", "pdserve.bench.hf_static", "--model", str(options.model_dir),
+               "--host", options.host, "--port", address.rsplit(":", 1)[1],
+               "--max-batch-size", str(options.max_batch_size)]
+    return _launch("hf-static", command, options, [address], address, address, options.engine_cpus,
+                   f"one process {_cpus_text(options.engine_cpus)}")
+
+
+def start_llama_cpp(options: PeerOptions) -> RunningPeer:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise PeerUnavailable("llama-cpp-python is not installed; `pip install 'llama-cpp-python'` compiles "
+                              "llama.cpp from source (about 25 minutes on 2 cores). Skipped.")
+    from pdserve.prepare.default_model import default_gguf_path
+
+    address = f"{options.host}:{free_port(options.host)}"
+    threads = len(options.engine_cpus) if options.engine_cpus else 0
+    command = [sys.executable, "-m", "pdserve.bench.llama_cpp_peer", "--gguf", str(default_gguf_path()),
+               "--host", options.host, "--port", address.rsplit(":", 1)[1], "--threads", str(threads)]
+    return _launch("llama.cpp", command, options, [address], address, address, options.engine_cpus,
+                   f"one process {_cpus_text(options.engine_cpus)}")
+
+
+PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
+    "hf-static": start_hf_static,
+    "pdserve-colocated": start_colocated,
+    "pdserve": start_pdserve,
+    "pdserve-fp16": start_pdserve_fp16,
+    "pdserve-spec": start_pdserve_spec,
+    "pdserve-draft": start_pdserve_draft,
+    "llama.cpp": start_llama_cpp,
+}

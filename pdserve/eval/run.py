@@ -1,0 +1,47 @@
+"""`pdserve eval`: scores weight formats against fp32 (common/fidelity/harness.py), prints the table, writes
+--json, and exits non-zero when the gate fails."""
+
+import json
+import sys
+from dataclasses import asdict
+
+import torch
+
+from common.basics.config import resolve_threads
+from common.fidelity.harness import REFERENCE, ConfigResult, Gate, evaluate
+from common.fidelity.suites import load_suites
+from common.runtime.machine import describe_machine, machine_facts
+
+
+def table(results: list[ConfigResult]) -> str:
+    task_names = list(results[0].accuracy) if results else []
+    reference_bytes = results[0].weight_bytes if results else 1
+    head = ["weights", "MiB", "% fp32", "ppl", "Δppl", "top-1 agree", "mean KL", *task_names, "gate"]
+    rows = []
+    for r in results:
+        gate = "ref" if r.weights == REFERENCE else ("FAIL: " + "; ".join(r.failures) if r.failures else "pass")
+        rows.append([r.weights, f"{r.weight_bytes / 2**20:.1f}", f"{r.weight_bytes / reference_bytes:.1%}",
+                     f"{r.perplexity:.3f}", f"{r.ppl_increase:+.2%}", f"{r.top1_agreement:.1%}", f"{r.mean_kl:.4f}",
+                     *[f"{r.accuracy[name]:.0%}" for name in task_names], gate])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_from_args(args) -> int:
+    torch.set_num_threads(resolve_threads(args.threads))
+    suites = load_suites(args.suites, args.only)
+    gate = Gate(args.max_ppl_increase, args.min_agreement, dict(args.min_accuracy))
+    results = evaluate(args.model, args.weights or ["int8"], suites, gate)
+    # Kernels, and so summation orders and the figures' last digits, differ between CPUs.
+    print(f"Machine: {describe_machine()}\n")
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(args.model), "machine_facts": machine_facts(),
+                                         "suites": [s.name for s in suites],
+                                         "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    failed = [r.weights for r in results if r.failures]
+    if failed:
+        print(f"pdserve eval: gate failed for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,109 @@
+"""Starting and stopping a stack with the real launcher (`pdserve up`), for fixtures and tests."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from stack_probes import tier_pids
+
+from common.edge.server import is_serving
+from pdserve.launcher import free_port
+from pdserve.v1 import (
+    decode_pb2,
+    decode_pb2_grpc,
+    gateway_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+
+# Small chunks and blocks so ordinary test prompts exercise chunked prefill and many KV blocks.
+STACK_CHUNK_SIZE = 32
+STACK_BLOCK_SIZE = 16
+_START_TIMEOUT_S = 180
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen
+    gateway_address: str
+    prefill_address: str
+    decode_address: str
+    gateway: gateway_pb2_grpc.GatewayStub
+    prefill: prefill_pb2_grpc.PrefillStub
+    decode: decode_pb2_grpc.DecodeStub
+
+    def decode_stats(self) -> decode_pb2.DecodeStats:
+        return self.decode.Stats(decode_pb2.StatsRequest(), timeout=10)
+
+    def prefill_stats(self) -> prefill_pb2.PrefillStats:
+        return self.prefill.Stats(prefill_pb2.PrefillStatsRequest(), timeout=10)
+
+    def tier_pid(self, tier: str) -> int:
+        """The process id of one tier ("prefill", "decode", "gateway") under this stack's launcher."""
+        return tier_pids(self.process.pid)[tier]
+
+
+def launch_stack(model_dir: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`pdserve up` on free ports. Metrics are off unless `extra` passes --metrics-port, so stacks run side by
+    side and never take the default metrics ports; `env` replaces the environment (e.g. OTEL_* variables)."""
+    ports = {name: free_port("127.0.0.1") for name in ("gateway", "prefill", "decode")}
+    command = [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir),
+               "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
+               "--decode-port", str(ports["decode"]), "--chunk-size", str(STACK_CHUNK_SIZE),
+               "--max-batch-tokens", str(4 * STACK_CHUNK_SIZE), "--block-size", str(STACK_BLOCK_SIZE),
+               "--metrics-port", "0", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while not all(is_serving(a) for a in addresses.values()):
+        if process.poll() is not None:
+            raise RuntimeError(f"pdserve up exited with {process.returncode}:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            stop_stack(process)
+            raise RuntimeError("pdserve up did not start in time")
+        time.sleep(0.5)
+    return process, addresses
+
+
+@contextmanager
+def running_stack(model_dir: Path, *extra: str) -> Iterator[Stack]:
+    """`pdserve up` with `extra` flags (launch_stack), with a stub per tier; stopped on leaving."""
+    process, addresses = launch_stack(model_dir, *extra)
+    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    try:
+        yield Stack(process=process, gateway_address=addresses["gateway"], prefill_address=addresses["prefill"],
+                    decode_address=addresses["decode"], gateway=gateway_pb2_grpc.GatewayStub(channels["gateway"]),
+                    prefill=prefill_pb2_grpc.PrefillStub(channels["prefill"]),
+                    decode=decode_pb2_grpc.DecodeStub(channels["decode"]))
+    finally:
+        for channel in channels.values():
+            channel.close()
+        stop_stack(process)
+
+
+def stop_stack(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+@contextmanager
+def paused(pid: int):
+    """The process stopped (SIGSTOP) inside the block and resumed (SIGCONT) however the block ends: a test's
+    way to hold a tier still while it sets up what must happen meanwhile, instead of racing the clock."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
