@@ -1,8 +1,13 @@
 """`pdserve generate`: a small gRPC client that streams a completion to the terminal."""
 
+import argparse
 import sys
+from pathlib import Path
 
 import grpc
+
+from common.basics.config import DEFAULT_GATEWAY_PORT
+from pdserve.command import Command
 
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -40,3 +45,18 @@ def stream_to_terminal(args) -> int:
             print(f"\npdserve generate: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     return 0
+
+
+def _add_arguments(generate: argparse.ArgumentParser, _model_dir: Path) -> None:
+    generate.add_argument("prompt")
+    generate.add_argument("--address", default=f"127.0.0.1:{DEFAULT_GATEWAY_PORT}")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user chat turn")
+    for flag, kind in (("--max-new-tokens", int), ("--temperature", float), ("--top-p", float), ("--top-k", int),
+                       ("--seed", int)):
+        generate.add_argument(flag, type=kind)
+    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--timeout-s", type=float, default=300.0)
+
+
+GENERATE = Command("generate", "stream a completion from a running gateway to the terminal", _add_arguments,
+                   lambda args, _: stream_to_terminal(args))

@@ -2,6 +2,7 @@
 commands compose.yaml runs in containers. Waits until every tier reports SERVING, prints how to call
 the gateway, and on Ctrl-C / SIGTERM (or a tier dying) stops them all."""
 
+import argparse
 import signal
 import socket
 import subprocess
@@ -11,9 +12,12 @@ import time
 from pathlib import Path
 
 from common.edge.server import is_serving
-from common.edge.telemetry import METRICS_PORT_OFFSETS
+from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
+from common.edge.telemetry import DEFAULT_METRICS_PORT, METRICS_PORT_OFFSETS
+from pdserve.command import Command
+from pdserve.flags import add_flags, field_values, to_argv
+from pdserve.tier_commands import DECODE_FIELDS, PREFILL_FIELDS, SHARED_FIELDS
 from pdserve.affinity import pin_to
-from pdserve.prepare.default_model import prepare_default_model
 
 _START_TIMEOUT_S = 180.0
 _STOP_TIMEOUT_S = 10.0
@@ -25,49 +29,66 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+# `pdserve up` flags: one copy of what both model tiers share, one per tier of what each sets on its own.
+UP_SHARED = ("block_size", "kv_dtype", "device", "cpu_weight_layout")
+UP_PER_TIER = ("weights", "kv_memory_mb", "threads", "port")
+UP_GATEWAY = ("default_max_new_tokens", "max_new_tokens_limit", "max_stop_strings")
+
+
+def add_up_arguments(up: argparse.ArgumentParser, model_dir: Path) -> None:
+    add_flags(up, GatewayConfig, ("model_dir", "host", "port"), defaults={"model_dir": model_dir})
+    add_flags(up, PrefillConfig, (*UP_SHARED, *PREFILL_FIELDS))
+    for cls, tier in ((PrefillConfig, "prefill"), (DecodeConfig, "decode")):
+        add_flags(up, cls, UP_PER_TIER, prefix=f"{tier}-", whose=f"the {tier} tier")
+    add_flags(up, DecodeConfig, DECODE_FIELDS)
+    add_flags(up, GatewayConfig, UP_GATEWAY)
+    up.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, metavar="BASE",
+                    help="Prometheus ports: gateway BASE, prefill BASE+1, decode BASE+2 (0 turns metrics off)")
+    up.add_argument("--colocated", action="store_true",
+                    help="prefill and decode engines in one process over one copy of the weights (the baseline)")
+    for tier in ("prefill", "decode", "gateway", "colocated"):
+        up.add_argument(f"--{tier}-cpus", type=cpus_arg, metavar="LIST",
+                        help=f"pin the {tier} process to these cores, e.g. 0, 0-1 or 0,2 (default: no pinning)")
+
+
+def stack_configs(args, prefill_port: int, decode_port: int) -> tuple[PrefillConfig, DecodeConfig, GatewayConfig]:
+    """Each tier's configuration from `pdserve up` flags, on the ports given."""
+    common = {"model_dir": args.model, "host": args.host, **field_values(PrefillConfig, args, UP_SHARED)}
+    per_tier = {tier: field_values(cls, args, UP_PER_TIER, prefix=f"{tier}-")
+                for cls, tier in ((PrefillConfig, "prefill"), (DecodeConfig, "decode"))}
+    prefill = PrefillConfig(**common, **{**per_tier["prefill"], "port": prefill_port},
+                            **field_values(PrefillConfig, args, PREFILL_FIELDS))
+    decode = DecodeConfig(**common, **{**per_tier["decode"], "port": decode_port},
+                          **field_values(DecodeConfig, args, DECODE_FIELDS))
+    gateway = GatewayConfig(model_dir=args.model, host=args.host, port=args.port, lease_ms=decode.lease_ms,
+                            prefill_addresses=(f"{args.host}:{prefill_port}",),
+                            decode_addresses=(f"{args.host}:{decode_port}",),
+                            **field_values(GatewayConfig, args, UP_GATEWAY))
+    return prefill, decode, gateway
+
+
 def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[str]]:
+    """The command line of each process `pdserve up` starts, written from each tier's configuration."""
     base = [sys.executable, "-m", "pdserve.cli"]
-    model = ["--model", str(args.model), "--host", args.host]
-    kv = ["--block-size", str(args.block_size), "--kv-dtype", args.kv_dtype, "--device", args.device,
-          "--cpu-weight-layout", args.cpu_weight_layout]
-    gateway = [*base, "gateway", *model, "--port", str(args.port),
-               "--prefill", f"{args.host}:{prefill_port}", "--decode", f"{args.host}:{decode_port}",
-               "--max-new-tokens-limit", str(args.max_new_tokens_limit)]
-    if getattr(args, "colocated", False):
-        if args.prefill_weights != args.decode_weights:
-            raise ValueError(f"--colocated holds one copy of the weights for both engines: --prefill-weights "
-                             f"{args.prefill_weights} and --decode-weights {args.decode_weights} must be the same")
-        return {"colocated": [*base, "colocated", *model, "--port", str(prefill_port), "--decode-port",
-                              str(decode_port), *kv, "--weights", args.decode_weights,
-                              "--prefill-kv-memory-mb", str(args.prefill_kv_memory_mb),
-                              "--decode-kv-memory-mb", str(args.decode_kv_memory_mb), "--chunk-size",
-                              str(args.chunk_size), "--max-batch-tokens", str(args.max_batch_tokens),
-                              "--max-batch-size", str(args.max_batch_size), "--threads", str(args.decode_threads),
-                              *speculation_flags(args)],
-                "gateway": gateway}
-    return {
-        "decode": [*base, "decode", *model, "--port", str(decode_port), *kv,
-                   "--kv-memory-mb", str(args.decode_kv_memory_mb), "--max-batch-size", str(args.max_batch_size),
-                   "--threads", str(args.decode_threads), "--weights", args.decode_weights,
-                   *speculation_flags(args)],
-        "prefill": [*base, "prefill", *model, "--port", str(prefill_port), *kv,
-                    "--kv-memory-mb", str(args.prefill_kv_memory_mb), "--chunk-size", str(args.chunk_size),
-                    "--max-batch-tokens", str(args.max_batch_tokens), "--threads", str(args.prefill_threads),
-                    "--weights", args.prefill_weights],
-        "gateway": gateway,
-    }
-
-
-def speculation_flags(args) -> list[str]:
-    """`pdserve up`'s speculation flags, passed on to the process that runs the decode engine."""
-    flags = ["--speculative", args.speculative, "--num-speculative-tokens", str(args.num_speculative_tokens),
-             "--speculative-max-batch", str(args.speculative_max_batch)]
-    flags += ["--draft-model", str(args.draft_model)] if args.draft_model else []
-    return flags + (["--speculative-fixed-k"] if args.speculative_fixed_k else [])
+    prefill, decode, gateway = stack_configs(args, prefill_port, decode_port)
+    commands = {"gateway": [*base, "gateway", *to_argv(gateway)]}
+    if not getattr(args, "colocated", False):
+        return {"decode": [*base, "decode", *to_argv(decode)], "prefill": [*base, "prefill", *to_argv(prefill)],
+                **commands}
+    if prefill.weights != decode.weights:
+        raise ValueError(f"--colocated holds one copy of the weights for both engines: --prefill-weights "
+                         f"{prefill.weights} and --decode-weights {decode.weights} must be the same")
+    colocated = [*base, "colocated", *to_argv(prefill, (*SHARED_FIELDS, *PREFILL_FIELDS, "port")),
+                 *to_argv(decode, ["port"], prefix="decode-"), *to_argv(decode, DECODE_FIELDS),
+                 *to_argv(prefill, ["kv_memory_mb"], prefix="prefill-"),
+                 *to_argv(decode, ["kv_memory_mb"], prefix="decode-")]
+    return {"colocated": colocated, **commands}
 
 
 def run_stack(args, default_model: Path) -> int:
     if args.model == default_model:
+        from pdserve.prepare.default_model import prepare_default_model
+
         prepare_default_model(default_model)
     prefill_port = args.prefill_port or free_port(args.host)
     decode_port = args.decode_port or free_port(args.host)
@@ -157,3 +178,6 @@ def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+UP = Command("up", "run gateway + prefill + decode as local processes", add_up_arguments, run_stack)

@@ -1,10 +1,14 @@
 """Decode attention: the new tokens of a batch of sequences against each sequence's KV in the paged pool.
 
-Two ways, chosen by the runner (common/model/runner.py) and built into the DecodeBatch it hands the model:
-- per sequence (CPU): each sequence attends over exactly its own context, read in place when its blocks are
-  consecutive in the pool (SeqContext);
-- by padded groups (GPU, fewer and larger kernels): sequences of similar length gathered together, padded to
-  the longest of them (DecodeGroup; the split is common/model/decode_groups.py's).
+Three ways, chosen by the runner (common/model/runner.py) and built into the DecodeBatch it hands the model:
+- per sequence (CPU's default): each sequence attends over exactly its own context, read in place when its
+  blocks are consecutive in the pool (SeqContext);
+- paged kernel (CUDA's default, for steps where every sequence brings one token): the Triton paged-attention
+  kernel (common/kernels/paged_attention.py) reads each sequence's blocks straight out of the pool, quantised
+  codes and scales included, with no gather (PagedContexts);
+- by padded groups (CUDA's steps with speculated drafts, where the kernel's one query token per sequence does
+  not fit): sequences of similar length gathered together, padded to the longest of them (DecodeGroup; the
+  split is common/model/decode_groups.py's).
 """
 
 from collections.abc import Callable
@@ -46,8 +50,9 @@ class DecodeBatch:
     query_rows: torch.Tensor  # (num_tokens,) row of each token in the padded (batch * max_new) layout
     max_new: int
     num_seqs: int
-    groups: tuple["DecodeGroup", ...]  # every sequence in exactly one (none when seqs is set)
+    groups: tuple["DecodeGroup", ...]  # every sequence in exactly one (none when seqs or paged is set)
     seqs: tuple[SeqContext, ...] | None = None  # set (on CPU): each sequence attends on its own instead
+    paged: "PagedContexts | None" = None  # set (one token per sequence, on CUDA): the paged kernel attends
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,14 @@ class DecodeGroup:
     seqs: torch.Tensor | None  # (g,) indices into the batch's sequences; None: all of them, in order
     block_tables: torch.Tensor  # (g, max_blocks) each sequence's blocks, padded with block 0
     context_mask: torch.Tensor  # (g, max_new, 1, max_blocks * block_size) 0 where a query may look, else -inf
+
+
+@dataclass(frozen=True)
+class PagedContexts:
+    """One new token per sequence, attended by the paged-attention kernel straight out of the pool."""
+
+    block_tables: torch.Tensor  # (num_seqs, max_blocks) int32, each sequence's blocks in use, padded with block 0
+    context_lens: torch.Tensor  # (num_seqs,) int32: positions 0 .. context_len - 1, its new token's included
 
 
 class DecodeAttention:
@@ -71,6 +84,11 @@ class DecodeAttention:
         """attend(layer, q) for this batch; the groups' masks are shaped once per step."""
         if batch.seqs is not None:
             return lambda layer, q: self._each(layer, q, batch.seqs, kv)
+        if batch.paged is not None:
+            # Imported here: triton is loaded only where the kernel serves.
+            from common.kernels.paged_attention import paged_attention_decode
+
+            return lambda layer, q: self._paged(paged_attention_decode, layer, q, batch.paged, kv)
         masks = [self._row_mask(group.context_mask, batch.max_new) for group in batch.groups]
         return lambda layer, q: self._groups(layer, q, batch, masks, kv)
 
@@ -92,6 +110,14 @@ class DecodeAttention:
             out = torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1))  # (kv_heads, n * group, head_dim)
             outs.append(out.view(c.num_kv_heads, n, -1).transpose(0, 1).reshape(n, -1))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _paged(self, kernel: Callable, layer: int, q: torch.Tensor, paged: PagedContexts,
+               kv: KvPool) -> torch.Tensor:
+        """q (seqs, heads, head_dim), one token per sequence -> (seqs, heads * head_dim), the pool read in place."""
+        scales = (kv.key_scale[layer], kv.value_scale[layer]) if kv.quantised else (None, None)  # (slots, kv_heads)
+        out = kernel(q, kv.key[layer], kv.value[layer], paged.block_tables, paged.context_lens, kv.block_size,
+                     self.scale, *scales)  # (seqs, heads, head_dim)
+        return out.reshape(q.shape[0], -1)
 
     def _row_mask(self, mask: torch.Tensor, max_new: int) -> torch.Tensor:
         """A group's (g, max_new, 1, context) mask as one row per query row of a KV head's scores, (g, max_new

@@ -3,7 +3,8 @@
 Two entry points, because they are different workloads: `prefill` runs the tokens of one or more
 prompts (or chunks of them) through every layer at once, attention per prompt over its own context;
 `decode` runs one new token (or a few) for each sequence of a batch, attention as
-common/model/decode_attention.py does it (per sequence on CPU, by padded groups on a GPU).
+common/model/decode_attention.py does it (per sequence on CPU; on CUDA the Triton paged-attention kernel, or
+padded groups for steps with speculated drafts).
 
 Each layer's MLP is a callable: a dense SwiGLU (common/model/mlp.py) for Llama, a sparse mixture of experts
 (common/model/moe.py) for Mixtral. Both entry points take an optional (layers, experts) int64 `expert_load`

@@ -1,6 +1,13 @@
 """ModelRunner: the only owner of tensors. Turns plain plans (token ids, positions, block tables) into
 model inputs, runs them under inference mode, and hands back logits. For a mixture-of-experts model it also
-counts the tokens each layer routed to each expert in the runs it made (`expert_load_counts`)."""
+counts the tokens each layer routed to each expert in the runs it made (`expert_load_counts`).
+
+Decode attention takes one of three paths (common/model/decode_attention.py), fixed per runner by `attention`:
+- "per-sequence", the default on CPU: plain torch, each sequence over its own context;
+- "paged-kernel", the default on CUDA: the Triton paged-attention kernel for steps where every sequence
+  brings one token; steps with speculated drafts (several query tokens per sequence) take "groups";
+- "groups": plain torch over padded groups of similar length (the default on other devices, and on CUDA when
+  the kernel cannot take the shape: head_dim and block_size must be powers of two)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,12 +16,18 @@ import torch
 
 from common.kv.pool import KvPool
 from common.kv.quant import KvRows
-from common.model.decode_attention import DecodeBatch, DecodeGroup, SeqContext
+from common.model.decode_attention import (
+    DecodeBatch,
+    DecodeGroup,
+    PagedContexts,
+    SeqContext,
+)
 from common.model.decode_groups import plan_groups
 from common.model.llama import LlamaModel, PrefillSpan
 
 # (chunk index in the batch, layer, the chunk's K and V of that layer as the pool stored them)
 ChunkKvHook = Callable[[int, int, KvRows], None]
+ATTENTION_PATHS = ("per-sequence", "groups", "paged-kernel")
 
 
 @dataclass(frozen=True)
@@ -42,12 +55,16 @@ class DecodeItem:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KvPool, per_sequence_attention: bool | None = None) -> None:
+    def __init__(self, model: LlamaModel, kv: KvPool, attention: str | None = None) -> None:
         self.model = model
         self.kv = kv
-        # Decode attention per sequence (SeqContext) or by padded groups; None: per sequence on CPU only.
-        self.per_sequence = kv.device.type == "cpu" if per_sequence_attention is None else per_sequence_attention
         c = model.config
+        self.attention = attention or _default_attention(kv, c.head_dim)  # one of ATTENTION_PATHS
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_PATHS}")
+        if self.attention == "paged-kernel" and not _kernel_fits(kv, c.head_dim):
+            raise ValueError(f"the paged-attention kernel needs head_dim ({c.head_dim}) and block_size "
+                             f"({kv.block_size}) to be powers of two")
         # (layers, experts) tokens routed since start (or the last reset); None for a dense model.
         self.expert_load = (torch.zeros(c.num_layers, c.num_experts, dtype=torch.long, device=kv.device)
                             if c.is_moe else None)
@@ -92,6 +109,10 @@ class ModelRunner:
     def run_decode(self, items: list[DecodeItem]) -> torch.Tensor:
         """Returns logits (sum of item.num_tokens, vocab): for each item's token and each draft token,
         in order, the distribution of the token after it."""
+        return self.model.decode(self._decode_batch(items), self.kv, self.expert_load)
+
+    def _decode_batch(self, items: list[DecodeItem]) -> DecodeBatch:
+        """The step's token rows, where their KV goes, and the attention plan of this runner's path."""
         block_size, device = self.kv.block_size, self.kv.device
         max_new = max(item.num_tokens for item in items)
         token_ids, positions, rows, slots = [], [], [], []
@@ -101,13 +122,15 @@ class ModelRunner:
             positions += item_positions
             rows += range(index * max_new, index * max_new + item.num_tokens)
             slots += [item.block_table[p // block_size] * block_size + p % block_size for p in item_positions]
-        if self.per_sequence:  # each sequence over its own context: see SeqContext
-            groups, seqs = (), self._seq_contexts(items)
-        else:  # on a GPU, padded groups: fewer kernel launches
+        groups, seqs, paged = (), None, None
+        if self.attention == "per-sequence":  # each sequence over its own context: see SeqContext
+            seqs = self._seq_contexts(items)
+        elif self.attention == "paged-kernel" and max_new == 1:  # the kernel takes one query token per sequence
+            paged = self._paged_contexts(items)
+        else:  # padded groups: fewer kernel launches than per sequence
             plan = plan_groups([_blocks_in_use(item, block_size) for item in items])
             groups = tuple(self._decode_group(items, members, max_new, whole=len(plan) == 1) for members in plan)
-            seqs = None
-        batch = DecodeBatch(
+        return DecodeBatch(
             token_ids=torch.tensor(token_ids, device=device),
             positions=torch.tensor(positions, device=device),
             slots=torch.tensor(slots, device=device),
@@ -116,8 +139,8 @@ class ModelRunner:
             num_seqs=len(items),
             groups=groups,
             seqs=seqs,
+            paged=paged,
         )
-        return self.model.decode(batch, self.kv, self.expert_load)
 
     def _seq_contexts(self, items: list[DecodeItem]) -> tuple[SeqContext, ...]:
         """Each item's rows, context, blocks in use (a run of consecutive blocks or not) and causal mask."""
@@ -135,6 +158,16 @@ class ModelRunner:
             contexts.append(SeqContext(row, n, context, run_start, torch.tensor(used, device=device), mask))
             row += n
         return tuple(contexts)
+
+    def _paged_contexts(self, items: list[DecodeItem]) -> PagedContexts:
+        """Each item's blocks in use, padded with block 0, and its context, its one new token included."""
+        used = [item.block_table[:_blocks_in_use(item, self.kv.block_size)] for item in items]
+        max_blocks = max(len(table) for table in used)
+        tables = [table + [0] * (max_blocks - len(table)) for table in used]
+        return PagedContexts(
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=self.kv.device),  # (seqs, max_blocks)
+            context_lens=torch.tensor([item.position + 1 for item in items], dtype=torch.int32, device=self.kv.device),
+        )
 
     def _decode_group(self, items: list[DecodeItem], seqs: list[int], max_new: int, whole: bool) -> DecodeGroup:
         """The padded block tables and attention mask of items[seqs] (all items, in order, when whole)."""
@@ -156,3 +189,14 @@ class ModelRunner:
 def _blocks_in_use(item: DecodeItem, block_size: int) -> int:
     """Blocks holding positions 0 .. the item's last new token: the rest of its table is reserved for later."""
     return (item.position + item.num_tokens - 1) // block_size + 1
+
+
+def _kernel_fits(kv: KvPool, head_dim: int) -> bool:
+    """Whether the paged-attention kernel takes this shape: it tiles head_dim and block_size as powers of two."""
+    return not (head_dim & (head_dim - 1) or kv.block_size & (kv.block_size - 1))
+
+
+def _default_attention(kv: KvPool, head_dim: int) -> str:
+    if kv.device.type == "cpu":
+        return "per-sequence"
+    return "paged-kernel" if kv.device.type == "cuda" and _kernel_fits(kv, head_dim) else "groups"

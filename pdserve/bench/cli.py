@@ -6,6 +6,7 @@ from pathlib import Path
 
 from common.basics.config import WEIGHT_FORMAT_NAMES
 from pdserve.affinity import cpus_arg
+from pdserve.command import Command
 from pdserve.distill.cli import default_draft_dir
 
 PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft", "llama.cpp")
@@ -38,8 +39,7 @@ def _workload_list(text: str) -> list[str]:
     return names
 
 
-def add_bench_parser(sub, model_dir: Path) -> None:
-    bench = sub.add_parser("bench", help="load-test a gateway, or start and compare the peers side by side")
+def add_bench_arguments(bench: argparse.ArgumentParser, model_dir: Path) -> None:
     bench.add_argument("--model", type=Path, default=model_dir, help="checkpoint the peers serve")
     target = bench.add_mutually_exclusive_group(required=True)
     target.add_argument("--address", help="benchmark a running gateway at host:port")
@@ -88,3 +88,7 @@ def run_bench(args, default_model: Path) -> int:
     summary = execute(args)
     failed = sum(r["num_failed"] for r in summary["runs"])
     return 1 if not summary["runs"] or failed == sum(r["num_requests"] for r in summary["runs"]) else 0
+
+
+COMMAND = Command("bench", "load-test a gateway, or start and compare the peers side by side", add_bench_arguments,
+                  run_bench)

@@ -3,14 +3,15 @@
 import os
 from pathlib import Path
 
+from pdserve.command import Command
+
 
 def default_draft_dir(model_dir: Path) -> Path:
     """Where a model's distilled draft goes by default: beside it, outside git."""
     return model_dir.parent / f"{model_dir.name}-draft"
 
 
-def add_distill_parser(sub, model_dir: Path) -> None:
-    parser = sub.add_parser("distill-draft", help="train a small draft model for --speculative draft")
+def add_distill_arguments(parser: argparse.ArgumentParser, model_dir: Path) -> None:
     parser.add_argument("--model", type=Path, default=model_dir, help="the target model (default: the default model)")
     parser.add_argument("--out", type=Path,
                         help=f"output checkpoint directory (default {default_draft_dir(model_dir)})")
@@ -48,3 +49,7 @@ def run_distill(args, default_model: Path) -> int:
                           seed=args.seed, max_answers=args.max_answers, max_steps=args.max_steps,
                           reuse_corpus=args.reuse_corpus))
     return 0
+
+
+COMMAND = Command("distill-draft", "train a small draft model for --speculative draft", add_distill_arguments,
+                  run_distill)

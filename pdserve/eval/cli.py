@@ -5,6 +5,7 @@ from pathlib import Path
 
 from common.basics.config import WEIGHT_FORMAT_NAMES
 from common.fidelity.suites import DEFAULT_SUITES_DIR
+from pdserve.command import Command
 
 
 def _floor(text: str) -> tuple[str, float]:
@@ -15,9 +16,7 @@ def _floor(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected SUITE=ACCURACY (e.g. arithmetic=0.5), got {text!r}") from None
 
 
-def add_eval_parsers(sub, model_dir: Path) -> None:
-    evaluate = sub.add_parser("eval", help="fidelity of weight formats against the fp32 reference (perplexity, "
-                                           "top-1 agreement, KL, task accuracy), with a regression gate")
+def add_eval_arguments(evaluate: argparse.ArgumentParser, model_dir: Path) -> None:
     evaluate.add_argument("--model", type=Path, default=model_dir)
     evaluate.add_argument("--weights", action="append", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT",
                           help=f"a configuration to evaluate (repeatable; default int8): {', '.join(WEIGHT_FORMAT_NAMES)}")
@@ -32,8 +31,8 @@ def add_eval_parsers(sub, model_dir: Path) -> None:
                           help="gate: fail when a task suite's accuracy is below this floor (repeatable)")
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
 
-    quantize = sub.add_parser("quantize", help="quantise the model once into a tier's weight format and save it "
-                                               "(tiers otherwise do this at their first start)")
+
+def add_quantize_arguments(quantize: argparse.ArgumentParser, model_dir: Path) -> None:
     quantize.add_argument("--model", type=Path, default=model_dir)
     quantize.add_argument("--weights", required=True, choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT")
 
@@ -54,3 +53,9 @@ def run_quantize(args, _default_model: Path) -> int:
     saved = f", saved at {where}" if fmt.saved and where.exists() else " (a cast of the source weights; nothing to save)"
     print(f"{fmt.name}: {sizes['total'] / 2**20:.1f} MiB of weights{saved}")
     return 0
+
+
+EVAL = Command("eval", "fidelity of weight formats against the fp32 reference (perplexity, top-1 agreement, KL, "
+                       "task accuracy), with a regression gate", add_eval_arguments, run_eval)
+QUANTIZE = Command("quantize", "quantise the model once into a tier's weight format and save it (tiers otherwise "
+                               "do this at their first start)", add_quantize_arguments, run_quantize)

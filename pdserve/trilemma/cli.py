@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from pdserve.affinity import cpus_arg
+from pdserve.command import Command
 
 
 def _config(text: str):
@@ -16,9 +17,7 @@ def _config(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_trilemma_parser(sub, model_dir: Path) -> None:
-    trilemma = sub.add_parser("trilemma", help="sweep serving configurations: latency, cost and fidelity, "
-                              "with the Pareto front marked")
+def add_trilemma_arguments(trilemma: argparse.ArgumentParser, model_dir: Path) -> None:
     trilemma.add_argument("--model", type=Path, default=model_dir)
     trilemma.add_argument("--config", dest="configs", action="append", type=_config, metavar="SPEC",
                           help="a configuration, e.g. prefill=fp32,decode=int4-awq-g128,kv=int8,spec=prompt-lookup "
@@ -53,3 +52,7 @@ def run_trilemma(args, default_model: Path) -> int:
     args.command_line = " ".join(["pdserve", *sys.argv[1:]]) if sys.argv[1:2] == ["trilemma"] else "pdserve trilemma"
     rows = execute(args)["rows"]
     return 0 if rows and not any(r.get("error") for r in rows) else 1
+
+
+COMMAND = Command("trilemma", "sweep serving configurations: latency, cost and fidelity, with the Pareto front marked",
+                  add_trilemma_arguments, run_trilemma)

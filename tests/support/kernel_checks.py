@@ -1,20 +1,14 @@
 """Checks that each Triton kernel equals its torch reference, on a given device.
 
 Shared by the interpreter tests (CPU, TRITON_INTERPRET=1, set before this module is imported) and the
-compiled run on CUDA (tests/kernels/compiled_on_cuda.py). Every check builds its inputs from a seed, and
+compiled run on CUDA (tests/common/kernels/compiled_on_cuda.py). Every check builds its inputs from a seed, and
 every reference is also checked against an independent construction (torch SDPA, dense weights built from
-known integer codes, plain indexing).
+known integer codes).
 """
 
 import torch
 import torch.nn.functional as F
 
-from common.kernels.kv_pages import (
-    gather_kv_pages,
-    gather_kv_pages_reference,
-    scatter_kv_pages,
-    scatter_kv_pages_reference,
-)
 from common.kernels.paged_attention import (
     paged_attention_decode,
     paged_attention_decode_reference,
@@ -113,25 +107,3 @@ def check_int4_matmul(device: str, x_dtype: torch.dtype = torch.float32, m=3, n=
                       **blocks)
     tol = 1e-4 if x_dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float().cpu(), expected_cpu, atol=tol, rtol=tol)
-
-
-def check_kv_pages(device: str, cache_dtype: torch.dtype, page_dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(3)
-    layers, slots, heads, dim = 2, 24, 3, 8  # a row of 24 elements: not a power of two
-    cache = torch.randn(layers, slots, heads, dim, generator=gen).to(device, cache_dtype)
-    picked = torch.randperm(slots, generator=gen)[:7].to(device)
-    pages = gather_kv_pages(cache, picked, page_dtype)
-    assert pages.dtype == page_dtype and pages.shape == (layers, 7, heads, dim)
-    torch.testing.assert_close(pages, gather_kv_pages_reference(cache, picked, page_dtype), atol=0, rtol=0)
-    for i, slot in enumerate(picked.tolist()):  # plain indexing, independent of both
-        torch.testing.assert_close(pages[:, i], cache[:, slot].to(page_dtype), atol=0, rtol=0)
-
-    target = torch.zeros(layers, slots, heads, dim, dtype=cache_dtype, device=device)
-    expected = target.clone()
-    incoming = torch.randn(layers, 7, heads, dim, generator=gen).to(device, page_dtype)
-    scatter_kv_pages(target, picked, incoming)
-    scatter_kv_pages_reference(expected, picked, incoming)
-    torch.testing.assert_close(target, expected, atol=0, rtol=0)
-    untouched = torch.ones(slots, dtype=torch.bool, device=device)
-    untouched[picked] = False
-    assert not target[:, untouched].any()

@@ -17,8 +17,7 @@ pytestmark = pytest.mark.kernels
 _previous = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 try:
-    for _name in ("common.kernels.paged_attention", "common.kernels.quant_matmul", "common.kernels.kv_pages",
-                  "kernel_checks"):
+    for _name in ("common.kernels.paged_attention", "common.kernels.quant_matmul", "kernel_checks"):
         if _name in sys.modules:  # defined earlier without the interpreter: define it again
             importlib.reload(sys.modules[_name])
     import kernel_checks
@@ -60,25 +59,3 @@ def test_int8_matmul_matches_reference():
 @pytest.mark.parametrize("group_size", [16, 32])  # 72 = 2 * 32 + 8: a short last group
 def test_int4_matmul_matches_reference(group_size):
     kernel_checks.check_int4_matmul("cpu", group_size=group_size, block_m=16, block_n=16, block_k=16)
-
-
-@pytest.mark.parametrize("cache_dtype,page_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
-                                                    (torch.float16, torch.float32)])
-def test_kv_page_gather_scatter_match_reference(cache_dtype, page_dtype):
-    kernel_checks.check_kv_pages("cpu", cache_dtype, page_dtype)
-
-
-def test_kv_page_gather_scatter_move_int8_codes_unchanged():
-    kernel_checks.check_kv_pages("cpu", torch.int8, torch.int8)
-
-
-@pytest.mark.parametrize("cache_dtype,page_dtype", [(torch.int8, torch.float32), (torch.float32, torch.float8_e4m3fn)])
-def test_kv_pages_refuse_to_convert_quantised_codes(cache_dtype, page_dtype):
-    from common.kernels.kv_pages import gather_kv_pages, scatter_kv_pages
-
-    cache = torch.zeros(1, 8, 2, 4, dtype=cache_dtype)
-    slots = torch.tensor([1, 5])
-    with pytest.raises(ValueError, match="never converted"):
-        gather_kv_pages(cache, slots, page_dtype)
-    with pytest.raises(ValueError, match="never converted"):
-        scatter_kv_pages(cache, slots, torch.zeros(1, 2, 2, 4, dtype=page_dtype))

@@ -1,4 +1,8 @@
-"""The same model on a CUDA device gives the CPU's logits (runs where CUDA exists; skipped elsewhere)."""
+"""The same model on a CUDA device gives the CPU's logits (runs where CUDA exists; skipped elsewhere).
+
+On CUDA decode runs the torch padded-groups path here: this process may hold triton defined for the
+interpreter (tests/common/kernels/test_kernels_interpret.py), so the paged kernel, CUDA's default for one-token
+steps, is checked compiled in a process of its own (tests/common/kernels/compiled_on_cuda.py)."""
 
 import pytest
 import torch
@@ -15,7 +19,7 @@ def _runner(model_dir, device: str) -> ModelRunner:
     c = model.config
     return ModelRunner(model, KvPool(num_layers=c.num_layers, num_blocks=32, block_size=16,
                                      num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32,
-                                     device=device))
+                                     device=device), attention="groups" if device == "cuda" else None)
 
 
 def test_cuda_prefill_and_decode_match_cpu(model_dir):

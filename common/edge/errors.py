@@ -1,0 +1,56 @@
+"""The one place where typed errors (common/basics/errors.py) become gRPC status codes, for every service
+edge, and where a tier's gRPC error becomes a typed one again (`upstream`)."""
+
+import functools
+import inspect
+
+import grpc
+
+from common.basics import errors
+
+_STATUS_OF = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(error: errors.PdserveError) -> grpc.StatusCode:
+    if isinstance(error, errors.Upstream):
+        return grpc.StatusCode[error.status]
+    for kind in type(error).__mro__:
+        if kind in _STATUS_OF:
+            return _STATUS_OF[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+def maps_errors(method):
+    """Servicer method decorator: a PdserveError aborts the RPC with its status and message."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except errors.PdserveError as error:
+                context.abort(status_of(error), str(error))
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except errors.PdserveError as error:
+            context.abort(status_of(error), str(error))
+    return unary
+
+
+def upstream(error: grpc.RpcError, what: str) -> errors.Upstream:
+    """A failed call to another tier as a typed error that keeps its status: `what` says which tier and call."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNAVAILABLE
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    return errors.Upstream(code.name, f"{what}: {details}")
