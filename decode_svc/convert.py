@@ -1,8 +1,60 @@
 """Protobuf <-> domain objects for the decode service. Nothing past this module sees protobuf."""
 
-from common.edge.proto import FINISH_REASONS
+from dataclasses import dataclass
+
+from common.basics.compat import Compat
+from common.basics.errors import InvalidArgument
+from common.basics.sampling import SamplingConfig
+from common.edge.proto import FINISH_REASONS, compat_to_proto, sampling_from_proto
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot
 from pdserve.v1 import common_pb2, decode_pb2
+
+
+@dataclass(frozen=True)
+class ReserveCall:
+    num_prompt_tokens: int
+    max_new_tokens: int
+    lease_s: float | None  # None: the instance's default lease
+
+
+@dataclass(frozen=True)
+class DecodeCall:
+    handle: str
+    request_id: str
+    first_token: int
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_token_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    prompt_ids: list[int]
+    speculate: bool | None  # None: the instance's setting
+
+
+def reserve_from_proto(request: decode_pb2.ReserveRequest) -> ReserveCall:
+    """Raises InvalidArgument saying what to change."""
+    if request.num_prompt_tokens < 1:
+        raise InvalidArgument("num_prompt_tokens must be >= 1")
+    if request.max_new_tokens < 1:
+        raise InvalidArgument("max_new_tokens must be >= 1")
+    return ReserveCall(request.num_prompt_tokens, request.max_new_tokens,
+                       request.lease_ms / 1000 if request.lease_ms else None)
+
+
+def reservation_to_proto(handle: str, num_blocks: int, expires_unix_s: float,
+                         compat: Compat) -> decode_pb2.ReserveResponse:
+    return decode_pb2.ReserveResponse(handle=handle, num_blocks=num_blocks,
+                                      lease_expires_unix_ms=int(expires_unix_s * 1000), compat=compat_to_proto(compat))
+
+
+def decode_call_from_proto(request: decode_pb2.DecodeRequest) -> DecodeCall:
+    """Raises InvalidArgument saying what to change."""
+    try:
+        sampling = sampling_from_proto(request.sampling)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from None
+    return DecodeCall(request.handle, request.request_id, request.first_token_id, request.max_new_tokens, sampling,
+                      frozenset(request.stop_token_ids), tuple(request.stop), list(request.prompt_token_ids),
+                      request.speculative if request.HasField("speculative") else None)
 
 
 def event_to_proto(event: DecodeEvent) -> decode_pb2.DecodeResponse:

@@ -1,7 +1,6 @@
 """The decode service edge: validates, converts protobuf to engine calls, and back."""
 
 import queue
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -10,19 +9,24 @@ from prometheus_client import CollectorRegistry
 
 from common.basics.config import DecodeConfig
 from common.basics.errors import (
-    FailedPrecondition,
     Internal,
-    InvalidArgument,
     PdserveError,
 )
 from common.basics.tokenizer import TextTokenizer
+from common.edge.errors import maps_errors
 from common.edge.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
-from common.edge.proto import compat_to_proto, sampling_from_proto
-from common.edge.server import add_health, bind, make_server, maps_errors, set_serving
+from common.edge.proto import compat_to_proto
+from common.edge.server import add_health, bind, make_server, set_serving
 from common.edge.tracing import incoming_context, tracer
-from common.kv import wire as kv_wire
-from common.runtime.tier import build_runtime
-from decode_svc.convert import event_to_proto, stats_to_proto
+from common.kv.grpc_transport import ack_to_proto, receive_chunks
+from common.runtime.tier import TierRuntime, build_runtime
+from decode_svc.convert import (
+    decode_call_from_proto,
+    event_to_proto,
+    reservation_to_proto,
+    reserve_from_proto,
+    stats_to_proto,
+)
 from decode_svc.draft import draft_for
 from decode_svc.engine import FINISH_ERROR, DecodeEngine
 from decode_svc.observe import DecodeObserver
@@ -47,75 +51,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @maps_errors
     def Reserve(self, request, context):
-        if request.num_prompt_tokens < 1:
-            raise InvalidArgument("num_prompt_tokens must be >= 1")
-        if request.max_new_tokens < 1:
-            raise InvalidArgument("max_new_tokens must be >= 1")
-        lease_s = request.lease_ms / 1000 if request.lease_ms else None
+        call = reserve_from_proto(request)
         with self._tracer.start_as_current_span("decode.reserve", context=incoming_context(context),
                                                 kind=SpanKind.SERVER) as span:
-            handle, num_blocks, expires = self.engine.reserve(request.num_prompt_tokens, request.max_new_tokens,
-                                                              lease_s)
+            handle, num_blocks, expires = self.engine.reserve(call.num_prompt_tokens, call.max_new_tokens,
+                                                              call.lease_s)
             span.set_attributes({"pdserve.kv.handle": handle, "pdserve.kv.blocks": num_blocks})
-        return decode_pb2.ReserveResponse(handle=handle, num_blocks=num_blocks,
-                                          lease_expires_unix_ms=int(expires * 1000),
-                                          compat=compat_to_proto(self.compat))
+        return reservation_to_proto(handle, num_blocks, expires, self.compat)
 
     @maps_errors
     def PushKv(self, request_iterator, context):
-        num_chunks, num_bytes, started, handle = 0, 0, None, None
         with self._tracer.start_as_current_span("kv.receive", context=incoming_context(context),
                                                 kind=SpanKind.SERVER) as span:
-            for chunk in request_iterator:
-                started = started or time.monotonic()
-                handle = self._check_chunk(chunk, handle)
-                payload = kv_wire.KvPayload(chunk.key, chunk.value, chunk.key_scale, chunk.value_scale)
-                rows = kv_wire.rows_from_payload(payload, chunk.dtype, tuple(chunk.shape))
-                self.engine.receive_kv(handle, chunk.layer, chunk.token_start, rows)
-                num_chunks += 1
-                num_bytes += payload.num_bytes
-            if handle is None:
-                raise InvalidArgument("the KV stream was empty")
-            if not self.engine.transfer_complete(handle):
-                raise FailedPrecondition(f"the KV stream for {handle} ended before every layer had every prompt token")
-            span.set_attributes({"pdserve.kv.bytes": num_bytes, "pdserve.kv.pages": num_chunks,
+            handle, ack = receive_chunks(request_iterator, self.engine, self.compat)
+            span.set_attributes({"pdserve.kv.bytes": ack.num_bytes, "pdserve.kv.pages": ack.num_chunks,
                                  "pdserve.kv.handle": handle})
-        self.metrics.kv_received_bytes.inc(num_bytes)
-        receive_ms = (time.monotonic() - started) * 1000
-        return decode_pb2.PushKvResponse(num_chunks=num_chunks, num_bytes=num_bytes, receive_ms=receive_ms)
-
-    def _check_chunk(self, chunk: decode_pb2.KvChunk, handle: str | None) -> str:
-        if handle is not None and chunk.handle != handle:
-            raise InvalidArgument(f"one KV stream carries one reservation; got {chunk.handle!r} after {handle!r}")
-        if chunk.fingerprint != self.compat.fingerprint:
-            raise FailedPrecondition(
-                "KV layout mismatch: the sender's compatibility fingerprint differs from this decode instance's "
-                f"(model {self.compat.model_id}, kv_dtype {self.compat.kv_dtype}, block_size {self.compat.block_size}); "
-                "run prefill and decode with the same model, --kv-dtype and --block-size"
-            )
-        expected = (chunk.token_end - chunk.token_start, self.compat.num_kv_heads, self.compat.head_dim)
-        if chunk.token_end <= chunk.token_start or tuple(chunk.shape) != expected:
-            raise InvalidArgument(f"KV chunk shape {tuple(chunk.shape)} does not match tokens "
-                                  f"[{chunk.token_start}, {chunk.token_end}): expected {expected}")
-        if chunk.dtype != self.compat.kv_dtype:
-            raise FailedPrecondition(f"KV chunk dtype {chunk.dtype} differs from this instance's {self.compat.kv_dtype}")
-        if kv_wire.checksum(chunk.key, chunk.value, chunk.key_scale, chunk.value_scale) != chunk.crc32:
-            raise InvalidArgument(f"KV chunk for layer {chunk.layer}, tokens [{chunk.token_start}, "
-                                  f"{chunk.token_end}) failed its CRC-32 check")
-        return chunk.handle
+        self.metrics.kv_received_bytes.inc(ack.num_bytes)
+        return ack_to_proto(ack)
 
     @maps_errors
     def Decode(self, request, context):
+        call = decode_call_from_proto(request)
+        observer = DecodeObserver(self.metrics, incoming_context(context), call.request_id)
         try:
-            sampling = sampling_from_proto(request.sampling)
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from None
-        observer = DecodeObserver(self.metrics, incoming_context(context), request.request_id)
-        try:
-            seq = self.engine.start_decode(
-                request.handle, request.first_token_id, request.max_new_tokens, sampling,
-                frozenset(request.stop_token_ids), tuple(request.stop), list(request.prompt_token_ids),
-                request.speculative if request.HasField("speculative") else None)
+            seq = self.engine.start_decode(call.handle, call.first_token, call.max_new_tokens, call.sampling,
+                                           call.stop_token_ids, call.stop_strings, call.prompt_ids, call.speculate)
             observer.started(seq)
             context.add_callback(lambda: self.engine.cancel(seq))
             try:
@@ -153,6 +113,29 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 @dataclass
+class DecodeService:
+    """The decode tier's parts, wired: its engine and the servicer in front of it."""
+
+    engine: DecodeEngine
+    servicer: DecodeServicer
+
+    def add_to(self, server: grpc.Server) -> None:
+        decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, server)
+
+
+def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: TierRuntime | None = None) -> DecodeService:
+    """The engine and servicer of a decode tier (over `runtime`'s model and pool when given: the colocated
+    mode shares the prefill side's model); its metrics go to `registry`."""
+    runtime = runtime or build_runtime(config)
+    speculation = SpeculationConfig(config.speculative, config.num_speculative_tokens, config.speculative_max_batch,
+                                    config.speculative_adaptive)
+    engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
+                          TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks))
+    registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
+    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)))
+
+
+@dataclass
 class RunningDecode:
     server: grpc.Server
     port: int
@@ -165,19 +148,12 @@ class RunningDecode:
 
 def start_decode(config: DecodeConfig, registry: CollectorRegistry | None = None) -> RunningDecode:
     """Serves the decode tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
-    runtime = build_runtime(config)
-    speculation = SpeculationConfig(config.speculative, config.num_speculative_tokens, config.speculative_max_batch,
-                                    config.speculative_adaptive)
-    engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
-                          TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks))
+    service = build_decode(config, registry or CollectorRegistry())
     server = make_server()
     health = add_health(server)
-    registry = registry or CollectorRegistry()
-    registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
-    decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)),
-                                                 server)
+    service.add_to(server)
     port = bind(server, config.host, config.port)
-    engine.start()
+    service.engine.start()
     server.start()
     set_serving(health, [SERVICE_NAME])
-    return RunningDecode(server, port, engine)
+    return RunningDecode(server, port, service.engine)

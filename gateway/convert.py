@@ -1,27 +1,26 @@
-"""GenerateRequest (protobuf) -> GenerationSpec (domain), or InvalidArgument saying what to change."""
+"""Protobuf <-> domain objects for the gateway, and nothing protobuf beyond this module and the gRPC tier client:
+GenerateRequest -> GenerationSpec (or InvalidArgument saying what to change), the calls to the tiers and their
+replies, and the GenerateResponse messages streamed back."""
 
 import secrets
 import uuid
-from dataclasses import dataclass
 
 from common.basics.config import GatewayConfig
 from common.basics.errors import InvalidArgument
 from common.basics.sampling import SamplingConfig
 from common.basics.tokenizer import TextTokenizer
-from common.edge.proto import sampling_from_proto
-from pdserve.v1 import gateway_pb2
+from common.edge.proto import FINISH_REASONS, sampling_from_proto, sampling_to_proto
+from gateway.tiers import (
+    DecodeArgs,
+    DecodeChunk,
+    GenerationSpec,
+    PrefillResult,
+    SpeculationCounts,
+)
+from pdserve.v1 import decode_pb2, gateway_pb2, prefill_pb2
 
+FINISH_REASON_NAMES = {number: name for name, number in FINISH_REASONS.items()}
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    request_id: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingConfig
-    stop: tuple[str, ...]
-    speculative: bool | None = None  # None: the deployment's setting
 
 
 def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer, config: GatewayConfig,
@@ -98,3 +97,66 @@ def _stop_strings(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -
     if any(not s for s in request.stop):
         raise InvalidArgument("stop strings must not be empty")
     return tuple(request.stop)
+
+
+# The calls to the tiers, and their replies.
+
+def reserve_request(request_id: str, num_prompt_tokens: int, max_new_tokens: int,
+                    lease_ms: int) -> decode_pb2.ReserveRequest:
+    return decode_pb2.ReserveRequest(request_id=request_id, num_prompt_tokens=num_prompt_tokens,
+                                     max_new_tokens=max_new_tokens, lease_ms=lease_ms)
+
+
+def prefill_request(request_id: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
+                    handle: str) -> prefill_pb2.PrefillRequest:
+    return prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
+                                      sampling=sampling_to_proto(sampling), decode_address=decode_address,
+                                      kv_handle=handle)
+
+
+def prefill_result(reply: prefill_pb2.PrefillResponse) -> PrefillResult:
+    return PrefillResult(reply.first_token_id, reply.queue_ms, reply.compute_ms, reply.kv_transfer_ms,
+                         reply.kv_bytes, reply.num_chunks)
+
+
+def decode_request(request_id: str, args: DecodeArgs) -> decode_pb2.DecodeRequest:
+    return decode_pb2.DecodeRequest(
+        handle=args.handle, request_id=request_id, first_token_id=args.first_token,
+        max_new_tokens=args.max_new_tokens, sampling=sampling_to_proto(args.sampling),
+        stop_token_ids=sorted(args.stop_token_ids), stop=args.stop, prompt_token_ids=args.prompt_ids,
+        speculative=args.speculative,
+    )
+
+
+def decode_chunk(reply: decode_pb2.DecodeResponse) -> DecodeChunk:
+    speculation = None
+    if reply.HasField("speculation"):
+        s = reply.speculation
+        speculation = SpeculationCounts(s.num_proposed, s.num_accepted, s.num_verify_steps, s.num_verify_tokens)
+    return DecodeChunk(list(reply.token_ids), FINISH_REASON_NAMES.get(reply.finish_reason), speculation)
+
+
+# What the client receives.
+
+def token_reply(token_ids: list[int], text: str, request_id: str) -> gateway_pb2.GenerateResponse:
+    return gateway_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id)
+
+
+def last_reply(token_ids: list[int], text: str, request_id: str, reason: str, prompt_tokens: int,
+               completion_tokens: int, timings: dict[str, float],
+               speculation: SpeculationCounts | None) -> gateway_pb2.GenerateResponse:
+    """The final message: finish reason, usage, timings (milliseconds, by Timings field) and speculation."""
+    return gateway_pb2.GenerateResponse(
+        token_ids=token_ids, text=text, finish_reason=FINISH_REASONS[reason], request_id=request_id,
+        usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+        timings=gateway_pb2.Timings(**timings), speculation=_speculation(speculation))
+
+
+def _speculation(counts: SpeculationCounts | None) -> gateway_pb2.Speculation | None:
+    if counts is None or not counts.num_verify_steps:
+        return None
+    return gateway_pb2.Speculation(
+        num_proposed=counts.num_proposed, num_accepted=counts.num_accepted,
+        acceptance_rate=counts.num_accepted / counts.num_proposed if counts.num_proposed else 0.0,
+        tokens_per_verify_step=counts.num_verify_tokens / counts.num_verify_steps,
+    )

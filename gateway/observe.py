@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common.edge.metrics import GatewayMetrics
 from common.edge.tracing import tracer
-from gateway.validation import GenerationSpec
+from gateway.tiers import GenerationSpec
 
 GEN_AI_PROVIDER = "pdserve"
 

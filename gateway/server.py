@@ -11,38 +11,37 @@ from common.basics.config import GatewayConfig
 from common.basics.errors import PdserveError
 from common.basics.model_config import ModelConfig
 from common.basics.tokenizer import TextTokenizer
+from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import GatewayMetrics
-from common.edge.proto import FINISH_REASONS
 from common.edge.server import (
     REQUEST_ID_KEY,
     add_health,
     bind,
-    make_channel,
     make_server,
-    maps_errors,
     metadata_value,
     set_serving,
-    status_of,
     time_remaining_s,
 )
 from common.edge.tracing import child_span, incoming_context
-from gateway.generation import Generation, Stubs, TierError
+from gateway.convert import last_reply, spec_from_request, token_reply
+from gateway.generation import Generation
+from gateway.grpc_tiers import GrpcTiers
 from gateway.observe import RequestObserver
 from gateway.router import Router
 from gateway.text_stream import TextStream
-from gateway.validation import spec_from_request
-from pdserve.v1 import decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
+from gateway.tiers import Tiers
+from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "pdserve.v1.Gateway"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer, model: ModelConfig, stubs: Stubs,
+    def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer, model: ModelConfig, tiers: Tiers,
                  metrics: GatewayMetrics) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
-        self.stubs = stubs
+        self.tiers = tiers
         self.router = Router(config.prefill_addresses, config.decode_addresses)
         self.metrics = metrics
 
@@ -56,10 +55,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except PdserveError as error:
             observer.failed(status_of(error), str(error))
             raise
-        except TierError as error:
-            observer.failed(error.code, str(error))
-            if context.is_active():
-                context.abort(error.code, str(error))
         finally:
             observer.end()
 
@@ -70,42 +65,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         observer.tokenized(spec)
         remaining = time_remaining_s(context)
         generation = Generation(
-            spec, self.router, self.stubs, eos_token_ids=frozenset(self.model.eos_token_ids),
+            spec, self.router, self.tiers, eos_token_ids=frozenset(self.model.eos_token_ids),
             lease_ms=self.config.lease_ms, deadline=observer.arrived + remaining if remaining is not None else None,
             trace_parent=observer.span,
         )
         context.add_callback(generation.cancel)
         text = TextStream(self.tokenizer, spec.stop)
-        for event in generation.run():
-            observer.tokens(len(event.token_ids))
-            delta = text.push(event.token_ids)
-            reason = "stop" if text.stopped else event.finish_reason
+        for chunk in generation.run():
+            observer.tokens(len(chunk.token_ids))
+            delta = text.push(chunk.token_ids)
+            reason = "stop" if text.stopped else chunk.finish_reason
             if reason is None:
-                yield gateway_pb2.GenerateResponse(token_ids=event.token_ids, text=delta, request_id=spec.request_id)
+                yield token_reply(chunk.token_ids, delta, spec.request_id)
                 continue
             generation.cancel()
             observer.finished(reason)
-            yield gateway_pb2.GenerateResponse(
-                token_ids=event.token_ids, text=delta + text.finish(), finish_reason=FINISH_REASONS[reason],
-                request_id=spec.request_id,
-                usage=gateway_pb2.Usage(prompt_tokens=len(spec.prompt_ids),
-                                        completion_tokens=observer.num_output_tokens),
-                timings=self._timings(generation, observer.arrived, observer.first_at),
-                speculation=_speculation(event.speculation),
-            )
+            yield last_reply(chunk.token_ids, delta + text.finish(), spec.request_id, reason, len(spec.prompt_ids),
+                             observer.num_output_tokens, _timings(generation, observer.arrived, observer.first_at),
+                             chunk.speculation)
             return
 
-    @staticmethod
-    def _timings(generation: Generation, arrived: float, first_at: float) -> gateway_pb2.Timings:
-        now = time.monotonic()
-        return gateway_pb2.Timings(
-            queue_ms=generation.timings.queue_ms,
-            prefill_ms=generation.timings.prefill_ms,
-            kv_transfer_ms=generation.timings.kv_transfer_ms,
-            time_to_first_token_ms=(first_at - arrived) * 1000,
-            decode_ms=(now - first_at) * 1000,
-            total_ms=(now - arrived) * 1000,
-        )
+
+def _timings(generation: Generation, arrived: float, first_at: float) -> dict[str, float]:
+    """Milliseconds by gateway_pb2.Timings field."""
+    now = time.monotonic()
+    return {"queue_ms": generation.timings.queue_ms, "prefill_ms": generation.timings.prefill_ms,
+            "kv_transfer_ms": generation.timings.kv_transfer_ms,
+            "time_to_first_token_ms": (first_at - arrived) * 1000, "decode_ms": (now - first_at) * 1000,
+            "total_ms": (now - arrived) * 1000}
 
 
 @dataclass
@@ -119,11 +106,8 @@ class RunningGateway:
 
 def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = None) -> RunningGateway:
     """Serves the gateway; its metrics go to `registry` (a private one when None: nothing serves it)."""
-    stubs = Stubs(
-        prefill={a: prefill_pb2_grpc.PrefillStub(make_channel(a)) for a in config.prefill_addresses},
-        decode={a: decode_pb2_grpc.DecodeStub(make_channel(a)) for a in config.decode_addresses},
-    )
-    servicer = GatewayServicer(config, TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir), stubs,
+    tiers = GrpcTiers(config.prefill_addresses, config.decode_addresses)
+    servicer = GatewayServicer(config, TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir), tiers,
                                GatewayMetrics(registry or CollectorRegistry()))
     server = make_server()
     health = add_health(server)
@@ -136,13 +120,3 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
     server.start()
     set_serving(health, [SERVICE_NAME])
     return RunningGateway(server, port)
-
-
-def _speculation(stats) -> gateway_pb2.Speculation | None:
-    if stats is None or not stats.num_verify_steps:
-        return None
-    return gateway_pb2.Speculation(
-        num_proposed=stats.num_proposed, num_accepted=stats.num_accepted,
-        acceptance_rate=stats.num_accepted / stats.num_proposed if stats.num_proposed else 0.0,
-        tokens_per_verify_step=stats.num_verify_tokens / stats.num_verify_steps,
-    )

@@ -8,7 +8,6 @@ import grpc
 
 from common.basics.config import DEFAULT_GATEWAY_PORT
 from pdserve.command import Command
-
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 

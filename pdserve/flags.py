@@ -12,7 +12,6 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable
-from pathlib import Path
 
 
 def _flag(spec: dataclasses.Field, prefix: str = "") -> str:

@@ -11,13 +11,13 @@ import threading
 import time
 from pathlib import Path
 
-from common.edge.server import is_serving
 from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
+from common.edge.server import is_serving
 from common.edge.telemetry import DEFAULT_METRICS_PORT, METRICS_PORT_OFFSETS
+from pdserve.affinity import cpus_arg, pin_to
 from pdserve.command import Command
 from pdserve.flags import add_flags, field_values, to_argv
 from pdserve.tier_commands import DECODE_FIELDS, PREFILL_FIELDS, SHARED_FIELDS
-from pdserve.affinity import pin_to
 
 _START_TIMEOUT_S = 180.0
 _STOP_TIMEOUT_S = 10.0

@@ -5,7 +5,13 @@ import argparse
 import os
 from pathlib import Path
 
-from common.basics.config import DEFAULT_PORTS, DecodeConfig, GatewayConfig, PrefillConfig, TierConfig
+from common.basics.config import (
+    DEFAULT_PORTS,
+    DecodeConfig,
+    GatewayConfig,
+    PrefillConfig,
+    TierConfig,
+)
 from common.edge.telemetry import DEFAULT_METRICS_PORT, METRICS_PORT_OFFSETS
 from pdserve.command import Command
 from pdserve.flags import add_flags, config_from_args, field_values

@@ -18,10 +18,10 @@ from common.basics.errors import ResourceExhausted
 from common.basics.sampling import SamplingConfig
 from common.kv.block_manager import BlockManager, OutOfBlocks
 from common.kv.quant import KvRows
+from common.kv.transport import KvSender
 from common.model.runner import ModelRunner, PrefillChunk
 from common.model.sampling import sample
 from common.runtime.engine_loop import EngineLoop
-from prefill_svc.kv_sender import KvSender
 
 
 @dataclass

@@ -6,15 +6,14 @@ from opentelemetry.trace import Span
 
 from common.edge.metrics import PrefillMetrics
 from common.edge.tracing import WallClock, record_phase
-from pdserve.v1 import decode_pb2
+from common.kv.transport import KvAck, KvSender
 from prefill_svc.engine import PrefillJob
-from prefill_svc.kv_sender import GrpcKvSender
 
 _TRACER = "pdserve.prefill"
 
 
-def record_prefill(span: Span, metrics: PrefillMetrics, job: PrefillJob, sender: GrpcKvSender,
-                   ack: decode_pb2.PushKvResponse, acked_at: float) -> None:
+def record_prefill(span: Span, metrics: PrefillMetrics, job: PrefillJob, sender: KvSender, ack: KvAck,
+                   acked_at: float) -> None:
     clock = WallClock()
     record_phase("prefill.queue", span, job.enqueued_at, job.started_at, clock, tracer_name=_TRACER)
     _record_chunks(span, job, sender, clock)
@@ -26,14 +25,14 @@ def record_prefill(span: Span, metrics: PrefillMetrics, job: PrefillJob, sender:
     metrics.chunks.inc(job.num_chunks)
     metrics.kv_transfer_bytes.inc(ack.num_bytes)
     metrics.kv_transfer_pages.inc(ack.num_chunks)
-    if sender.first_sent_at is not None:
-        metrics.kv_transfer_time.observe(acked_at - sender.first_sent_at)
+    if sender.log.first_sent_at is not None:
+        metrics.kv_transfer_time.observe(acked_at - sender.log.first_sent_at)
 
 
-def _record_chunks(span: Span, job: PrefillJob, sender: GrpcKvSender, clock: WallClock) -> None:
+def _record_chunks(span: Span, job: PrefillJob, sender: KvSender, clock: WallClock) -> None:
     """One `prefill.compute` span per chunk. A chunk's step began when the previous chunk's last page was
     handed over (the first at the job's first step); the last chunk ends when its first token was drawn."""
-    timings = sorted(sender.chunk_timings.values(), key=lambda t: t.token_start)
+    timings = sorted(sender.log.chunks.values(), key=lambda t: t.token_start)
     start_s = job.started_at
     for index, timing in enumerate(timings):
         end_s = job.computed_at if index == len(timings) - 1 else timing.last_s

@@ -15,29 +15,33 @@ from common.basics.errors import (
     Cancelled,
     FailedPrecondition,
     Internal,
-    InvalidArgument,
     PdserveError,
     Unavailable,
 )
+from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
-from common.edge.proto import compat_from_proto, compat_to_proto, sampling_from_proto
+from common.edge.proto import compat_from_proto, compat_to_proto
 from common.edge.server import (
     REQUEST_ID_KEY,
     add_health,
     bind,
     make_channel,
     make_server,
-    maps_errors,
     metadata_value,
     set_serving,
-    status_of,
     time_remaining_s,
 )
 from common.edge.tracing import incoming_context, tracer
-from common.runtime.tier import build_runtime
+from common.kv.grpc_transport import GrpcKvSender
+from common.runtime.tier import TierRuntime, build_runtime
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from prefill_svc.convert import (
+    PrefillCall,
+    call_from_proto,
+    reply_to_proto,
+    stats_to_proto,
+)
 from prefill_svc.engine import PrefillEngine, PrefillJob
-from prefill_svc.kv_sender import GrpcKvSender
 from prefill_svc.observe import record_prefill
 
 SERVICE_NAME = "pdserve.v1.Prefill"
@@ -88,7 +92,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @maps_errors
     def Stats(self, request, context):
-        return prefill_pb2.PrefillStats(**vars(self.engine.stats()))
+        return stats_to_proto(self.engine.stats())
 
     @maps_errors
     def Prefill(self, request, context):
@@ -97,20 +101,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                                 attributes={"pdserve.request_id": request_id,
                                                             "pdserve.prompt_tokens": len(request.prompt_token_ids)}):
             try:
-                self._validate(request)
-                reply = self._prefill(request, request_id, context)
+                reply = self._prefill(call_from_proto(request, self.vocab_size, request_id), context)
             except PdserveError as error:
                 self.metrics.requests.labels(status_of(error).name).inc()
                 raise
         self.metrics.requests.labels(grpc.StatusCode.OK.name).inc()
         return reply
 
-    def _prefill(self, request, request_id: str, context) -> prefill_pb2.PrefillResponse:
+    def _prefill(self, call: PrefillCall, context) -> prefill_pb2.PrefillResponse:
         span = trace.get_current_span()
-        sender = GrpcKvSender(self.peers.stub_for(request.decode_address), handle=request.kv_handle,
+        sender = GrpcKvSender(self.peers.stub_for(call.decode_address), handle=call.kv_handle,
                               fingerprint=self.compat.fingerprint, kv_dtype=self.compat.kv_dtype,
-                              request_id=request_id, trace_parent=span, timeout_s=time_remaining_s(context))
-        job = PrefillJob(request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling), sender)
+                              request_id=call.request_id, trace_parent=span, timeout_s=time_remaining_s(context))
+        job = PrefillJob(call.request_id, call.prompt_ids, call.sampling, sender)
         self.engine.submit(job)
         context.add_callback(lambda: self.engine.cancel(job))
         while not job.done.wait(_POLL_S):
@@ -120,35 +123,32 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise Internal("a prefill step failed; the prefill tier's log has the details")
         if job.cancelled:
             raise Cancelled("prefill was cancelled")
-        try:
-            ack = sender.wait()
-        except grpc.RpcError as error:
-            self.metrics.requests.labels(error.code().name).inc()
-            context.abort(error.code(), f"decode tier refused the KV transfer: {error.details()}")
+        ack = sender.wait()
         transferred_at = time.monotonic()
         record_prefill(span, self.metrics, job, sender, ack, transferred_at)
-        return prefill_pb2.PrefillResponse(
-            first_token_id=job.first_token,
-            queue_ms=(job.started_at - job.enqueued_at) * 1000,
-            compute_ms=(job.computed_at - job.started_at) * 1000,
-            kv_transfer_ms=(transferred_at - job.computed_at) * 1000,
-            kv_bytes=ack.num_bytes,
-            kv_chunks=ack.num_chunks,
-            num_chunks=job.num_chunks,
-        )
+        return reply_to_proto(job, ack, transferred_at)
 
-    def _validate(self, request: prefill_pb2.PrefillRequest) -> None:
-        if not request.prompt_token_ids:
-            raise InvalidArgument("prompt_token_ids is empty")
-        bad = [t for t in request.prompt_token_ids if t >= self.vocab_size]
-        if bad:
-            raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        if not request.decode_address or not request.kv_handle:
-            raise InvalidArgument("decode_address and kv_handle name where the KV goes; both are required")
-        try:
-            sampling_from_proto(request.sampling)
-        except ValueError as error:
-            raise InvalidArgument(str(error)) from None
+
+@dataclass
+class PrefillService:
+    """The prefill tier's parts, wired: its engine and the servicer in front of it."""
+
+    engine: PrefillEngine
+    servicer: PrefillServicer
+
+    def add_to(self, server: grpc.Server) -> None:
+        prefill_pb2_grpc.add_PrefillServicer_to_server(self.servicer, server)
+
+
+def build_prefill(config: PrefillConfig, registry: CollectorRegistry,
+                  runtime: TierRuntime | None = None) -> PrefillService:
+    """The engine and servicer of a prefill tier (over `runtime` when given); its metrics go to `registry`."""
+    runtime = runtime or build_runtime(config)
+    engine = PrefillEngine(runtime.runner, runtime.blocks, chunk_size=config.chunk_size,
+                           max_batch_tokens=config.max_batch_tokens)
+    registry.register(StatsCollector(engine.stats, PREFILL_STATS, tier="prefill"))
+    servicer = PrefillServicer(engine, runtime.compat, runtime.runner.model.config.vocab_size, PrefillMetrics(registry))
+    return PrefillService(engine, servicer)
 
 
 @dataclass
@@ -164,17 +164,12 @@ class RunningPrefill:
 
 def start_prefill(config: PrefillConfig, registry: CollectorRegistry | None = None) -> RunningPrefill:
     """Serves the prefill tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
-    runtime = build_runtime(config)
-    engine = PrefillEngine(runtime.runner, runtime.blocks, chunk_size=config.chunk_size,
-                           max_batch_tokens=config.max_batch_tokens)
+    service = build_prefill(config, registry or CollectorRegistry())
     server = make_server()
     health = add_health(server)
-    registry = registry or CollectorRegistry()
-    registry.register(StatsCollector(engine.stats, PREFILL_STATS, tier="prefill"))
-    servicer = PrefillServicer(engine, runtime.compat, runtime.runner.model.config.vocab_size, PrefillMetrics(registry))
-    prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
+    service.add_to(server)
     port = bind(server, config.host, config.port)
-    engine.start()
+    service.engine.start()
     server.start()
     set_serving(health, [SERVICE_NAME])
-    return RunningPrefill(server, port, engine)
+    return RunningPrefill(server, port, service.engine)

@@ -1,8 +1,11 @@
 """One frozen configuration per service, validated on construction and passed down explicitly.
-Built once in main() from CLI flags (pdserve/cli.py); nothing here reads the environment."""
+
+Each field's default and help live here, once: the CLI builds every tier's flags from these fields
+(pdserve/flags.py), and `pdserve up` turns configurations back into each tier's command line the same way.
+Nothing here reads the environment or imports torch."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # KV cache element types the tiers can store and exchange (common/kv/wire.py maps them to torch).
@@ -16,7 +19,15 @@ SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
 WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
                        "int4-awq", "int4-awq-g32", "int4-awq-g64", "int4-awq-g128")
 
-DEFAULT_GATEWAY_PORT = 50051
+# Where each tier listens when run on its own (`pdserve gateway|prefill|decode`); configurations built in
+# code default to port 0 (a free one).
+DEFAULT_PORTS = {"gateway": 50051, "prefill": 50052, "decode": 50053}
+DEFAULT_GATEWAY_PORT = DEFAULT_PORTS["gateway"]
+
+
+def option(default, help: str, **flag):
+    """A configuration field with its command-line help; `flag` adjusts the flag (name, choices, action...)."""
+    return field(default=default, metadata={"help": help, **flag})
 
 
 def default_model_dir(cache_home: str | None, home: str) -> Path:
@@ -43,16 +54,21 @@ def resolve_threads(threads: int) -> int:
 class TierConfig:
     """What prefill and decode share: the model, the KV layout and the process."""
 
-    model_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 0
-    block_size: int = 16
-    kv_dtype: str = "float32"
-    kv_memory_mb: int = 1024
-    threads: int = 0
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
-    weights: str = "fp32"  # weight format of this tier (common/model/linear.py WEIGHT_FORMATS)
-    cpu_weight_layout: str = "dual"  # CPU_WEIGHT_LAYOUTS
+    model_dir: Path = field(metadata={"flag": "--model", "help": "Hugging Face Llama checkpoint directory"})
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = option(0, "port to listen on (0 picks a free one)")
+    block_size: int = option(16, "tokens per KV block (both tiers must agree)")
+    kv_dtype: str = option("float32", "KV cache dtype (both tiers must agree); int8 and fp8 store per-row scales",
+                           choices=KV_DTYPES)
+    kv_memory_mb: int = option(1024, "memory budget of the KV pool")
+    threads: int = option(0, "torch threads (0: every core this process may use)")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    weights: str = option("fp32", "weight format (quantised formats are computed at the first start and saved "
+                                  "under MODEL/quantized/)", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT")
+    cpu_weight_layout: str = option(
+        "dual", "dual: float32 CPU weights get a second, oneDNN-blocked copy (several-row products up to 1.5x "
+                "faster, twice the memory); fp16 projections are held FBGEMM-packed instead",
+        choices=CPU_WEIGHT_LAYOUTS)
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -74,13 +90,17 @@ class TierConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig(TierConfig):
-    max_batch_size: int = 64
-    lease_ms: int = 30_000
-    speculative: str = "none"  # none | prompt-lookup | draft
-    num_speculative_tokens: int = 8
-    speculative_max_batch: int = 8  # larger batches are compute-bound: no speculation there
-    speculative_adaptive: bool = True  # False: always propose num_speculative_tokens (to measure acceptance)
-    draft_model: Path | None = None  # the draft's checkpoint directory, with speculative "draft"
+    max_batch_size: int = option(64, "most sequences per decode step")
+    lease_ms: int = option(30_000, "how long an unclaimed reservation is held before its blocks are freed")
+    speculative: str = option("none", "speculative decoding (outputs are unchanged)", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = option(8, "most tokens proposed per step")
+    speculative_max_batch: int = option(8, "no speculation while more sequences than this share a decode step")
+    speculative_adaptive: bool = option(
+        True, "always propose --num-speculative-tokens (no adaptive k): to measure acceptance",
+        flag="--speculative-fixed-k", inverse=True)
+    draft_model: Path | None = option(
+        None, "with --speculative draft: a Llama-family checkpoint sharing the model's tokenizer "
+              "(`pdserve distill-draft` trains one)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,9 +118,9 @@ class DecodeConfig(TierConfig):
 
 @dataclass(frozen=True)
 class PrefillConfig(TierConfig):
-    kv_memory_mb: int = 256
-    chunk_size: int = 256
-    max_batch_tokens: int = 512
+    kv_memory_mb: int = option(512, "memory budget of the KV pool")
+    chunk_size: int = option(256, "most prompt tokens of one prompt per step (chunked prefill)")
+    max_batch_tokens: int = option(512, "most prompt tokens per step in all")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,15 +132,15 @@ class PrefillConfig(TierConfig):
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    model_dir: Path
-    prefill_addresses: tuple[str, ...]
-    decode_addresses: tuple[str, ...]
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_GATEWAY_PORT
-    default_max_new_tokens: int = 256
-    max_new_tokens_limit: int = 4096
-    max_stop_strings: int = 16
-    lease_ms: int = 30_000
+    model_dir: Path = field(metadata={"flag": "--model", "help": "Hugging Face Llama checkpoint directory"})
+    prefill_addresses: tuple[str, ...] = option((), "prefill address host:port (repeatable)", flag="--prefill")
+    decode_addresses: tuple[str, ...] = option((), "decode address host:port (repeatable)", flag="--decode")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = option(DEFAULT_GATEWAY_PORT, "port to listen on (0 picks a free one)")
+    default_max_new_tokens: int = option(256, "max_new_tokens of a request that sets none")
+    max_new_tokens_limit: int = option(4096, "largest max_new_tokens a request may ask for")
+    max_stop_strings: int = option(16, "most stop strings per request")
+    lease_ms: int = option(30_000, "how long decode holds an unclaimed reservation")
 
     def __post_init__(self) -> None:
         _check_port(self.port)

@@ -1,16 +1,12 @@
-"""The service edge shared by every tier: server and channel construction, health, and the one place
-where typed errors become gRPC status codes."""
+"""The service edge shared by every tier: server and channel construction, health, request metadata and
+deadlines, running until a signal."""
 
-import functools
-import inspect
 import signal
 import threading
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from common.basics import errors
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
@@ -19,45 +15,6 @@ _OPTIONS = [
 ]
 REQUEST_ID_KEY = "x-request-id"
 _NO_DEADLINE_S = 10**7
-
-_STATUS_OF = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.Internal: grpc.StatusCode.INTERNAL,
-}
-
-
-def status_of(error: errors.PdserveError) -> grpc.StatusCode:
-    for kind in type(error).__mro__:
-        if kind in _STATUS_OF:
-            return _STATUS_OF[kind]
-    return grpc.StatusCode.INTERNAL
-
-
-def maps_errors(method):
-    """Servicer method decorator: a PdserveError aborts the RPC with its status and message."""
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def stream(self, request, context):
-            try:
-                yield from method(self, request, context)
-            except errors.PdserveError as error:
-                context.abort(status_of(error), str(error))
-        return stream
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        try:
-            return method(self, request, context)
-        except errors.PdserveError as error:
-            context.abort(status_of(error), str(error))
-    return unary
-
 
 def make_server(max_workers: int = 256) -> grpc.Server:
     return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)

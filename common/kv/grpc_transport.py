@@ -23,7 +23,7 @@ from common.edge.errors import upstream
 from common.edge.tracing import outgoing_metadata, tracer
 from common.kv import wire
 from common.kv.quant import KvRows
-from common.kv.transport import KvAck, KvReceiver, SendLog, SenderState
+from common.kv.transport import KvAck, KvReceiver, SenderState, SendLog
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 

@@ -1,5 +1,6 @@
 """`pdserve distill-draft` flags. Kept light: torch loads only when the command runs."""
 
+import argparse
 import os
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """The project's Llama over a paged KV pool against Hugging Face transformers on the same weights:
 chunked prefill into scattered blocks, and batched decode of sequences of different lengths, through both
-decode attention paths (per sequence, in place or gathered; padded groups).
+torch decode attention paths (per sequence, in place or gathered; padded groups).
 
 The reference is transformers in float64; our float32 logits must be within the decoder's rounding bound
 (tests/bounds.py: num_layers sqrt(K) u max|logit|, about 2e-3 here) and rank the top tokens as it does."""
@@ -19,13 +19,14 @@ def model(model_dir):
     return LlamaModel.load(model_dir)
 
 
-@pytest.fixture(scope="module", params=["per-sequence", "grouped"])
+@pytest.fixture(scope="module", params=["per-sequence", "groups"])
 def runner(model, request):
-    """Both decode attention paths: per sequence (what CPU serves with) and padded groups (what a GPU does)."""
+    """Both torch decode attention paths: per sequence (what CPU serves with) and padded groups (what CUDA does
+    for steps with drafts); the paged kernel's path is test_paged_kernel_decode.py's."""
     c = model.config
     kv = KvPool(num_layers=c.num_layers, num_blocks=64, block_size=4, num_kv_heads=c.num_kv_heads,
                 head_dim=c.head_dim, dtype=torch.float32)
-    return ModelRunner(model, kv, per_sequence_attention=request.param == "per-sequence")
+    return ModelRunner(model, kv, attention=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +117,9 @@ def test_decode_groups_by_length_and_ignores_reserved_blocks(runner, reference):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("per_sequence", [True, False])
+@pytest.mark.parametrize("attention", ["per-sequence", "groups"])
 def test_decode_over_a_half_precision_kv_pool_matches_reference(model, reference, hf_model_f64, kv_dtype,
-                                                                per_sequence):
+                                                                attention):
     """KV stored in 16 bits, attention computed in float32: the logits of transformers in float64 whose own KV
     cache rounds K and V to the same dtype (tests/kv_reference.py). Our keys, computed in float32, sit on the
     other side of a 16-bit rounding boundary from the float64 ones here and there (one unit in the last place
@@ -130,7 +131,7 @@ def test_decode_over_a_half_precision_kv_pool_matches_reference(model, reference
     c = model.config
     runner = ModelRunner(model, KvPool(num_layers=c.num_layers, num_blocks=16, block_size=4,
                                        num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype),
-                         per_sequence_attention=per_sequence)
+                         attention=attention)
     prompts = [tokenizer(t).input_ids for t in ("Half precision keys", "and values, in blocks")]
     tables = [[0, 1, 2, 3], [9, 5, 11, 7]]  # one run, one scattered
     runner.run_prefill([PrefillChunk(ids, 0, table) for ids, table in zip(prompts, tables)])

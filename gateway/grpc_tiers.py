@@ -1,0 +1,84 @@
+"""The gateway's `Tiers` (gateway/tiers.py) over gRPC: a stub per prefill and decode instance, each call carrying
+the request id and trace context in its metadata and the client's remaining deadline. Protobuf stays between
+this module and gateway/convert.py."""
+
+import grpc
+
+from common.basics.errors import Cancelled
+from common.basics.sampling import SamplingConfig
+from common.edge.errors import upstream
+from common.edge.server import make_channel
+from common.edge.tracing import outgoing_metadata
+from gateway import convert
+from gateway.tiers import CallContext, DecodeArgs
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+
+_RELEASE_TIMEOUT_S = 2.0
+
+
+class _Pending:
+    """A unary call in flight: result() converts its reply, or raises the tier's error as a typed one."""
+
+    def __init__(self, future: grpc.Future, convert_reply, what: str) -> None:
+        self._future, self._convert, self._what = future, convert_reply, what
+
+    def result(self):
+        try:
+            return self._convert(self._future.result())
+        except grpc.FutureCancelledError:
+            raise Cancelled("the request was cancelled") from None
+        except grpc.RpcError as error:
+            raise upstream(error, self._what) from None
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+
+class _DecodeStream:
+    def __init__(self, call, what: str) -> None:
+        self._call, self._what = call, what
+
+    def __iter__(self):
+        try:
+            for reply in self._call:
+                yield convert.decode_chunk(reply)
+        except grpc.RpcError as error:
+            raise upstream(error, self._what) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GrpcTiers:
+    def __init__(self, prefill_addresses: tuple[str, ...], decode_addresses: tuple[str, ...]) -> None:
+        self._prefill = {a: prefill_pb2_grpc.PrefillStub(make_channel(a)) for a in prefill_addresses}
+        self._decode = {a: decode_pb2_grpc.DecodeStub(make_channel(a)) for a in decode_addresses}
+
+    def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
+                ctx: CallContext) -> _Pending:
+        request = convert.reserve_request(ctx.request_id, num_prompt_tokens, max_new_tokens, lease_ms)
+        future = self._decode[address].Reserve.future(request, **_call_options(ctx))
+        return _Pending(future, lambda reply: reply.handle, f"decode instance {address}")
+
+    def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
+                handle: str, ctx: CallContext) -> _Pending:
+        request = convert.prefill_request(ctx.request_id, prompt_ids, sampling, decode_address, handle)
+        future = self._prefill[address].Prefill.future(request, **_call_options(ctx))
+        return _Pending(future, convert.prefill_result, f"prefill instance {address}")
+
+    def decode(self, address: str, args: DecodeArgs, ctx: CallContext) -> _DecodeStream:
+        call = self._decode[address].Decode(convert.decode_request(ctx.request_id, args), **_call_options(ctx))
+        return _DecodeStream(call, f"decode instance {address}")
+
+    def release(self, address: str, handle: str, ctx: CallContext) -> None:
+        try:
+            self._decode[address].Release(decode_pb2.ReleaseRequest(handle=handle), timeout=_RELEASE_TIMEOUT_S,
+                                          metadata=outgoing_metadata(ctx.request_id, ctx.span))
+        except grpc.RpcError as error:
+            # The lease frees the blocks if the decode instance cannot be reached now.
+            ctx.span.set_attribute("error.type", error.code().name)
+
+
+def _call_options(ctx: CallContext) -> dict:
+    return {"timeout": ctx.timeout_s, "metadata": outgoing_metadata(ctx.request_id, ctx.span)}
+

@@ -1,0 +1,101 @@
+"""What a request asks for (GenerationSpec) and what the gateway asks of the tiers to serve it, in its own
+terms (no protobuf): the `Tiers` protocol a Generation drives, and the records that cross it. gateway/grpc_tiers.py implements it over gRPC; the gateway's unit tests
+implement it over engines in the same process.
+
+A call may be cancelled from another thread (the client went away): `reserve` and `prefill` return a Pending
+whose result() blocks, `decode` a Stream of chunks; both have cancel(). A tier's refusal is raised as
+errors.Upstream with the tier's status; a cancelled call as errors.Cancelled.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from opentelemetry.trace import Span
+
+from common.basics.sampling import SamplingConfig
+
+T = TypeVar("T", covariant=True)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+    speculative: bool | None = None  # None: the deployment's setting
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Travels with every call: the request's id and the span it belongs to (both go in the metadata), and
+    the seconds left before the client's deadline (None: no deadline)."""
+
+    request_id: str
+    span: Span
+    timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    queue_ms: float  # in the prefill tier's queue
+    compute_ms: float
+    kv_transfer_ms: float  # from the end of compute until decode acknowledged every page
+    kv_bytes: int
+    num_chunks: int  # forward passes the prompt took
+
+
+@dataclass(frozen=True)
+class SpeculationCounts:
+    num_proposed: int
+    num_accepted: int
+    num_verify_steps: int
+    num_verify_tokens: int
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last chunk
+    speculation: SpeculationCounts | None = None  # on the last chunk of a request that speculated
+
+
+@dataclass(frozen=True)
+class DecodeArgs:
+    handle: str
+    first_token: int
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_token_ids: frozenset[int]
+    stop: tuple[str, ...]
+    prompt_ids: list[int]
+    speculative: bool | None
+
+
+class Pending(Protocol[T]):
+    def result(self) -> T: ...
+    def cancel(self) -> None: ...
+
+
+class Stream(Protocol):
+    def __iter__(self) -> Iterator[DecodeChunk]: ...
+    def cancel(self) -> None: ...
+
+
+class Tiers(Protocol):
+    def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
+                ctx: CallContext) -> Pending[str]:
+        """A decode instance's reservation handle for the prompt's KV."""
+
+    def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
+                handle: str, ctx: CallContext) -> Pending[PrefillResult]:
+        """The prompt's KV pushed into the reservation, and its first token."""
+
+    def decode(self, address: str, args: DecodeArgs, ctx: CallContext) -> Stream:
+        """The rest of the tokens, streamed."""
+
+    def release(self, address: str, handle: str, ctx: CallContext) -> None:
+        """Gives back a reservation that never reached Decode (best effort: its lease frees it anyway)."""

@@ -1,0 +1,101 @@
+"""The decode engine alone (real weights, no servers), its KV brought by the in-process transport from a
+prefill engine: greedy decoding equals transformers, sequences arriving together share steps, every ending
+(finish, cancel, lease) gives the blocks back, and malformed transfers are refused."""
+
+import time
+
+import pytest
+import torch
+from helpers import assert_greedy_matches, hf_greedy
+from in_process_tiers import decode_engine, prefill_engine
+
+from common.basics.errors import InvalidArgument, NotFound
+from common.basics.sampling import SamplingConfig
+from common.kv.quant import KvRows
+from common.kv.transport import InProcessKvSender
+from common.model.llama import LlamaModel
+from prefill_svc.engine import PrefillJob
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return LlamaModel.load(model_dir)
+
+
+@pytest.fixture
+def engines(model, model_dir):
+    """A running prefill engine, and a decode engine each test starts when it wants steps to begin."""
+    prefill, decode = prefill_engine(model), decode_engine(model, model_dir)
+    prefill.start()
+    yield prefill, decode
+    prefill.stop()
+    decode.stop()
+
+
+def _start(prefill, decode, prompt_ids: list[int], max_new: int = MAX_NEW):
+    """Reserve on decode, prefill into the reservation over the in-process transport, start decoding."""
+    handle, _, _ = decode.reserve(len(prompt_ids), max_new)
+    job = prefill.submit(PrefillJob("r", prompt_ids, SamplingConfig(), InProcessKvSender(decode, handle)))
+    assert job.done.wait(120)
+    job.sender.wait()
+    eos = frozenset(decode.runner.model.config.eos_token_ids)
+    return decode.start_decode(handle, job.first_token, max_new, SamplingConfig(), eos)
+
+
+def _tokens(seq) -> list[int]:
+    tokens = list(seq.tokens[:1])
+    while True:
+        event = seq.outbox.get(timeout=120)
+        tokens += event.token_ids
+        if event.finish_reason:
+            return tokens
+
+
+def test_greedy_decoding_equals_transformers_and_frees_every_block(engines, hf_model):
+    prefill, decode = engines
+    prompts = [hf_model[1](t).input_ids for t in ("The capital of France is", "Numbers: 1, 2, 3, 4,")]
+    seqs = [_start(prefill, decode, ids) for ids in prompts]
+    decode.start()  # both are waiting: the first step admits them together
+    for ids, seq in zip(prompts, seqs):
+        assert_greedy_matches(hf_model, ids, _tokens(seq), hf_greedy(hf_model, ids, MAX_NEW))
+    assert decode.stats().max_batch_size == 2  # both were admitted before either finished
+    assert decode.blocks.num_free == decode.blocks.num_blocks
+    assert prefill.blocks.num_free == prefill.blocks.num_blocks
+
+
+def test_cancel_mid_decode_and_an_expired_lease_give_the_blocks_back(engines, model, model_dir):
+    prefill, decode = engines
+    decode.start()
+    seq = _start(prefill, decode, list(range(300, 340)), max_new=200)
+    seq.outbox.get(timeout=120)  # decoding
+    decode.cancel(seq)
+    while not seq.finished:
+        time.sleep(0.01)
+    assert decode.stats().num_cancelled == 1
+    short_lease = decode_engine(model, model_dir, lease_s=0.05)
+    handle, num_blocks, _ = short_lease.reserve(40, 10)
+    assert short_lease.blocks.num_free == short_lease.blocks.num_blocks - num_blocks
+    time.sleep(0.1)  # the lease is over: the next step (or idle check) frees it
+    short_lease.step()
+    assert short_lease.blocks.num_free == short_lease.blocks.num_blocks
+    with pytest.raises(NotFound, match="expired, released or never made"):
+        short_lease.transfer_complete(handle)
+    assert decode.blocks.num_free == decode.blocks.num_blocks
+
+
+def test_kv_out_of_order_or_past_the_prompt_is_refused(engines, model):
+    _, decode = engines
+    handle, _, _ = decode.reserve(8, 4)
+    c = model.config
+    rows = KvRows(torch.zeros(4, c.num_kv_heads, c.head_dim), torch.zeros(4, c.num_kv_heads, c.head_dim))
+    with pytest.raises(InvalidArgument, match="expected 0"):
+        decode.receive_kv(handle, 0, 4, rows)
+    decode.receive_kv(handle, 0, 0, rows)
+    decode.receive_kv(handle, 0, 4, rows)
+    with pytest.raises(InvalidArgument, match="past the 8 reserved"):
+        decode.receive_kv(handle, 0, 8, rows)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        decode.receive_kv(handle, c.num_layers, 0, rows)
+    assert decode.release(handle) and decode.blocks.num_free == decode.blocks.num_blocks
