@@ -1,5 +1,6 @@
 """Starting and stopping a stack with the real launcher (`pdserve up`), for fixtures and tests."""
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from pdserve.v1 import (
 STACK_CHUNK_SIZE = 32
 STACK_BLOCK_SIZE = 16
 _START_TIMEOUT_S = 180
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass
@@ -60,7 +62,8 @@ def launch_stack(model_dir: Path, *extra: str,
                "--decode-port", str(ports["decode"]), "--chunk-size", str(STACK_CHUNK_SIZE),
                "--max-batch-tokens", str(4 * STACK_CHUNK_SIZE), "--block-size", str(STACK_BLOCK_SIZE),
                "--metrics-port", "0", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=_stop_with_parent)
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     deadline = time.monotonic() + _START_TIMEOUT_S
     while not all(is_serving(a) for a in addresses.values()):
@@ -87,6 +90,11 @@ def running_stack(model_dir: Path, *extra: str) -> Iterator[Stack]:
         for channel in channels.values():
             channel.close()
         stop_stack(process)
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, so a killed test run leaves no stack."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_stack(process: subprocess.Popen) -> int:
