@@ -1,6 +1,7 @@
 """`pdserve generate`: a small gRPC client that streams a completion to the terminal."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,11 +28,19 @@ def build_request(args) -> gateway_pb2.GenerateRequest:
     return request
 
 
+def gateway_channel(address: str, tls_ca: Path | None) -> grpc.Channel:
+    """Plaintext, or TLS verifying the gateway's certificate against tls_ca."""
+    if tls_ca is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
+
+
 def stream_to_terminal(args) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    with gateway_channel(args.address, args.tls_ca) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         try:
-            for reply in stub.Generate(build_request(args), timeout=args.timeout_s):
+            for reply in stub.Generate(build_request(args), timeout=args.timeout_s, metadata=metadata):
                 sys.stdout.write(reply.text)
                 sys.stdout.flush()
                 if reply.finish_reason:
@@ -55,6 +64,9 @@ def _add_arguments(generate: argparse.ArgumentParser, _model_dir: Path) -> None:
         generate.add_argument(flag, type=kind)
     generate.add_argument("--stop", action="append", default=[])
     generate.add_argument("--timeout-s", type=float, default=300.0)
+    generate.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
+                          help="sent as `authorization: Bearer KEY` (default: $PDSERVE_API_KEY)")
+    generate.add_argument("--tls-ca", type=Path, help="the gateway serves TLS: verify its certificate with this CA")
 
 
 GENERATE = Command("generate", "stream a completion from a running gateway to the terminal", _add_arguments,

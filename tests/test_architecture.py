@@ -6,9 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from grpc_health.v1 import health_pb2
 from stack_probes import free_port_run
 
-from common.edge.server import is_serving
+from common.edge.server import health_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,12 @@ def test_a_serving_gateway_process_has_not_loaded_torch(model_dir):
                                 "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not is_serving(f"127.0.0.1:{port}"):
+        while health_status(f"127.0.0.1:{port}") is None:
             assert process.poll() is None, process.stderr.read()
             assert time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.2)
+        # Up and answering, and honest: nothing behind it can serve (its tiers' addresses are closed ports).
+        assert health_status(f"127.0.0.1:{port}") == health_pb2.HealthCheckResponse.NOT_SERVING
         mapped = Path(f"/proc/{process.pid}/maps").read_text()
         assert "libtorch" not in mapped and "/torch/" not in mapped
     finally:

@@ -13,6 +13,19 @@ class ResourceExhausted(PdserveError):
     pass
 
 
+class RateLimited(ResourceExhausted):
+    """Over a limit that clears with time (a key's tokens per minute, a full queue). retry_after_s: when trying
+    again should succeed (sent to the client as grpc-retry-pushback-ms); None when no time can be promised."""
+
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(PdserveError):
+    """The request carries no credential, or one this service does not know."""
+
+
 class NotFound(PdserveError):
     pass
 
@@ -31,6 +44,14 @@ class DeadlineExceeded(PdserveError):
 
 class Cancelled(PdserveError):
     pass
+
+
+class PermissionDenied(PdserveError):
+    """The caller asked for something this tier never does for anyone (push KV to an address it does not know)."""
+
+
+class Aborted(PdserveError):
+    """Work the service gave up on (a reservation whose lease ran out): sending the request again may succeed."""
 
 
 class Internal(PdserveError):

@@ -2,6 +2,7 @@
 library, and the chat template from tokenizer_config.json rendered with Jinja as transformers does."""
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 from jinja2.ext import loopcontrols
@@ -21,6 +22,13 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for (a byte fragment counts as a whole replacement character):
+        a text of B bytes has at least B / max_token_bytes tokens, which bounds a prompt before tokenizing it."""
+        texts = self._tokenizer.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return max(len(text.encode()) for text in texts)
 
     def encode(self, text: str) -> list[int]:
         """As a Hugging Face tokenizer does by default (special tokens of the post-processor added)."""

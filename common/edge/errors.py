@@ -8,6 +8,8 @@ import grpc
 
 from common.basics import errors
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
 _STATUS_OF = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -16,6 +18,9 @@ _STATUS_OF = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
@@ -29,6 +34,15 @@ def status_of(error: errors.PdserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def abort(context: grpc.ServicerContext, error: errors.PdserveError) -> None:
+    """Ends the call with the error's status and message; an error that clears with time tells the client when
+    to try again (grpc-retry-pushback-ms, which gRPC's own retry policy honours)."""
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None:
+        context.set_trailing_metadata([(RETRY_PUSHBACK_KEY, str(max(1, round(retry_after_s * 1000))))])
+    context.abort(status_of(error), str(error))
+
+
 def maps_errors(method):
     """Servicer method decorator: a PdserveError aborts the RPC with its status and message."""
     if inspect.isgeneratorfunction(method):
@@ -37,7 +51,7 @@ def maps_errors(method):
             try:
                 yield from method(self, request, context)
             except errors.PdserveError as error:
-                context.abort(status_of(error), str(error))
+                abort(context, error)
         return stream
 
     @functools.wraps(method)
@@ -45,7 +59,7 @@ def maps_errors(method):
         try:
             return method(self, request, context)
         except errors.PdserveError as error:
-            context.abort(status_of(error), str(error))
+            abort(context, error)
     return unary
 
 

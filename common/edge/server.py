@@ -1,27 +1,63 @@
-"""The service edge shared by every tier: server and channel construction, health, request metadata and
-deadlines, running until a signal."""
+"""The service edge shared by every tier: servers with a bounded message size, channels and listening ports with
+mutual TLS (or plaintext where no identity is configured), health, request metadata and deadlines, running until
+a signal."""
 
 import signal
 import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 REQUEST_ID_KEY = "x-request-id"
 _NO_DEADLINE_S = 10**7
+# Room for a message's own fields beside its payload (protobuf framing, metadata-sized strings).
+MESSAGE_MARGIN_BYTES = 64 * 1024
 
-def make_server(max_workers: int = 256) -> grpc.Server:
-    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=_OPTIONS)
+
+@dataclass(frozen=True)
+class Tls:
+    """A tier's identity for mutual TLS: its certificate and key, and the CA that signs every tier's (PEM bytes).
+    Internal servers require a client certificate from that CA; clients verify the server's against it."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+
+    @classmethod
+    def from_files(cls, cert: Path | None, key: Path | None, ca: Path | None) -> "Tls | None":
+        """None when no file is given (plaintext); all three or none."""
+        given = [path for path in (cert, key, ca) if path is not None]
+        if not given:
+            return None
+        if len(given) != 3:
+            raise ValueError("--tls-cert, --tls-key and --tls-ca go together (mutual TLS needs all three)")
+        return cls(cert.read_bytes(), key.read_bytes(), ca.read_bytes())
+
+    def server_credentials(self, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=require_client_auth)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)
 
 
-def make_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=_OPTIONS)
+def make_server(max_receive_bytes: int, max_workers: int = 256) -> grpc.Server:
+    """A server that refuses any message larger than max_receive_bytes (the largest valid one, with margin)."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                       options=[("grpc.max_receive_message_length", max_receive_bytes)])
+
+
+def make_channel(address: str, tls: Tls | None = None) -> grpc.Channel:
+    """A channel to another tier: mutual TLS when this tier has an identity, plaintext otherwise."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.channel_credentials())
 
 
 def add_health(server: grpc.Server) -> health.HealthServicer:
@@ -37,14 +73,37 @@ def set_serving(servicer: health.HealthServicer, service_names: list[str]) -> No
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-def is_serving(address: str, timeout_s: float = 1.0) -> bool:
+def set_not_serving(servicer: health.HealthServicer, service_names: list[str]) -> None:
+    """What a draining tier reports at once, so callers and balancers send new work elsewhere."""
+    for name in ["", *service_names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def drain(health_servicer: health.HealthServicer, service_names: list[str], busy: Callable[[], bool],
+          timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Reports NOT_SERVING, then waits until busy() is false or timeout_s passes; returns whether it emptied.
+    The caller has already stopped admitting new work."""
+    set_not_serving(health_servicer, service_names)
+    deadline = time.monotonic() + timeout_s
+    while busy():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def health_status(address: str, timeout_s: float = 1.0, tls: Tls | None = None) -> int | None:
+    """The server's overall grpc.health.v1 status, or None when it does not answer."""
     try:
-        with make_channel(address) as channel:
+        with make_channel(address, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s).status
     except grpc.RpcError:
-        return False
+        return None
+
+
+def is_serving(address: str, timeout_s: float = 1.0, tls: Tls | None = None) -> bool:
+    return health_status(address, timeout_s, tls) == health_pb2.HealthCheckResponse.SERVING
 
 
 def time_remaining_s(context: grpc.ServicerContext) -> float | None:
@@ -60,8 +119,10 @@ def metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
     return None
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listens on host:port (TLS with credentials, plaintext without); returns the bound port."""
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
     return bound

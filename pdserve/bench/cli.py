@@ -1,10 +1,11 @@
 """`pdserve bench` flags. Kept light: the harness itself (torch, grpc, matplotlib) loads only when it runs."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from common.basics.config import WEIGHT_FORMAT_NAMES
+from common.basics.config import WEIGHT_FORMAT_NAMES, default_certs_dir
 from pdserve.affinity import cpus_arg
 from pdserve.command import Command
 from pdserve.distill.cli import default_draft_dir
@@ -46,6 +47,10 @@ def add_bench_arguments(bench: argparse.ArgumentParser, model_dir: Path) -> None
     target.add_argument("--peers", type=_peer_list, help=f"start and benchmark these, in order: {','.join(PEER_NAMES)}")
     bench.add_argument("--name", default="target", help="run name for --address")
     bench.add_argument("--stats-address", help="decode tier host:port to sample Stats from (with --address)")
+    bench.add_argument("--certs-dir", type=Path,
+                       default=default_certs_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")),
+                       help="the tiers' mutual-TLS certificates (as `pdserve up --certs-dir`): the peers' stacks use "
+                            "them, and the decode tier's Stats are read with the gateway's (default: %(default)s)")
     bench.add_argument("--workload", type=_workload_list, default=["mixed"], metavar="NAME[,NAME...]",
                        help=f"one or more of {', '.join(WORKLOAD_NAMES)}: every load runs each, in this order")
     bench.add_argument("--num-requests", type=int, default=40)

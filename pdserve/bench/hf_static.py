@@ -186,7 +186,7 @@ class HfStats(decode_pb2_grpc.DecodeServicer):
 def serve(model, eos_ids: frozenset[int], pad_id: int, host: str, port: int, max_batch_size: int):
     """Starts the server; returns (server, bound port)."""
     batcher = StaticBatcher(model, pad_id, eos_ids, max_batch_size)
-    server = make_server()
+    server = make_server(4 * 2**20)  # token-id requests
     health = add_health(server)
     gateway_pb2_grpc.add_GatewayServicer_to_server(HfGateway(batcher), server)
     decode_pb2_grpc.add_DecodeServicer_to_server(HfStats(batcher), server)

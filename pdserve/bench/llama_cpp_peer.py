@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or len(os.sched_getaffinity(0))
     llm = Llama(model_path=args.gguf, n_ctx=args.context, n_threads=threads, n_batch=512, verbose=False)
     gateway = LlamaCppGateway(llm)
-    server = make_server(max_workers=64)
+    server = make_server(4 * 2**20, max_workers=64)  # token-id requests
     health = add_health(server)
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
     decode_pb2_grpc.add_DecodeServicer_to_server(LlamaCppStats(gateway), server)

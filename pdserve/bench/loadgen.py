@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common.edge.server import Tls, make_channel
 from pdserve.bench.workloads import BenchRequest, poisson_offsets_s
 from pdserve.v1 import (
     common_pb2,
@@ -170,8 +171,9 @@ def _closed_loop(stub, requests, num_clients: int, started: float, deadline: flo
 class StatsPoller:
     """Samples a decode instance's Stats (running batch size, steps, tokens) every interval_s in a thread."""
 
-    def __init__(self, address: str | None, interval_s: float = 0.25) -> None:
+    def __init__(self, address: str | None, tls: Tls | None = None, interval_s: float = 0.25) -> None:
         self.address = address
+        self.tls = tls
         self.interval_s = interval_s
         # (seconds since start, running, steps, tokens, steps x mean batch size = sequences stepped)
         self.samples: list[tuple[float, int, int, int, float]] = []
@@ -190,7 +192,7 @@ class StatsPoller:
 
     def _poll(self) -> None:
         started = time.monotonic()
-        with grpc.insecure_channel(self.address) as channel:
+        with make_channel(self.address, self.tls) as channel:
             stub = decode_pb2_grpc.DecodeStub(channel)
             while True:
                 stopping = self._stop.is_set()

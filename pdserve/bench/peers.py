@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.edge.server import is_serving
+from common.edge.server import Tls, is_serving
 from pdserve.affinity import pin_to
+from pdserve.certs import ensure_certs, gateway_identity
 from pdserve.launcher import free_port
 
 _START_TIMEOUT_S = 240.0
@@ -44,6 +45,7 @@ TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp"})
 class PeerOptions:
     model_dir: Path
     log_dir: Path
+    certs_dir: Path | None = None  # stack peers speak mutual TLS with these certificates; None: plaintext
     prefill_cpus: frozenset[int] | None = None
     decode_cpus: frozenset[int] | None = None
     gateway_cpus: frozenset[int] | None = None
@@ -66,6 +68,7 @@ class RunningPeer:
     name: str
     gateway_address: str
     stats_address: str | None  # a pdserve.v1.Decode Stats endpoint, or None
+    stats_tls: Tls | None  # mutual TLS to it (a stack peer's decode tier)
     process: subprocess.Popen
     log_path: Path
     cpus: str
@@ -85,14 +88,15 @@ def _cpus_text(cpus: frozenset[int] | None) -> str:
 
 
 def _launch(name: str, command: list[str], options: PeerOptions, addresses: list[str], gateway: str,
-            stats: str | None, cpus: frozenset[int] | None, cpus_label: str) -> RunningPeer:
+            stats: str | None, cpus: frozenset[int] | None, cpus_label: str, tls: Tls | None = None) -> RunningPeer:
+    """Starts a peer and waits until every address serves (those other than the gateway over `tls`, when given)."""
     options.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = options.log_dir / f"{name}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_to(cpus))
-    peer = RunningPeer(name, gateway, stats, process, log_path, cpus_label)
+    peer = RunningPeer(name, gateway, stats, tls, process, log_path, cpus_label)
     deadline = time.monotonic() + _START_TIMEOUT_S
-    while not all(is_serving(a) for a in addresses):
+    while not all(is_serving(a, tls=None if a == gateway else tls) for a in addresses):
         if process.poll() is not None or time.monotonic() > deadline:
             peer.stop()
             raise RuntimeError(f"peer {name} did not start (exit {process.returncode}); see {log_path}")
@@ -118,6 +122,7 @@ def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
             "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
             "--decode-port", str(ports["decode"]), "--max-batch-size", str(options.max_batch_size),
             "--metrics-port", "0",  # no fixed metrics ports: stacks run side by side
+            *(["--certs-dir", str(options.certs_dir)] if options.certs_dir else ["--insecure"]),
             "--prefill-weights", options.weights, "--decode-weights", options.weights,
             *(["--colocated"] if colocated else []), *_cpu_flags(options, colocated), *extra]
 
@@ -132,9 +137,11 @@ def start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[s
     else:
         label = f"prefill {_cpus_text(options.prefill_cpus)}, decode {_cpus_text(options.decode_cpus)}"
     label += f", gateway {_cpus_text(options.gateway_cpus)}"
+    # the launcher makes the certificates too; made here first, the wait can use them from the start
+    tls = gateway_identity(ensure_certs(options.certs_dir).ca.parent) if options.certs_dir else None
     # the launcher pins its children; the launcher process itself only waits
     return _launch(name, command, options, list(addresses.values()), addresses["gateway"], addresses["decode"],
-                   None, label)
+                   None, label, tls)
 
 
 def start_pdserve(options: PeerOptions) -> RunningPeer:

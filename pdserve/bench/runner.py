@@ -14,6 +14,7 @@ import grpc
 from tqdm import tqdm
 
 from common.basics.config import DecodeConfig
+from common.edge.server import Tls, make_channel
 from common.runtime.machine import describe_machine, machine_facts
 from pdserve.bench import plots, report
 from pdserve.bench.loadgen import LoadSpec, StatsPoller, run_load
@@ -41,6 +42,7 @@ from pdserve.bench.roofline import (
     verify_step_costs,
 )
 from pdserve.bench.workloads import WORKLOADS, BenchRequest, make_requests
+from pdserve.certs import gateway_identity
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
 # Bytes per KV element, and per (token, KV head) row for the scale of the quantised dtypes (common/kv/quant.py).
@@ -55,6 +57,7 @@ class ExternalTarget:
     name: str
     gateway_address: str
     stats_address: str | None
+    stats_tls: Tls | None = None  # mutual TLS to the decode tier's Stats, when its stack has certificates
     cpus: str = "not managed by the harness"
 
     def stop(self) -> None:
@@ -67,13 +70,13 @@ class Collected:
     latencies: list[tuple[str, dict[str, list[float]]]]
 
 
-def kv_bytes_per_token(stats_address: str | None) -> int | None:
+def kv_bytes_per_token(stats_address: str | None, tls: Tls | None) -> int | None:
     """K and V of one token in every layer, scales included, from the decode instance's CompatInfo (None if it
     has none)."""
     if not stats_address:
         return None
     try:
-        with grpc.insecure_channel(stats_address) as channel:
+        with make_channel(stats_address, tls) as channel:
             info = decode_pb2_grpc.DecodeStub(channel).GetInfo(decode_pb2.GetInfoRequest(), timeout=5)
     except grpc.RpcError:
         return None
@@ -90,7 +93,7 @@ def run_one(target, workload: str, requests: list[BenchRequest], load: LoadSpec,
     load_average = os.getloadavg()[0]  # other work on the machine, for the record
     bar = tqdm(total=len(requests), desc=f"{target.name} | {workload} | {load.label}", unit="req",
                disable=not progress, leave=True)
-    with StatsPoller(target.stats_address) as poller:
+    with StatsPoller(target.stats_address, target.stats_tls) as poller:
         results, duration_s = run_load(target.gateway_address, requests, load, on_done=lambda _: bar.update())
     bar.close()
     run = {"name": target.name, "workload": workload, "load": load.label, "mode": load.mode,
@@ -104,7 +107,7 @@ def run_one(target, workload: str, requests: list[BenchRequest], load: LoadSpec,
 def bench_target(target, args, requests: dict[str, list[BenchRequest]], loads: list[LoadSpec], slo: Slo,
                  out_dir: Path, collected: Collected) -> None:
     """requests: each workload's requests, run in order, every load on each."""
-    kv_bpt = kv_bytes_per_token(target.stats_address)
+    kv_bpt = kv_bytes_per_token(target.stats_address, target.stats_tls)
     if args.warmup:
         warm = make_requests(WORKLOADS["smoke"], args.warmup, args.seed + 1)
         run_load(target.gateway_address, warm, LoadSpec("closed", min(args.warmup, 4), args.max_duration_s))
@@ -131,7 +134,8 @@ def bench_target(target, args, requests: dict[str, list[BenchRequest]], loads: l
 
 def _targets(args, options: PeerOptions) -> list[tuple[str, Callable]]:
     if args.address:
-        return [(args.name, lambda: ExternalTarget(args.name, args.address, args.stats_address))]
+        return [(args.name, lambda: ExternalTarget(args.name, args.address, args.stats_address,
+                                                   gateway_identity(args.certs_dir)))]
     return [(name, lambda start=PEERS[name]: start(options)) for name in args.peers]
 
 
@@ -240,7 +244,8 @@ def execute(args) -> dict:
     requests = {w.name: make_requests(w, args.num_requests, args.seed) for w in workloads}
     text_workloads = [w.name for w in workloads if any(c.text for c in w.classes)]
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
-    options = PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", prefill_cpus=args.prefill_cpus,
+    options = PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", certs_dir=args.certs_dir,
+                          prefill_cpus=args.prefill_cpus,
                           decode_cpus=args.decode_cpus, gateway_cpus=args.gateway_cpus,
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
                           fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"))

@@ -1,7 +1,9 @@
 """One `pdserve trilemma` invocation: the serving sweep, the offline measures, the report."""
 
+import os
 from pathlib import Path
 
+from common.basics.config import default_certs_dir
 from common.runtime.machine import machine_facts
 from pdserve.bench.peers import PeerOptions
 from pdserve.bench.runner import git_commit, machine_description
@@ -19,6 +21,7 @@ def execute(args) -> dict:
         concurrency=args.concurrency, num_fidelity_prompts=args.fidelity_prompts,
         fidelity_tokens=args.fidelity_tokens, max_duration_s=args.max_duration_s,
         peer=PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", prefill_cpus=args.prefill_cpus,
+                         certs_dir=default_certs_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")),
                          decode_cpus=args.decode_cpus, fixed_k=args.fixed_k))
     rows = run_sweep(list(args.configs or DEFAULT_SWEEP), options)
     configs = [r.config for r in rows]
