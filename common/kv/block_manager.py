@@ -4,8 +4,9 @@ Allocation hands out the lowest free ids, as one run of consecutive blocks when 
 whose blocks are a run is read in place by CPU decode attention (common/model/decode_attention.py), where
 scattered blocks are gathered into a copy first, every layer of every step.
 
-A reservation holds blocks for a request whose KV has not started decoding yet. If nobody claims it
-before its lease ends, `expire` frees its blocks: a lost gateway or prefill tier cannot leak memory.
+A reservation holds blocks for a request whose KV has not started decoding yet. Its lease is renewed while
+its KV keeps arriving (`renew`); if nobody claims it before its lease ends, `expire` frees its blocks: a lost
+gateway or prefill tier cannot leak memory, and a long prompt whose KV is still flowing is never cut off.
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class OutOfBlocks(Exception):
 class Reservation:
     handle: str
     block_ids: list[int]
+    lease_s: float
     expires_at: float  # monotonic seconds
 
 
@@ -78,9 +80,14 @@ class BlockManager:
     def reserve(self, handle: str, num_tokens: int, *, lease_s: float, now: float) -> Reservation:
         if handle in self._reservations:
             raise ValueError(f"reservation {handle!r} exists already")
-        reservation = Reservation(handle, self.allocate(num_tokens), now + lease_s)
+        reservation = Reservation(handle, self.allocate(num_tokens), lease_s, now + lease_s)
         self._reservations[handle] = reservation
         return reservation
+
+    def renew(self, handle: str, now: float) -> None:
+        """Progress on the reservation: its lease runs a full term again from now."""
+        reservation = self._reservations[handle]
+        reservation.expires_at = max(reservation.expires_at, now + reservation.lease_s)
 
     def get(self, handle: str) -> Reservation | None:
         return self._reservations.get(handle)
@@ -96,9 +103,9 @@ class BlockManager:
         self.free(reservation.block_ids)
         return True
 
-    def expire(self, now: float) -> list[str]:
-        """Frees every reservation whose lease has ended; returns their handles."""
-        expired = [h for h, r in self._reservations.items() if r.expires_at <= now]
-        for handle in expired:
-            self.release(handle)
+    def expire(self, now: float) -> list[Reservation]:
+        """Frees every reservation whose lease has ended; returns them."""
+        expired = [r for r in self._reservations.values() if r.expires_at <= now]
+        for reservation in expired:
+            self.release(reservation.handle)
         return expired

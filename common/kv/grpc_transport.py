@@ -20,6 +20,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from common.basics.compat import Compat
 from common.basics.errors import FailedPrecondition, InvalidArgument
 from common.edge.errors import upstream
+from common.edge.server import MESSAGE_MARGIN_BYTES
 from common.edge.tracing import outgoing_metadata, tracer
 from common.kv import wire
 from common.kv.quant import KvRows
@@ -125,6 +126,9 @@ def receive_chunks(chunks: Iterable[decode_pb2.KvChunk], receiver: KvReceiver, c
         handle = _check_chunk(chunk, handle, compat)
         payload = wire.KvPayload(chunk.key, chunk.value, chunk.key_scale, chunk.value_scale)
         rows = wire.rows_from_payload(payload, chunk.dtype, tuple(chunk.shape))
+        if not rows.all_finite():  # a valid checksum over NaN would poison every later step of the sequence
+            raise InvalidArgument(f"KV chunk for layer {chunk.layer}, tokens [{chunk.token_start}, {chunk.token_end}) "
+                                  "holds NaN or infinite values")
         receiver.receive_kv(handle, chunk.layer, chunk.token_start, rows)
         num_chunks += 1
         num_bytes += payload.num_bytes
@@ -154,6 +158,15 @@ def _check_chunk(chunk: decode_pb2.KvChunk, handle: str | None, compat: Compat) 
         raise InvalidArgument(f"KV chunk for layer {chunk.layer}, tokens [{chunk.token_start}, "
                               f"{chunk.token_end}) failed its CRC-32 check")
     return chunk.handle
+
+
+def max_push_message_bytes(compat: Compat, max_tokens: int) -> int:
+    """The largest valid KvChunk: every token a reservation can hold (the model's context), keys, values and, for
+    quantised dtypes, one float32 scale per token and KV head each; plus the chunk's other fields."""
+    element = wire.DTYPES[compat.kv_dtype].itemsize
+    scales = 4 if compat.kv_dtype in ("int8", "fp8") else 0
+    per_token = 2 * compat.num_kv_heads * (compat.head_dim * element + scales)
+    return max_tokens * per_token + MESSAGE_MARGIN_BYTES
 
 
 def ack_to_proto(ack: KvAck) -> decode_pb2.PushKvResponse:

@@ -40,6 +40,19 @@ class KvRows:
         return KvRows(self.key[start:end], self.value[start:end], self.key_scale[start:end],
                       self.value_scale[start:end])
 
+    def all_finite(self) -> bool:
+        """No NaN or infinity among the values and scales (int8 codes are always finite; an fp8 e4m3fn code is
+        NaN when its seven low bits are all set)."""
+        for tensor in (self.key, self.value, self.key_scale, self.value_scale):
+            if tensor is None or tensor.dtype == torch.int8:
+                continue
+            if tensor.dtype == torch.float8_e4m3fn:
+                if bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any()):
+                    return False
+            elif not bool(torch.isfinite(tensor).all()):
+                return False
+        return True
+
     def dequantised(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(key, value) as `dtype`, (tokens, kv_heads, head_dim) each."""
         if self.key_scale is None:

@@ -116,7 +116,7 @@ def test_expire_frees_only_reservations_whose_lease_ended():
     blocks.reserve("short", 8, lease_s=1.0, now=0.0)  # blocks 0, 1
     blocks.reserve("long", 4, lease_s=10.0, now=0.0)  # block 2
     assert blocks.expire(now=0.5) == []
-    assert blocks.expire(now=1.0) == ["short"]
+    assert [r.handle for r in blocks.expire(now=1.0)] == ["short"]
     assert blocks.get("short") is None
     assert blocks.get("long").block_ids == [2]
     assert blocks.num_free == 7
@@ -153,3 +153,13 @@ def test_released_handle_can_be_reserved_again():
     blocks.reserve("a", 4, lease_s=1.0, now=0.0)
     blocks.release("a")
     assert blocks.reserve("a", 4, lease_s=1.0, now=0.0).block_ids == [0]
+
+
+def test_progress_renews_a_lease_for_a_full_term_and_never_shortens_it():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    blocks.reserve("a", 8, lease_s=10.0, now=0.0)
+    blocks.renew("a", now=8.0)  # KV arrived at t=8: the lease runs to 18
+    assert blocks.expire(now=17.9) == []
+    blocks.renew("a", now=1.0)  # a late-recorded progress never pulls the end back
+    assert blocks.get("a").expires_at == 18.0
+    assert [r.handle for r in blocks.expire(now=18.0)] == ["a"] and blocks.num_free == 4
