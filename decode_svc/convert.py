@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from common.basics.compat import Compat
 from common.basics.errors import InvalidArgument
+from common.basics.request_id import checked_request_id
 from common.basics.sampling import SamplingConfig
 from common.edge.proto import FINISH_REASONS, compat_to_proto, sampling_from_proto
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot
@@ -28,6 +29,7 @@ class DecodeCall:
     stop_strings: tuple[str, ...]
     prompt_ids: list[int]
     speculate: bool | None  # None: the instance's setting
+    first_step: int  # index of first_token among the request's new tokens
 
 
 def reserve_from_proto(request: decode_pb2.ReserveRequest) -> ReserveCall:
@@ -52,9 +54,9 @@ def decode_call_from_proto(request: decode_pb2.DecodeRequest) -> DecodeCall:
         sampling = sampling_from_proto(request.sampling)
     except ValueError as error:
         raise InvalidArgument(str(error)) from None
-    return DecodeCall(request.handle, request.request_id, request.first_token_id, request.max_new_tokens, sampling,
+    return DecodeCall(request.handle, checked_request_id(request.request_id), request.first_token_id, request.max_new_tokens, sampling,
                       frozenset(request.stop_token_ids), tuple(request.stop), list(request.prompt_token_ids),
-                      request.speculative if request.HasField("speculative") else None)
+                      request.speculative if request.HasField("speculative") else None, request.first_step)
 
 
 def event_to_proto(event: DecodeEvent) -> decode_pb2.DecodeResponse:

@@ -86,7 +86,7 @@ class DraftProposer:
                 logits = self.runner.run_decode([DecodeItem(drafted[i][-1], seqs[i].position + step,
                                                             self._slots[seqs[i].handle].block_ids) for i in live])
             tokens, rows = self._choose(logits, [seqs[i].sampling for i in live],
-                                        [len(seqs[i].tokens) + step for i in live])
+                                        [seqs[i].next_step + step for i in live])
             for i, token, row in zip(live, tokens, rows):
                 drafted[i].append(token)
                 probs[i].append(row)

@@ -1,13 +1,15 @@
 """Decode engine. One request's life on the decode tier:
 
-  reserve()        -> reserved : blocks for prompt + max_new_tokens held under a lease
-  receive_kv()     -> receiving: KV chunks land in those blocks, each layer in token order
+  reserve()        -> reserved : blocks for prompt + max_new_tokens held under a lease (capped; the request
+                                 must fit the model's context)
+  receive_kv()     -> receiving: KV chunks land in those blocks, each layer in token order; each renews the lease
   start_decode()   -> waiting  : a client listens; admitted once every layer has every prompt token
   step()           -> running  : one token per step in the shared batch (continuous batching), or,
                                  speculating, the accepted part of k proposed tokens plus one (a draft
                                  model, when there is one, keeps its own KV for the sequence meanwhile)
                    -> finished : EOS, stop string, max_new_tokens or cancel; blocks freed, outbox closed
-A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()).
+A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()); a call
+naming a lease that ran out hears so (ABORTED), not that the reservation never existed.
 The engine loop thread runs step(); RPC threads call the rest. One condition variable guards state;
 the model runs outside it.
 """
@@ -17,9 +19,15 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 
-from common.basics.errors import InvalidArgument, NotFound, ResourceExhausted
+from common.basics.errors import (
+    Aborted,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from common.basics.sampling import SamplingConfig
 from common.basics.stop_strings import StopWatcher
 from common.basics.tokenizer import TextTokenizer
@@ -41,13 +49,15 @@ from decode_svc.speculation import (
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
+FINISH_SHUTDOWN = "shutdown"  # the instance stopped under it; the stream ends UNAVAILABLE (the gateway resumes it)
+_EXPIRED_REMEMBERED = 4096  # recently expired handles, so a late call hears why its reservation is gone
 _log = logging.getLogger(__name__)
 
 
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
                  tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig(),
-                 draft: DraftProposer | None = None) -> None:
+                 draft: DraftProposer | None = None, max_lease_s: float | None = None) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.speculation = speculation
@@ -57,7 +67,9 @@ class DecodeEngine:
         self.blocks = blocks
         self.scheduler = scheduler
         self.lease_s = lease_s
+        self.max_lease_s = max(max_lease_s or lease_s, lease_s)  # longest lease a caller may ask for
         self.transfers: dict[str, Transfer] = {}
+        self._expired: OrderedDict[str, float] = OrderedDict()  # handle -> its lease, most recent last
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._cond = threading.Condition()
@@ -66,15 +78,22 @@ class DecodeEngine:
         self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0,
                         "proposed": 0, "accepted": 0}
         self._handle_ids = itertools.count()
+        self.draining = False  # set on SIGTERM: no new reservation; what is held finishes
 
     # Reservation and KV arrival (RPC threads).
 
     def reserve(self, num_prompt_tokens: int, max_new_tokens: int, lease_s: float | None = None) -> tuple[str, int, float]:
-        """Returns (handle, num_blocks, lease end as Unix seconds)."""
+        """Returns (handle, num_blocks, lease end as Unix seconds). A lease longer than max_lease_s is cut to it."""
         if num_prompt_tokens < 1 or max_new_tokens < 1:
             raise InvalidArgument("a reservation needs at least one prompt token and one new token")
+        context = self.runner.model.config.max_position_embeddings
+        if num_prompt_tokens + max_new_tokens > context:
+            raise InvalidArgument(f"{num_prompt_tokens} prompt tokens plus max_new_tokens {max_new_tokens} exceed "
+                                  f"the model's context of {context} tokens")
+        if self.draining:
+            raise Unavailable("this decode instance is shutting down; reserve on another")
         handle = f"kv-{next(self._handle_ids)}-{uuid.uuid4().hex[:12]}"
-        lease = lease_s or self.lease_s
+        lease = min(lease_s or self.lease_s, self.max_lease_s)
         with self._cond:
             try:
                 reservation = self.blocks.reserve(handle, num_prompt_tokens + max_new_tokens,
@@ -100,6 +119,7 @@ class DecodeEngine:
             # Under the lock: a concurrent release must not hand these blocks to another sequence mid-write.
             self.runner.write_kv(layer, transfer.block_ids, start, rows)
             transfer.received[layer] = end
+            self.blocks.renew(handle, time.monotonic())
             if transfer.complete:
                 self._cond.notify()
 
@@ -114,17 +134,22 @@ class DecodeEngine:
 
     def _transfer(self, handle: str) -> Transfer:
         transfer = self.transfers.get(handle)
-        if transfer is None:
-            raise NotFound(f"no KV reservation {handle!r} on this decode instance (expired, released or never made)")
-        return transfer
+        if transfer is not None:
+            return transfer
+        if handle in self._expired:
+            raise Aborted(f"the KV reservation {handle!r} expired: no KV arrived for {self._expired[handle]:g} s "
+                          "(its lease), so its blocks were freed; send the request again")
+        raise NotFound(f"no KV reservation {handle!r} on this decode instance (released or never made)")
 
     # Decoding (RPC threads start and cancel; the loop thread steps).
 
     def start_decode(self, handle: str, first_token: int, max_new_tokens: int, sampling: SamplingConfig,
                      stop_token_ids: frozenset[int], stop_strings: tuple[str, ...] = (),
-                     prompt_ids: list[int] | None = None, speculate: bool | None = None) -> Sequence:
+                     prompt_ids: list[int] | None = None, speculate: bool | None = None,
+                     first_step: int = 0) -> Sequence:
         """speculate: None follows the instance's --speculative setting; False turns it off for this
-        request; True asks for it (only where the instance has a proposer)."""
+        request; True asks for it (only where the instance has a proposer). first_step: the index of
+        first_token among the request's new tokens (non-zero when the request resumed here)."""
         with self._cond:
             transfer = self._transfer(handle)
             if max_new_tokens > transfer.max_new_tokens:
@@ -136,7 +161,7 @@ class DecodeEngine:
             seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher,
                            list(prompt_ids or []),
                            SpecState(self.speculation.num_tokens, self.step_costs, self.speculation.adaptive)
-                           if spec_on else None)
+                           if spec_on else None, first_step=first_step)
             if seq.spec is not None and self.draft is not None:
                 self.draft.attach(seq)
             reason = self._finish_reason(seq, first_token)
@@ -232,9 +257,12 @@ class DecodeEngine:
         seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000, seq.spec))
 
     def _expire_leases(self) -> None:
-        for handle in self.blocks.expire(time.monotonic()):
-            self.transfers.pop(handle, None)
+        for reservation in self.blocks.expire(time.monotonic()):
+            self.transfers.pop(reservation.handle, None)
             self._counts["expired"] += 1
+            self._expired[reservation.handle] = reservation.lease_s
+            while len(self._expired) > _EXPIRED_REMEMBERED:
+                self._expired.popitem(last=False)
 
     def _record_step(self, batch_size: int) -> None:
         c = self._counts
@@ -256,7 +284,7 @@ class DecodeEngine:
     def stop(self) -> None:
         with self._cond:
             for seq in (*self.waiting, *self.running):
-                self._finish(seq, FINISH_CANCELLED, [])
+                self._finish(seq, FINISH_SHUTDOWN, [])
         self._loop.stop()
 
     def _fail_running(self) -> None:
@@ -264,6 +292,11 @@ class DecodeEngine:
             for seq in self.running:
                 self._finish(seq, FINISH_ERROR, [])
             self.running = []
+
+    def busy(self) -> bool:
+        """Whether any reservation or sequence is held (what a drain waits for)."""
+        with self._cond:
+            return bool(self.transfers or self.waiting or self.running)
 
     def _has_work(self) -> bool:
         return bool(self.running) or any(s.transfer.complete or s.cancelled for s in self.waiting)
@@ -285,5 +318,6 @@ class DecodeEngine:
                 block_size=self.blocks.block_size,
                 num_spec_proposed=c["proposed"],
                 num_spec_accepted=c["accepted"],
+                batch_capacity=self.scheduler.max_batch_size,
                 expert_load=self.runner.expert_load_counts(),
             )

@@ -49,11 +49,17 @@ class Sequence:
     finished: bool = False
     arrived_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    first_step: int = 0  # index of tokens[0] among the request's new tokens (k when it resumed after k)
 
     @property
     def position(self) -> int:
         """Position of the last token, the input of the next step."""
         return self.transfer.num_prompt_tokens + len(self.tokens) - 1
+
+    @property
+    def next_step(self) -> int:
+        """Index of the next token among the request's new tokens: what seeds its draw."""
+        return self.first_step + len(self.tokens)
 
     @property
     def context(self) -> list[int]:
@@ -75,4 +81,5 @@ class DecodeStatsSnapshot:
     block_size: int
     num_spec_proposed: int
     num_spec_accepted: int
+    batch_capacity: int = 0  # the configured batch size (max_batch_size above is the largest batch run)
     expert_load: list[list[int]] = field(default_factory=list)  # per MoE layer, tokens per expert; [] if dense

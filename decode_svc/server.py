@@ -4,21 +4,23 @@ import queue
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
 from common.basics.config import DecodeConfig
-from common.basics.errors import (
-    Internal,
-    PdserveError,
-)
+from common.basics.errors import Internal, PdserveError, Unavailable
 from common.basics.tokenizer import TextTokenizer
 from common.edge.errors import maps_errors
 from common.edge.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
 from common.edge.proto import compat_to_proto
-from common.edge.server import add_health, bind, make_server, set_serving
+from common.edge.server import Tls, add_health, bind, drain, make_server, set_serving
 from common.edge.tracing import incoming_context, tracer
-from common.kv.grpc_transport import ack_to_proto, receive_chunks
+from common.kv.grpc_transport import (
+    ack_to_proto,
+    max_push_message_bytes,
+    receive_chunks,
+)
 from common.runtime.tier import TierRuntime, build_runtime
 from decode_svc.convert import (
     decode_call_from_proto,
@@ -28,7 +30,7 @@ from decode_svc.convert import (
     stats_to_proto,
 )
 from decode_svc.draft import draft_for
-from decode_svc.engine import FINISH_ERROR, DecodeEngine
+from decode_svc.engine import FINISH_ERROR, FINISH_SHUTDOWN, DecodeEngine
 from decode_svc.observe import DecodeObserver
 from decode_svc.scheduler import Scheduler
 from decode_svc.speculation import SpeculationConfig
@@ -75,7 +77,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         observer = DecodeObserver(self.metrics, incoming_context(context), call.request_id)
         try:
             seq = self.engine.start_decode(call.handle, call.first_token, call.max_new_tokens, call.sampling,
-                                           call.stop_token_ids, call.stop_strings, call.prompt_ids, call.speculate)
+                                           call.stop_token_ids, call.stop_strings, call.prompt_ids, call.speculate,
+                                           call.first_step)
             observer.started(seq)
             context.add_callback(lambda: self.engine.cancel(seq))
             try:
@@ -98,6 +101,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 continue
             if event.finish_reason == FINISH_ERROR:
                 raise Internal("a decode step failed; the decode tier's log has the details")
+            if event.finish_reason == FINISH_SHUTDOWN:  # not a finish the client asked for: resumable elsewhere
+                raise Unavailable("the decode instance is shutting down; resume the request on another")
             observer.event(event)
             yield event_to_proto(event)
             if event.finish_reason:
@@ -114,10 +119,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 @dataclass
 class DecodeService:
-    """The decode tier's parts, wired: its engine and the servicer in front of it."""
+    """The decode tier's parts, wired: its engine, the servicer in front of it, and the largest message a valid
+    caller sends it (a KV chunk of a whole context)."""
 
     engine: DecodeEngine
     servicer: DecodeServicer
+    max_receive_bytes: int
 
     def add_to(self, server: grpc.Server) -> None:
         decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, server)
@@ -130,9 +137,12 @@ def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: Tie
     speculation = SpeculationConfig(config.speculative, config.num_speculative_tokens, config.speculative_max_batch,
                                     config.speculative_adaptive)
     engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
-                          TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks))
+                          TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks),
+                          max_lease_s=config.max_lease_ms / 1000)
     registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
-    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)))
+    context = runtime.runner.model.config.max_position_embeddings
+    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)),
+                         max_push_message_bytes(runtime.compat, context))
 
 
 @dataclass
@@ -140,6 +150,13 @@ class RunningDecode:
     server: grpc.Server
     port: int
     engine: DecodeEngine
+    health: health.HealthServicer
+
+    def drain(self, timeout_s: float) -> bool:
+        """SIGTERM's first half: NOT_SERVING at once, nothing new admitted, what is held finishes (up to
+        timeout_s). Returns whether everything finished."""
+        self.engine.draining = True
+        return drain(self.health, [SERVICE_NAME], self.engine.busy, timeout_s)
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.engine.stop()
@@ -148,12 +165,13 @@ class RunningDecode:
 
 def start_decode(config: DecodeConfig, registry: CollectorRegistry | None = None) -> RunningDecode:
     """Serves the decode tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
+    tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     service = build_decode(config, registry or CollectorRegistry())
-    server = make_server()
+    server = make_server(service.max_receive_bytes)
     health = add_health(server)
     service.add_to(server)
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, tls.server_credentials() if tls else None)
     service.engine.start()
     server.start()
     set_serving(health, [SERVICE_NAME])
-    return RunningDecode(server, port, service.engine)
+    return RunningDecode(server, port, service.engine, health)

@@ -172,11 +172,11 @@ def choose(batch: list, proposals: list[Proposal], logits: torch.Tensor) -> list
     if plain:
         last_rows = logits[[rows[i] for i in plain]]
         for i, token in zip(plain, sample(last_rows, [batch[i].sampling for i in plain],
-                                          [len(batch[i].tokens) for i in plain])):
+                                          [batch[i].next_step for i in plain])):
             chosen[i] = [token]
     for i, draft in enumerate(drafts):
         if draft:
             seq = batch[i]
-            chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, len(seq.tokens), proposals[i].probs)
+            chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, seq.next_step, proposals[i].probs)
             seq.spec.record(len(draft), len(chosen[i]) - 1)
     return chosen

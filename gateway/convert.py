@@ -7,6 +7,7 @@ import uuid
 
 from common.basics.config import GatewayConfig
 from common.basics.errors import InvalidArgument
+from common.basics.request_id import checked_request_id
 from common.basics.sampling import SamplingConfig
 from common.basics.tokenizer import TextTokenizer
 from common.edge.proto import FINISH_REASONS, sampling_from_proto, sampling_to_proto
@@ -25,6 +26,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer, config: GatewayConfig,
                       max_context: int, request_id: str | None = None) -> GenerationSpec:
+    request_id = _request_id(request.request_id or request_id)
+    _check_text_size(request, tokenizer, max_context)
     prompt_ids = _prompt_ids(request, tokenizer)
     room = max_context - len(prompt_ids)
     if room < 1:
@@ -43,13 +46,34 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
     else:
         max_new = min(config.default_max_new_tokens, room)
     return GenerationSpec(
-        request_id=request.request_id or request_id or uuid.uuid4().hex,
+        request_id=request_id,
         prompt_ids=prompt_ids,
         max_new_tokens=max_new,
         sampling=_sampling(request),
         stop=_stop_strings(request, config),
         speculative=request.speculative if request.HasField("speculative") else None,
     )
+
+
+def _request_id(given: str | None) -> str:
+    """The caller's id (checked: it travels in metadata and traces), or one is made."""
+    return checked_request_id(given) if given else uuid.uuid4().hex
+
+
+def _check_text_size(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer, max_context: int) -> None:
+    """Refuses text that cannot fit the context before paying to tokenize it: a token stands for at most
+    max_token_bytes bytes, so B bytes are at least B / max_token_bytes tokens."""
+    kind = request.WhichOneof("input")
+    if kind == "prompt":
+        size = len(request.prompt.encode())
+    elif kind == "messages":
+        size = sum(len(m.content.encode()) + len(m.role.encode()) for m in request.messages.messages)
+    else:
+        return
+    least_tokens = -(-size // tokenizer.max_token_bytes)
+    if least_tokens > max_context:
+        raise InvalidArgument(f"the {kind} is {size} bytes: at least {least_tokens} tokens, more than the model's "
+                              f"context of {max_context}; shorten it")
 
 
 def _prompt_ids(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer) -> list[int]:
@@ -108,10 +132,10 @@ def reserve_request(request_id: str, num_prompt_tokens: int, max_new_tokens: int
 
 
 def prefill_request(request_id: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                    handle: str) -> prefill_pb2.PrefillRequest:
+                    handle: str, first_step: int) -> prefill_pb2.PrefillRequest:
     return prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                       sampling=sampling_to_proto(sampling), decode_address=decode_address,
-                                      kv_handle=handle)
+                                      kv_handle=handle, first_step=first_step)
 
 
 def prefill_result(reply: prefill_pb2.PrefillResponse) -> PrefillResult:
@@ -124,7 +148,7 @@ def decode_request(request_id: str, args: DecodeArgs) -> decode_pb2.DecodeReques
         handle=args.handle, request_id=request_id, first_token_id=args.first_token,
         max_new_tokens=args.max_new_tokens, sampling=sampling_to_proto(args.sampling),
         stop_token_ids=sorted(args.stop_token_ids), stop=args.stop, prompt_token_ids=args.prompt_ids,
-        speculative=args.speculative,
+        speculative=args.speculative, first_step=args.first_step,
     )
 
 
@@ -143,13 +167,14 @@ def token_reply(token_ids: list[int], text: str, request_id: str) -> gateway_pb2
 
 
 def last_reply(token_ids: list[int], text: str, request_id: str, reason: str, prompt_tokens: int,
-               completion_tokens: int, timings: dict[str, float],
-               speculation: SpeculationCounts | None) -> gateway_pb2.GenerateResponse:
-    """The final message: finish reason, usage, timings (milliseconds, by Timings field) and speculation."""
+               completion_tokens: int, timings: dict[str, float], speculation: SpeculationCounts | None,
+               num_migrations: int) -> gateway_pb2.GenerateResponse:
+    """The final message: finish reason, usage, timings (milliseconds, by Timings field), speculation, and how
+    often the request moved to another decode instance."""
     return gateway_pb2.GenerateResponse(
         token_ids=token_ids, text=text, finish_reason=FINISH_REASONS[reason], request_id=request_id,
         usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-        timings=gateway_pb2.Timings(**timings), speculation=_speculation(speculation))
+        timings=gateway_pb2.Timings(**timings), speculation=_speculation(speculation), num_migrations=num_migrations)
 
 
 def _speculation(counts: SpeculationCounts | None) -> gateway_pb2.Speculation | None:

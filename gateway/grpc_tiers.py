@@ -3,17 +3,19 @@ the request id and trace context in its metadata and the client's remaining dead
 this module and gateway/convert.py."""
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.basics.errors import Cancelled
 from common.basics.sampling import SamplingConfig
 from common.edge.errors import upstream
-from common.edge.server import make_channel
+from common.edge.server import Tls, make_channel
 from common.edge.tracing import outgoing_metadata
 from gateway import convert
 from gateway.tiers import CallContext, DecodeArgs
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 _RELEASE_TIMEOUT_S = 2.0
+_HEALTH_TIMEOUT_S = 1.0
 
 
 class _Pending:
@@ -50,9 +52,12 @@ class _DecodeStream:
 
 
 class GrpcTiers:
-    def __init__(self, prefill_addresses: tuple[str, ...], decode_addresses: tuple[str, ...]) -> None:
-        self._prefill = {a: prefill_pb2_grpc.PrefillStub(make_channel(a)) for a in prefill_addresses}
-        self._decode = {a: decode_pb2_grpc.DecodeStub(make_channel(a)) for a in decode_addresses}
+    def __init__(self, prefill_addresses: tuple[str, ...], decode_addresses: tuple[str, ...],
+                 tls: Tls | None = None) -> None:
+        channels = {a: make_channel(a, tls) for a in (*prefill_addresses, *decode_addresses)}
+        self._prefill = {a: prefill_pb2_grpc.PrefillStub(channels[a]) for a in prefill_addresses}
+        self._decode = {a: decode_pb2_grpc.DecodeStub(channels[a]) for a in decode_addresses}
+        self._health = {a: health_pb2_grpc.HealthStub(channel) for a, channel in channels.items()}
 
     def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
                 ctx: CallContext) -> _Pending:
@@ -61,8 +66,8 @@ class GrpcTiers:
         return _Pending(future, lambda reply: reply.handle, f"decode instance {address}")
 
     def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                handle: str, ctx: CallContext) -> _Pending:
-        request = convert.prefill_request(ctx.request_id, prompt_ids, sampling, decode_address, handle)
+                handle: str, ctx: CallContext, first_step: int = 0) -> _Pending:
+        request = convert.prefill_request(ctx.request_id, prompt_ids, sampling, decode_address, handle, first_step)
         future = self._prefill[address].Prefill.future(request, **_call_options(ctx))
         return _Pending(future, convert.prefill_result, f"prefill instance {address}")
 
@@ -77,6 +82,19 @@ class GrpcTiers:
         except grpc.RpcError as error:
             # The lease frees the blocks if the decode instance cannot be reached now.
             ctx.span.set_attribute("error.type", error.code().name)
+
+    def decode_slots(self, address: str) -> int | None:
+        try:
+            return self._decode[address].Stats(decode_pb2.StatsRequest(), timeout=_HEALTH_TIMEOUT_S).batch_capacity
+        except grpc.RpcError:
+            return None
+
+    def serving(self, address: str) -> bool:
+        try:
+            reply = self._health[address].Check(health_pb2.HealthCheckRequest(), timeout=_HEALTH_TIMEOUT_S)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _call_options(ctx: CallContext) -> dict:

@@ -1,24 +1,32 @@
 """The gateway service edge: validate and tokenize, run the Generation, stream text back."""
 
+import math
+import threading
 import time
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from common.basics.config import GatewayConfig
-from common.basics.errors import PdserveError
+from common.basics.errors import PdserveError, RateLimited, Unavailable
 from common.basics.model_config import ModelConfig
 from common.basics.tokenizer import TextTokenizer
+from common.edge.auth import ApiKeys, authorization_of
 from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import GatewayMetrics
 from common.edge.server import (
+    MESSAGE_MARGIN_BYTES,
     REQUEST_ID_KEY,
+    Tls,
     add_health,
     bind,
+    drain,
     make_server,
     metadata_value,
+    set_not_serving,
     set_serving,
     time_remaining_s,
 )
@@ -26,6 +34,7 @@ from common.edge.tracing import child_span, incoming_context
 from gateway.convert import last_reply, spec_from_request, token_reply
 from gateway.generation import Generation
 from gateway.grpc_tiers import GrpcTiers
+from gateway.membership import Membership
 from gateway.observe import RequestObserver
 from gateway.router import Router
 from gateway.text_stream import TextStream
@@ -37,16 +46,46 @@ SERVICE_NAME = "pdserve.v1.Gateway"
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer, model: ModelConfig, tiers: Tiers,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, keys: ApiKeys, membership: Membership | None = None) -> None:
         self.config = config
+        self.keys = keys
         self.tokenizer = tokenizer
         self.model = model
         self.tiers = tiers
-        self.router = Router(config.prefill_addresses, config.decode_addresses)
+        self.router = Router(config.prefill_addresses, config.decode_addresses, membership)
         self.metrics = metrics
+        self.draining = False  # set on SIGTERM: new requests are turned away, those in flight finish
+        self.in_flight = 0
+        self._mean_duration_s = 1.0  # of recent requests (moving average): how soon a slot frees
+        self._lock = threading.Lock()
 
     @maps_errors
     def Generate(self, request, context):
+        with self._lock:
+            if self.draining:
+                raise Unavailable("this gateway is shutting down; send the request to another")
+            self._admit()
+            self.in_flight += 1
+        started = time.monotonic()
+        try:
+            yield from self._observed(request, context)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self._mean_duration_s += 0.1 * (time.monotonic() - started - self._mean_duration_s)
+
+    def _admit(self) -> None:
+        """Admission control, under the lock: at most admission_factor requests per decode batch slot in
+        rotation are in flight; beyond, turned away at once with a retry delay (when a slot should free, on
+        average). With no decode instance in rotation the request goes on, to hear UNAVAILABLE from the router."""
+        slots = self.router.membership.decode_slots() if self.router.membership is not None else 0
+        limit = math.ceil(self.config.admission_factor * slots)
+        if slots and self.in_flight >= limit:
+            raise RateLimited(f"the service is at capacity ({self.in_flight} requests in flight for {slots} decode "
+                              "batch slots); retry after the delay in grpc-retry-pushback-ms",
+                              retry_after_s=max(self._mean_duration_s / max(self.in_flight, 1), 0.05))
+
+    def _observed(self, request, context):
         operation = "chat" if request.WhichOneof("input") == "messages" else "text_completion"
         observer = RequestObserver(self.metrics, operation=operation, model=self.config.model_dir.name,
                                    parent=incoming_context(context))
@@ -59,10 +98,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             observer.end()
 
     def _generate(self, request, context, observer: RequestObserver):
+        caller = self.keys.authenticate(authorization_of(context.invocation_metadata() or ()))
         with child_span("tokenize", observer.span):
             spec = spec_from_request(request, self.tokenizer, self.config, self.model.max_position_embeddings,
                                      metadata_value(context, REQUEST_ID_KEY))
         observer.tokenized(spec)
+        admission = self.keys.admit(caller, len(spec.prompt_ids) + spec.max_new_tokens)
+        try:
+            yield from self._serve(spec, context, observer)
+        finally:  # however it ended, the key is charged for what was actually used
+            admission.release(len(spec.prompt_ids) + observer.num_output_tokens)
+
+    def _serve(self, spec, context, observer: RequestObserver):
         remaining = time_remaining_s(context)
         generation = Generation(
             spec, self.router, self.tiers, eos_token_ids=frozenset(self.model.eos_token_ids),
@@ -82,7 +129,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             observer.finished(reason)
             yield last_reply(chunk.token_ids, delta + text.finish(), spec.request_id, reason, len(spec.prompt_ids),
                              observer.num_output_tokens, _timings(generation, observer.arrived, observer.first_at),
-                             chunk.speculation)
+                             chunk.speculation, generation.num_migrations)
             return
 
 
@@ -99,24 +146,51 @@ def _timings(generation: Generation, arrived: float, first_at: float) -> dict[st
 class RunningGateway:
     server: grpc.Server
     port: int
+    servicer: GatewayServicer
+    health: health.HealthServicer
+    membership: Membership
+
+    def drain(self, timeout_s: float) -> bool:
+        """NOT_SERVING at once, new requests turned away, those in flight finish (up to timeout_s)."""
+        self.servicer.draining = True
+        return drain(self.health, [SERVICE_NAME], lambda: self.servicer.in_flight > 0, timeout_s)
 
     def stop(self, grace_s: float = 2.0) -> None:
+        self.membership.stop()
         self.server.stop(grace_s).wait()
 
 
 def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = None) -> RunningGateway:
     """Serves the gateway; its metrics go to `registry` (a private one when None: nothing serves it)."""
-    tiers = GrpcTiers(config.prefill_addresses, config.decode_addresses)
-    servicer = GatewayServicer(config, TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir), tiers,
-                               GatewayMetrics(registry or CollectorRegistry()))
-    server = make_server()
+    tiers = GrpcTiers(config.prefill_addresses, config.decode_addresses,
+                      Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca))
+    tokenizer, model = TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir)
+    keys = ApiKeys.load(config.api_keys_file) if config.api_keys_file else ApiKeys.disabled()
+    # The largest valid request: a whole context of the longest tokens, with room for the other fields.
+    server = make_server(model.max_position_embeddings * tokenizer.max_token_bytes + MESSAGE_MARGIN_BYTES)
     health = add_health(server)
+    servicer: GatewayServicer | None = None
+
+    def report(can_serve: bool) -> None:  # SERVING only while a prefill and a decode instance are in rotation
+        if can_serve and not (servicer and servicer.draining):
+            set_serving(health, [SERVICE_NAME])
+        else:
+            set_not_serving(health, [SERVICE_NAME])
+
+    membership = Membership(config.prefill_addresses, config.decode_addresses, tiers.serving, report,
+                            slots=tiers.decode_slots)
+    servicer = GatewayServicer(config, tokenizer, model, tiers, GatewayMetrics(registry or CollectorRegistry()), keys,
+                               membership)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
         server,
     )
-    port = bind(server, config.host, config.port)
+    public_tls = None
+    if config.public_tls_cert is not None:
+        public_tls = grpc.ssl_server_credentials([(config.public_tls_key.read_bytes(),
+                                                   config.public_tls_cert.read_bytes())])
+    port = bind(server, config.host, config.port, public_tls)
     server.start()
-    set_serving(health, [SERVICE_NAME])
-    return RunningGateway(server, port)
+    membership.start()
+    return RunningGateway(server, port, servicer, health, membership)

@@ -73,6 +73,7 @@ class DecodeArgs:
     stop: tuple[str, ...]
     prompt_ids: list[int]
     speculative: bool | None
+    first_step: int = 0  # index of first_token among the request's new tokens (k when resuming after k)
 
 
 class Pending(Protocol[T]):
@@ -91,11 +92,17 @@ class Tiers(Protocol):
         """A decode instance's reservation handle for the prompt's KV."""
 
     def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                handle: str, ctx: CallContext) -> Pending[PrefillResult]:
-        """The prompt's KV pushed into the reservation, and its first token."""
+                handle: str, ctx: CallContext, first_step: int = 0) -> Pending[PrefillResult]:
+        """The prompt's KV pushed into the reservation, and its next token (the request's first_step-th)."""
 
     def decode(self, address: str, args: DecodeArgs, ctx: CallContext) -> Stream:
         """The rest of the tokens, streamed."""
 
     def release(self, address: str, handle: str, ctx: CallContext) -> None:
         """Gives back a reservation that never reached Decode (best effort: its lease frees it anyway)."""
+
+    def serving(self, address: str) -> bool:
+        """Whether the instance answers its health check with SERVING now."""
+
+    def decode_slots(self, address: str) -> int | None:
+        """The decode instance's batch size (sequences it steps at once), or None when it does not answer."""

@@ -11,10 +11,11 @@ decode batch: the interference that separate tiers remove.
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 
 from common.basics.config import DecodeConfig, PrefillConfig
-from common.edge.server import add_health, bind, make_server, set_serving
+from common.edge.server import Tls, add_health, bind, drain, make_server, set_serving
 from common.runtime.tier import TierRuntime, build_runtime, runtime_for
 from decode_svc.engine import DecodeEngine
 from decode_svc.server import SERVICE_NAME as DECODE_SERVICE
@@ -31,6 +32,13 @@ class RunningColocated:
     decode_port: int
     prefill_engine: PrefillEngine
     decode_engine: DecodeEngine
+    health: health.HealthServicer
+
+    def drain(self, timeout_s: float) -> bool:
+        """As each tier drains: NOT_SERVING, nothing new, what is held finishes (up to timeout_s)."""
+        self.prefill_engine.draining = self.decode_engine.draining = True
+        return drain(self.health, [PREFILL_SERVICE, DECODE_SERVICE],
+                     lambda: self.prefill_engine.busy() or self.decode_engine.busy(), timeout_s)
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.prefill_engine.stop()
@@ -56,14 +64,16 @@ def start_colocated(prefill: PrefillConfig, decode: DecodeConfig,
     registry = registry or CollectorRegistry()
     prefill_side = build_prefill(prefill, registry, prefill_rt)
     decode_side = build_decode(decode, registry, decode_rt)
-    server = make_server()
+    tls = Tls.from_files(prefill.tls_cert, prefill.tls_key, prefill.tls_ca)
+    credentials = tls.server_credentials() if tls else None
+    server = make_server(max(prefill_side.max_receive_bytes, decode_side.max_receive_bytes))
     health = add_health(server)
     prefill_side.add_to(server)
     decode_side.add_to(server)
-    port = bind(server, prefill.host, prefill.port)
-    decode_port = port if decode.port in (0, port) else bind(server, decode.host, decode.port)
+    port = bind(server, prefill.host, prefill.port, credentials)
+    decode_port = port if decode.port in (0, port) else bind(server, decode.host, decode.port, credentials)
     prefill_side.engine.start()
     decode_side.engine.start()
     server.start()
     set_serving(health, [PREFILL_SERVICE, DECODE_SERVICE])
-    return RunningColocated(server, port, decode_port, prefill_side.engine, decode_side.engine)
+    return RunningColocated(server, port, decode_port, prefill_side.engine, decode_side.engine, health)

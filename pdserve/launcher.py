@@ -3,24 +3,31 @@ commands compose.yaml runs in containers. Waits until every tier reports SERVING
 the gateway, and on Ctrl-C / SIGTERM (or a tier dying) stops them all."""
 
 import argparse
+import os
 import signal
 import socket
-import subprocess
 import sys
-import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
-from common.edge.server import is_serving
+from common.basics.config import (
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DecodeConfig,
+    GatewayConfig,
+    PrefillConfig,
+    default_certs_dir,
+)
+from common.edge.server import Tls
 from common.edge.telemetry import DEFAULT_METRICS_PORT, METRICS_PORT_OFFSETS
 from pdserve.affinity import cpus_arg, pin_to
+from pdserve.certs import CertFiles, ensure_certs
 from pdserve.command import Command
 from pdserve.flags import add_flags, field_values, to_argv
+from pdserve.supervisor import Instance, Supervisor
 from pdserve.tier_commands import DECODE_FIELDS, PREFILL_FIELDS, SHARED_FIELDS
 
 _START_TIMEOUT_S = 180.0
-_STOP_TIMEOUT_S = 10.0
+_STOP_GRACE_S = 5.0  # past the tiers' drain timeout, before SIGKILL
 
 
 def free_port(host: str) -> int:
@@ -32,7 +39,8 @@ def free_port(host: str) -> int:
 # `pdserve up` flags: one copy of what both model tiers share, one per tier of what each sets on its own.
 UP_SHARED = ("block_size", "kv_dtype", "device", "cpu_weight_layout")
 UP_PER_TIER = ("weights", "kv_memory_mb", "threads", "port")
-UP_GATEWAY = ("default_max_new_tokens", "max_new_tokens_limit", "max_stop_strings")
+UP_GATEWAY = ("default_max_new_tokens", "max_new_tokens_limit", "max_stop_strings", "admission_factor", "api_keys_file",
+              "public_tls_cert", "public_tls_key")
 
 
 def add_up_arguments(up: argparse.ArgumentParser, model_dir: Path) -> None:
@@ -44,6 +52,15 @@ def add_up_arguments(up: argparse.ArgumentParser, model_dir: Path) -> None:
     add_flags(up, GatewayConfig, UP_GATEWAY)
     up.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, metavar="BASE",
                     help="Prometheus ports: gateway BASE, prefill BASE+1, decode BASE+2 (0 turns metrics off)")
+    up.add_argument("--certs-dir", type=Path,
+                    help="the CA and per-tier certificates for mutual TLS between the tiers, made there when missing "
+                         f"(default {default_certs_dir(os.environ.get('XDG_CACHE_HOME'), os.path.expanduser('~'))})")
+    up.add_argument("--insecure", action="store_true",
+                    help="plaintext between the tiers (no mutual TLS): only for debugging on a trusted host")
+    up.add_argument("--prefill-replicas", type=int, default=1, help="prefill instances (ports from --prefill-port)")
+    up.add_argument("--decode-replicas", type=int, default=1, help="decode instances (ports from --decode-port)")
+    up.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                    help="on stop, how long each tier lets requests in flight finish")
     up.add_argument("--colocated", action="store_true",
                     help="prefill and decode engines in one process over one copy of the weights (the baseline)")
     for tier in ("prefill", "decode", "gateway", "colocated"):
@@ -51,30 +68,55 @@ def add_up_arguments(up: argparse.ArgumentParser, model_dir: Path) -> None:
                         help=f"pin the {tier} process to these cores, e.g. 0, 0-1 or 0,2 (default: no pinning)")
 
 
-def stack_configs(args, prefill_port: int, decode_port: int) -> tuple[PrefillConfig, DecodeConfig, GatewayConfig]:
-    """Each tier's configuration from `pdserve up` flags, on the ports given."""
+def tls_fields(certs: CertFiles | None, tier: str) -> dict:
+    """A tier's --tls-cert/--tls-key/--tls-ca from the certificates `pdserve up` made (none: plaintext)."""
+    if certs is None:
+        return {}
+    cert, key = certs.for_tier(tier)
+    return {"tls_cert": cert, "tls_key": key, "tls_ca": certs.ca}
+
+
+@dataclass(frozen=True)
+class StackConfigs:
+    prefill: list[PrefillConfig]  # one per replica
+    decode: list[DecodeConfig]
+    gateway: GatewayConfig
+
+
+def stack_configs(args, prefill_ports: list[int], decode_ports: list[int],
+                  certs: CertFiles | None = None) -> StackConfigs:
+    """Each instance's configuration from `pdserve up` flags, on the ports given (one per replica), with mutual
+    TLS when certs. Every prefill instance may push to every decode instance; the gateway knows them all."""
     common = {"model_dir": args.model, "host": args.host, **field_values(PrefillConfig, args, UP_SHARED)}
     per_tier = {tier: field_values(cls, args, UP_PER_TIER, prefix=f"{tier}-")
                 for cls, tier in ((PrefillConfig, "prefill"), (DecodeConfig, "decode"))}
-    prefill = PrefillConfig(**common, **{**per_tier["prefill"], "port": prefill_port},
-                            **field_values(PrefillConfig, args, PREFILL_FIELDS))
-    decode = DecodeConfig(**common, **{**per_tier["decode"], "port": decode_port},
-                          **field_values(DecodeConfig, args, DECODE_FIELDS))
-    gateway = GatewayConfig(model_dir=args.model, host=args.host, port=args.port, lease_ms=decode.lease_ms,
-                            prefill_addresses=(f"{args.host}:{prefill_port}",),
-                            decode_addresses=(f"{args.host}:{decode_port}",),
-                            **field_values(GatewayConfig, args, UP_GATEWAY))
-    return prefill, decode, gateway
+    prefill_addresses = tuple(f"{args.host}:{port}" for port in prefill_ports)
+    decode_addresses = tuple(f"{args.host}:{port}" for port in decode_ports)
+    prefill = [PrefillConfig(**common, **{**per_tier["prefill"], "port": port}, decode_addresses=decode_addresses,
+                             **tls_fields(certs, "prefill"), **field_values(PrefillConfig, args, PREFILL_FIELDS))
+               for port in prefill_ports]
+    decode = [DecodeConfig(**common, **{**per_tier["decode"], "port": port}, **tls_fields(certs, "decode"),
+                           **field_values(DecodeConfig, args, DECODE_FIELDS)) for port in decode_ports]
+    gateway = GatewayConfig(model_dir=args.model, host=args.host, port=args.port, lease_ms=decode[0].lease_ms,
+                            prefill_addresses=prefill_addresses, decode_addresses=decode_addresses,
+                            **tls_fields(certs, "gateway"), **field_values(GatewayConfig, args, UP_GATEWAY))
+    return StackConfigs(prefill, decode, gateway)
 
 
-def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[str]]:
-    """The command line of each process `pdserve up` starts, written from each tier's configuration."""
+def tier_commands(args, prefill_ports: list[int], decode_ports: list[int],
+                  certs: CertFiles | None = None) -> dict[str, list[str]]:
+    """The command line of each process `pdserve up` starts ("prefill-0", "decode-0", ..., "gateway"), written from
+    each instance's configuration; a colocated stack has one "colocated" process instead."""
     base = [sys.executable, "-m", "pdserve.cli"]
-    prefill, decode, gateway = stack_configs(args, prefill_port, decode_port)
-    commands = {"gateway": [*base, "gateway", *to_argv(gateway)]}
+    configs = stack_configs(args, prefill_ports, decode_ports, certs)
+    commands = {"gateway": [*base, "gateway", *to_argv(configs.gateway)]}
     if not getattr(args, "colocated", False):
-        return {"decode": [*base, "decode", *to_argv(decode)], "prefill": [*base, "prefill", *to_argv(prefill)],
+        return {**{f"decode-{i}": [*base, "decode", *to_argv(c)] for i, c in enumerate(configs.decode)},
+                **{f"prefill-{i}": [*base, "prefill", *to_argv(c)] for i, c in enumerate(configs.prefill)},
                 **commands}
+    prefill, decode = configs.prefill[0], configs.decode[0]
+    if len(configs.prefill) > 1 or len(configs.decode) > 1:
+        raise ValueError("--colocated runs one process holding both engines: replicas are for separate tiers")
     if prefill.weights != decode.weights:
         raise ValueError(f"--colocated holds one copy of the weights for both engines: --prefill-weights "
                          f"{prefill.weights} and --decode-weights {decode.weights} must be the same")
@@ -85,99 +127,90 @@ def tier_commands(args, prefill_port: int, decode_port: int) -> dict[str, list[s
     return {"colocated": colocated, **commands}
 
 
+def _ports(base: int, count: int, host: str) -> list[int]:
+    """count ports from base (base, base+1, ...), or free ones when base is 0."""
+    return [base + i for i in range(count)] if base else [free_port(host) for _ in range(count)]
+
+
 def run_stack(args, default_model: Path) -> int:
     if args.model == default_model:
         from pdserve.prepare.default_model import prepare_default_model
 
         prepare_default_model(default_model)
-    prefill_port = args.prefill_port or free_port(args.host)
-    decode_port = args.decode_port or free_port(args.host)
-    addresses = {"decode": f"{args.host}:{decode_port}", "prefill": f"{args.host}:{prefill_port}",
-                 "gateway": f"{args.host}:{args.port}", "colocated": f"{args.host}:{prefill_port}"}
-    stop = threading.Event()
+    certs = None if args.insecure else ensure_certs(
+        args.certs_dir or default_certs_dir(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")),
+        hosts=tuple(dict.fromkeys(("localhost", "127.0.0.1", args.host))))
+    # the supervisor checks the internal tiers' health as the gateway does: with the gateway's identity
+    identity = Tls.from_files(*certs.for_tier("gateway"), certs.ca) if certs else None
+    prefill_ports = _ports(args.prefill_port, args.prefill_replicas, args.host)
+    decode_ports = _ports(args.decode_port, args.decode_replicas, args.host)
+    supervisor = Supervisor(_instances(args, prefill_ports, decode_ports, certs, identity), pin_to)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    procs: dict[str, subprocess.Popen] = {}
+        signal.signal(sig, lambda *_: supervisor.stop_requested.set())
     try:
-        for name, command in tier_commands(args, prefill_port, decode_port).items():
-            procs[name] = subprocess.Popen([*command, *metrics_flags(args, name)],
-                                           preexec_fn=pin_to(getattr(args, f"{name}_cpus", None)))
-        if not _wait_serving(procs, addresses, stop):
+        supervisor.start_all()
+        if not supervisor.wait_serving(_START_TIMEOUT_S):
             return 1
-        _print_banner(addresses, args.model)
-        _print_metrics(args, [tier for tier in METRICS_PORT_OFFSETS if tier in procs])
-        while not stop.wait(0.5):
-            dead = [name for name, proc in procs.items() if proc.poll() is not None]
-            if dead:
-                print(f"pdserve up: the {', '.join(dead)} tier exited; stopping the stack", file=sys.stderr)
-                return 1
+        _print_banner(supervisor.instances, args.model)
+        _print_metrics(args, supervisor.instances)
+        supervisor.watch()
         return 0
     finally:
-        _stop_all(procs)
+        supervisor.stop_all(args.drain_timeout_s + _STOP_GRACE_S)
 
 
-def metrics_port(args, tier: str) -> int:
-    """The tier's Prometheus port: --metrics-port BASE plus the tier's offset; 0 (off) stays 0."""
-    return args.metrics_port + METRICS_PORT_OFFSETS[tier] if args.metrics_port else 0
+def _instances(args, prefill_ports: list[int], decode_ports: list[int], certs: CertFiles | None,
+               identity: Tls | None) -> list[Instance]:
+    host = args.host
+    addresses = {"gateway": f"{host}:{args.port}", "colocated": f"{host}:{prefill_ports[0]}"}
+    addresses |= {f"prefill-{i}": f"{host}:{port}" for i, port in enumerate(prefill_ports)}
+    addresses |= {f"decode-{i}": f"{host}:{port}" for i, port in enumerate(decode_ports)}
+    return [Instance(name, [*command, *metrics_flags(args, name), "--drain-timeout-s", str(args.drain_timeout_s)],
+                     addresses[name], None if name == "gateway" else identity,
+                     getattr(args, f"{tier_of(name)}_cpus", None))
+            for name, command in tier_commands(args, prefill_ports, decode_ports, certs).items()]
 
 
-def metrics_flags(args, tier: str) -> list[str]:
-    return ["--metrics-port", str(metrics_port(args, tier))] if tier in METRICS_PORT_OFFSETS else []
+def tier_of(instance: str) -> str:
+    """ "decode-1" -> "decode" """
+    return instance.split("-")[0]
 
 
-def _print_metrics(args, tiers: list[str]) -> None:
+def metrics_port(args, instance: str) -> int:
+    """An instance's Prometheus port: --metrics-port BASE plus its tier's offset (replica i > 0 adds 3 i, past
+    every replica-0 port); 0 (off) stays 0."""
+    if not args.metrics_port:
+        return 0
+    replica = int(instance.rsplit("-", 1)[1]) if "-" in instance else 0
+    return args.metrics_port + METRICS_PORT_OFFSETS[tier_of(instance)] + 3 * replica
+
+
+def metrics_flags(args, instance: str) -> list[str]:
+    return ["--metrics-port", str(metrics_port(args, instance))] if tier_of(instance) in METRICS_PORT_OFFSETS else []
+
+
+def _print_metrics(args, instances: list[Instance]) -> None:
     if not args.metrics_port:
         print("Metrics are off (--metrics-port 0).\n", flush=True)
         return
-    lines = "".join(f"  {tier:<8} http://{args.host}:{metrics_port(args, tier)}/metrics\n" for tier in tiers)
+    lines = "".join(f"  {i.name:<10} http://{args.host}:{metrics_port(args, i.name)}/metrics\n"
+                    for i in instances if tier_of(i.name) in METRICS_PORT_OFFSETS)
     print(f"Prometheus metrics:\n{lines}", flush=True)
 
 
-def _wait_serving(procs: dict[str, subprocess.Popen], addresses: dict[str, str], stop: threading.Event) -> bool:
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    pending = set(procs)
-    while pending and not stop.is_set():
-        for name in sorted(pending):
-            if procs[name].poll() is not None:
-                print(f"pdserve up: the {name} tier exited with code {procs[name].returncode} while starting",
-                      file=sys.stderr)
-                return False
-            if is_serving(addresses[name]):
-                pending.discard(name)
-        if time.monotonic() > deadline:
-            print(f"pdserve up: {', '.join(sorted(pending))} not serving after {_START_TIMEOUT_S:.0f} s", file=sys.stderr)
-            return False
-        time.sleep(0.2)
-    return not pending
-
-
-def _print_banner(addresses: dict[str, str], model: Path) -> None:
-    gateway = addresses["gateway"]
+def _print_banner(instances: list[Instance], model: Path) -> None:
+    gateway = next(i.address for i in instances if i.name == "gateway")
+    tiers = "".join(f"  {i.name:<10} {i.address}\n" for i in instances if i.name != "gateway")
     print(
         f"\npdserve is serving {model.name}\n"
-        f"  gateway  {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n"
-        f"  prefill  {addresses['prefill']}\n"
-        f"  decode   {addresses['decode']}\n\n"
+        f"  gateway    {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n{tiers}\n"
         "Call it:\n"
         f"  .venv/bin/pdserve generate --address {gateway} \"The capital of France is\"\n"
         f"  .venv/bin/pdserve generate --address {gateway} --chat \"Write a haiku about GPUs\"\n"
         f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 16}}' {gateway} pdserve.v1.Gateway/Generate\n"
-        "Stop with Ctrl-C.\n",
+        "Tiers that die are started again; stop with Ctrl-C.\n",
         flush=True,
     )
-
-
-def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_TIMEOUT_S
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 UP = Command("up", "run gateway + prefill + decode as local processes", add_up_arguments, run_stack)

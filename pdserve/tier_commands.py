@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from common.basics.config import (
+    DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_PORTS,
     DecodeConfig,
     GatewayConfig,
@@ -19,7 +20,7 @@ from pdserve.flags import add_flags, config_from_args, field_values
 # A colocated process holds one copy of the weights and one listening address for both engines; each engine
 # keeps its own KV pool and tier-specific settings.
 SHARED_FIELDS = tuple(f for f in TierConfig.__dataclass_fields__ if f not in ("kv_memory_mb", "port"))
-PREFILL_FIELDS = ("chunk_size", "max_batch_tokens")
+PREFILL_FIELDS = ("chunk_size", "max_batch_tokens", "max_queued_prompts")
 DECODE_FIELDS = tuple(f for f in DecodeConfig.__dataclass_fields__ if f not in TierConfig.__dataclass_fields__)
 
 
@@ -36,12 +37,19 @@ def _fidelity_args(parser: argparse.ArgumentParser) -> None:
                         help="refuse to start if --weights agrees with fp32's next token less often than this")
 
 
+def _drain_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                        help="on SIGTERM: report NOT_SERVING, take no new work, and let what is in flight finish "
+                             "for up to this long before exiting (default %(default)s)")
+
+
 def _tier_arguments(cls: type, tier: str):
     def add_arguments(parser: argparse.ArgumentParser, model_dir: Path) -> None:
         add_flags(parser, cls, defaults={"model_dir": model_dir, "port": DEFAULT_PORTS[tier]})
         if cls is not GatewayConfig:
             _fidelity_args(parser)
         _metrics_arg(parser, tier)
+        _drain_arg(parser)
     return add_arguments
 
 
@@ -53,12 +61,15 @@ def _add_colocated_arguments(parser: argparse.ArgumentParser, model_dir: Path) -
     for cls, prefix in ((PrefillConfig, "prefill-"), (DecodeConfig, "decode-")):
         add_flags(parser, cls, ["kv_memory_mb"], prefix=prefix, whose=f"the {prefix[:-1]} engine")
     add_flags(parser, DecodeConfig, DECODE_FIELDS)
+    _drain_arg(parser)
 
 
 def colocated_configs(args: argparse.Namespace) -> tuple[PrefillConfig, DecodeConfig]:
     """The two engines' configurations from `pdserve colocated` flags."""
     shared = field_values(PrefillConfig, args, SHARED_FIELDS)
+    # the decode engine beside it is the one decode instance its prefill engine pushes to
     prefill = PrefillConfig(**shared, port=args.port, kv_memory_mb=args.prefill_kv_memory_mb,
+                            decode_addresses=(f"{args.host}:{args.decode_port or args.port}",),
                             **field_values(PrefillConfig, args, PREFILL_FIELDS))
     decode = DecodeConfig(**shared, port=args.decode_port, kv_memory_mb=args.decode_kv_memory_mb,
                           **field_values(DecodeConfig, args, DECODE_FIELDS))
@@ -70,7 +81,7 @@ def _run_gateway(args, _) -> int:
 
     config = config_from_args(GatewayConfig, args)
     telemetry = _telemetry(args, "gateway")
-    return _serve(start_gateway(config, telemetry.registry), "gateway", telemetry)
+    return _serve(start_gateway(config, telemetry.registry), "gateway", args.drain_timeout_s, telemetry)
 
 
 def _run_prefill(args, _) -> int:
@@ -78,7 +89,8 @@ def _run_prefill(args, _) -> int:
 
     _check_fidelity(args)
     telemetry = _telemetry(args, "prefill")
-    return _serve(start_prefill(config_from_args(PrefillConfig, args), telemetry.registry), "prefill", telemetry)
+    return _serve(start_prefill(config_from_args(PrefillConfig, args), telemetry.registry), "prefill",
+                  args.drain_timeout_s, telemetry)
 
 
 def _run_decode(args, _) -> int:
@@ -86,13 +98,14 @@ def _run_decode(args, _) -> int:
 
     _check_fidelity(args)
     telemetry = _telemetry(args, "decode")
-    return _serve(start_decode(config_from_args(DecodeConfig, args), telemetry.registry), "decode", telemetry)
+    return _serve(start_decode(config_from_args(DecodeConfig, args), telemetry.registry), "decode",
+                  args.drain_timeout_s, telemetry)
 
 
 def _run_colocated(args, _) -> int:
     from pdserve.colocated import start_colocated
 
-    return _serve(start_colocated(*colocated_configs(args)), "colocated")
+    return _serve(start_colocated(*colocated_configs(args)), "colocated", args.drain_timeout_s)
 
 
 def _check_fidelity(args) -> None:
@@ -110,7 +123,7 @@ def _telemetry(args, tier: str):
                                            gpu_metrics=tier != "gateway"))
 
 
-def _serve(running, name: str, telemetry=None) -> int:
+def _serve(running, name: str, drain_timeout_s: float, telemetry=None) -> int:
     from common.edge.server import wait_for_signal
     from common.edge.telemetry import exports_traces
     from common.edge.tracing import init_tracing
@@ -120,6 +133,9 @@ def _serve(running, name: str, telemetry=None) -> int:
     if telemetry is not None and telemetry.metrics_port:
         print(f"pdserve {name} metrics on http://{telemetry.metrics_address}/metrics", flush=True)
     wait_for_signal()
+    if not running.drain(drain_timeout_s):
+        print(f"pdserve {name}: work still in flight after {drain_timeout_s:.0f} s of draining; ending it",
+              flush=True)
     running.stop()
     if telemetry is not None:
         telemetry.stop()

@@ -20,6 +20,7 @@ class PrefillCall:
     sampling: SamplingConfig
     decode_address: str
     kv_handle: str
+    first_step: int  # index of the drawn token among the request's new tokens
 
 
 def call_from_proto(request: prefill_pb2.PrefillRequest, vocab_size: int, request_id: str) -> PrefillCall:
@@ -36,7 +37,7 @@ def call_from_proto(request: prefill_pb2.PrefillRequest, vocab_size: int, reques
     except ValueError as error:
         raise InvalidArgument(str(error)) from None
     return PrefillCall(request_id, list(request.prompt_token_ids), sampling, request.decode_address,
-                       request.kv_handle)
+                       request.kv_handle, request.first_step)
 
 
 def reply_to_proto(job: PrefillJob, ack: KvAck, transferred_at: float) -> prefill_pb2.PrefillResponse:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.basics.errors import ResourceExhausted
+from common.basics.errors import RateLimited, ResourceExhausted, Unavailable
 from common.basics.sampling import SamplingConfig
 from common.kv.block_manager import BlockManager, OutOfBlocks
 from common.kv.quant import KvRows
@@ -23,6 +23,8 @@ from common.model.runner import ModelRunner, PrefillChunk
 from common.model.sampling import sample
 from common.runtime.engine_loop import EngineLoop
 
+_QUEUE_FULL_RETRY_S = 1.0  # a hint for a caller turned away by a full queue, not a promise
+
 
 @dataclass
 class PrefillJob:
@@ -30,6 +32,7 @@ class PrefillJob:
     token_ids: list[int]
     sampling: SamplingConfig
     sender: KvSender
+    first_step: int = 0  # index of the token drawn among the request's new tokens (k when it resumes after k)
     block_table: list[int] | None = None
     num_computed: int = 0
     num_chunks: int = 0
@@ -54,25 +57,34 @@ class PrefillStatsSnapshot:
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, *, chunk_size: int, max_batch_tokens: int) -> None:
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, *, chunk_size: int, max_batch_tokens: int,
+                 max_queued: int = 256) -> None:
         self.runner = runner
         self.blocks = blocks
         self.chunk_size = chunk_size
         self.max_batch_tokens = max_batch_tokens
+        self.max_queued = max_queued  # prompts waiting or computing; the queue is bounded
         self.queued: deque[PrefillJob] = deque()
         self.computing: list[PrefillJob] = []
         self._cond = threading.Condition()
         self._loop = EngineLoop("prefill-engine", self._cond, step=self.step, has_work=self._has_work,
                                 on_error=self._fail_computing)
         self._counts = {"steps": 0, "prompts": 0, "max_batch": 0}
+        self.draining = False  # set on SIGTERM: nothing new is admitted, what is queued finishes
 
     def submit(self, job: PrefillJob) -> PrefillJob:
+        if self.draining:
+            raise Unavailable("this prefill instance is shutting down; send the request to another")
         if self.blocks.blocks_needed(len(job.token_ids)) > self.blocks.num_blocks:
             raise ResourceExhausted(
                 f"a prompt of {len(job.token_ids)} tokens does not fit this prefill instance's KV pool "
                 f"({self.blocks.num_blocks * self.blocks.block_size} tokens); raise --kv-memory-mb"
             )
         with self._cond:
+            held = len(self.queued) + len(self.computing)
+            if held >= self.max_queued:
+                raise RateLimited(f"this prefill instance's queue is full ({held} prompts); retry shortly or on "
+                                  "another instance", retry_after_s=_QUEUE_FULL_RETRY_S)
             self.queued.append(job)
             self._cond.notify()
         return job
@@ -109,7 +121,7 @@ class PrefillEngine:
                     finished.append((row, job))
             if finished:
                 firsts = sample(logits[[row for row, _ in finished]], [j.sampling for _, j in finished],
-                                [0] * len(finished))
+                                [j.first_step for _, j in finished])
                 for (_, job), token in zip(finished, firsts):
                     job.first_token = token
                     job.computed_at = time.monotonic()
@@ -171,6 +183,11 @@ class PrefillEngine:
 
     def _has_work(self) -> bool:
         return bool(self.queued or self.computing)
+
+    def busy(self) -> bool:
+        """Whether any prompt is queued or computing (what a drain waits for)."""
+        with self._cond:
+            return self._has_work()
 
     def stats(self) -> PrefillStatsSnapshot:
         with self._cond:

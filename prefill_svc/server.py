@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
@@ -16,15 +17,20 @@ from common.basics.errors import (
     FailedPrecondition,
     Internal,
     PdserveError,
+    PermissionDenied,
     Unavailable,
 )
+from common.basics.request_id import checked_request_id
 from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
 from common.edge.proto import compat_from_proto, compat_to_proto
 from common.edge.server import (
+    MESSAGE_MARGIN_BYTES,
     REQUEST_ID_KEY,
+    Tls,
     add_health,
     bind,
+    drain,
     make_channel,
     make_server,
     metadata_value,
@@ -50,19 +56,26 @@ _INFO_TIMEOUT_S = 5.0
 
 
 class DecodePeers:
-    """Channels to decode instances, each checked once for a compatible KV layout."""
+    """Channels to decode instances, each checked once for a compatible KV layout; mutual TLS when this tier
+    has an identity."""
 
-    def __init__(self, compat: Compat) -> None:
+    def __init__(self, compat: Compat, allowed: tuple[str, ...], tls: Tls | None = None) -> None:
         self.compat = compat
+        self.allowed = frozenset(allowed)
+        self.tls = tls
         self._stubs: dict[str, decode_pb2_grpc.DecodeStub] = {}
         self._lock = threading.Lock()
 
     def stub_for(self, address: str) -> decode_pb2_grpc.DecodeStub:
+        if address not in self.allowed:
+            known = ", ".join(sorted(self.allowed)) or "none: start it with --decode HOST:PORT"
+            raise PermissionDenied(f"decode instance {address!r} is not one this prefill tier pushes KV to "
+                                   f"(its --decode list: {known})")
         with self._lock:
             stub = self._stubs.get(address)
         if stub is not None:
             return stub
-        stub = decode_pb2_grpc.DecodeStub(make_channel(address))
+        stub = decode_pb2_grpc.DecodeStub(make_channel(address, self.tls))
         try:
             theirs = compat_from_proto(stub.GetInfo(decode_pb2.GetInfoRequest(), timeout=_INFO_TIMEOUT_S))
         except grpc.RpcError as error:
@@ -78,12 +91,13 @@ class DecodePeers:
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: PrefillEngine, compat: Compat, vocab_size: int, metrics: PrefillMetrics) -> None:
+    def __init__(self, engine: PrefillEngine, compat: Compat, vocab_size: int, metrics: PrefillMetrics,
+                 decode_addresses: tuple[str, ...], tls: Tls | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.compat = compat
         self.vocab_size = vocab_size
-        self.peers = DecodePeers(compat)
+        self.peers = DecodePeers(compat, decode_addresses, tls)
         self._tracer = tracer("pdserve.prefill")
 
     @maps_errors
@@ -96,7 +110,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @maps_errors
     def Prefill(self, request, context):
-        request_id = request.request_id or metadata_value(context, REQUEST_ID_KEY) or ""
+        request_id = checked_request_id(request.request_id or metadata_value(context, REQUEST_ID_KEY) or "")
         with self._tracer.start_as_current_span("prefill", context=incoming_context(context), kind=SpanKind.SERVER,
                                                 attributes={"pdserve.request_id": request_id,
                                                             "pdserve.prompt_tokens": len(request.prompt_token_ids)}):
@@ -113,7 +127,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         sender = GrpcKvSender(self.peers.stub_for(call.decode_address), handle=call.kv_handle,
                               fingerprint=self.compat.fingerprint, kv_dtype=self.compat.kv_dtype,
                               request_id=call.request_id, trace_parent=span, timeout_s=time_remaining_s(context))
-        job = PrefillJob(call.request_id, call.prompt_ids, call.sampling, sender)
+        job = PrefillJob(call.request_id, call.prompt_ids, call.sampling, sender, call.first_step)
         self.engine.submit(job)
         context.add_callback(lambda: self.engine.cancel(job))
         while not job.done.wait(_POLL_S):
@@ -131,10 +145,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 @dataclass
 class PrefillService:
-    """The prefill tier's parts, wired: its engine and the servicer in front of it."""
+    """The prefill tier's parts, wired: its engine, the servicer in front of it, and the largest message a valid
+    caller sends it (a whole context of token ids)."""
 
     engine: PrefillEngine
     servicer: PrefillServicer
+    max_receive_bytes: int
 
     def add_to(self, server: grpc.Server) -> None:
         prefill_pb2_grpc.add_PrefillServicer_to_server(self.servicer, server)
@@ -145,10 +161,14 @@ def build_prefill(config: PrefillConfig, registry: CollectorRegistry,
     """The engine and servicer of a prefill tier (over `runtime` when given); its metrics go to `registry`."""
     runtime = runtime or build_runtime(config)
     engine = PrefillEngine(runtime.runner, runtime.blocks, chunk_size=config.chunk_size,
-                           max_batch_tokens=config.max_batch_tokens)
+                           max_batch_tokens=config.max_batch_tokens, max_queued=config.max_queued_prompts)
     registry.register(StatsCollector(engine.stats, PREFILL_STATS, tier="prefill"))
-    servicer = PrefillServicer(engine, runtime.compat, runtime.runner.model.config.vocab_size, PrefillMetrics(registry))
-    return PrefillService(engine, servicer)
+    model = runtime.runner.model.config
+    tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
+    servicer = PrefillServicer(engine, runtime.compat, model.vocab_size, PrefillMetrics(registry),
+                               config.decode_addresses, tls)
+    # token ids are varints of at most 5 bytes
+    return PrefillService(engine, servicer, 5 * model.max_position_embeddings + MESSAGE_MARGIN_BYTES)
 
 
 @dataclass
@@ -156,6 +176,13 @@ class RunningPrefill:
     server: grpc.Server
     port: int
     engine: PrefillEngine
+    health: health.HealthServicer
+
+    def drain(self, timeout_s: float) -> bool:
+        """SIGTERM's first half: NOT_SERVING at once, nothing new admitted, what is held finishes (up to
+        timeout_s). Returns whether everything finished."""
+        self.engine.draining = True
+        return drain(self.health, [SERVICE_NAME], self.engine.busy, timeout_s)
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.engine.stop()
@@ -164,12 +191,13 @@ class RunningPrefill:
 
 def start_prefill(config: PrefillConfig, registry: CollectorRegistry | None = None) -> RunningPrefill:
     """Serves the prefill tier; its metrics go to `registry` (a private one when None: nothing serves it)."""
+    tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     service = build_prefill(config, registry or CollectorRegistry())
-    server = make_server()
+    server = make_server(service.max_receive_bytes)
     health = add_health(server)
     service.add_to(server)
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, tls.server_credentials() if tls else None)
     service.engine.start()
     server.start()
     set_serving(health, [SERVICE_NAME])
-    return RunningPrefill(server, port, service.engine)
+    return RunningPrefill(server, port, service.engine, health)

@@ -23,6 +23,8 @@ WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4
 # code default to port 0 (a free one).
 DEFAULT_PORTS = {"gateway": 50051, "prefill": 50052, "decode": 50053}
 DEFAULT_GATEWAY_PORT = DEFAULT_PORTS["gateway"]
+# On SIGTERM a tier stops taking work and lets what it holds finish for this long before it exits.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 def option(default, help: str, **flag):
@@ -34,6 +36,12 @@ def default_model_dir(cache_home: str | None, home: str) -> Path:
     """Where the prepared default model lives: $XDG_CACHE_HOME/pdserve/models/... (outside git)."""
     base = Path(cache_home) if cache_home else Path(home) / ".cache"
     return base / "pdserve" / "models" / "SmolLM2-135M-Instruct"
+
+
+def default_certs_dir(cache_home: str | None, home: str) -> Path:
+    """Where `pdserve up` keeps the development CA and the tiers' certificates (outside git)."""
+    base = Path(cache_home) if cache_home else Path(home) / ".cache"
+    return base / "pdserve" / "certs"
 
 
 def _check_port(port: int) -> None:
@@ -69,6 +77,9 @@ class TierConfig:
         "dual", "dual: float32 CPU weights get a second, oneDNN-blocked copy (several-row products up to 1.5x "
                 "faster, twice the memory); fp16 projections are held FBGEMM-packed instead",
         choices=CPU_WEIGHT_LAYOUTS)
+    tls_cert: Path | None = option(None, "this tier's certificate (PEM) for mutual TLS with the other tiers")
+    tls_key: Path | None = option(None, "its private key (PEM)")
+    tls_ca: Path | None = option(None, "the CA that signs every tier's certificate: only its holders are let in")
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -91,7 +102,9 @@ class TierConfig:
 @dataclass(frozen=True)
 class DecodeConfig(TierConfig):
     max_batch_size: int = option(64, "most sequences per decode step")
-    lease_ms: int = option(30_000, "how long an unclaimed reservation is held before its blocks are freed")
+    lease_ms: int = option(30_000, "how long an unclaimed reservation is held without KV arriving before its blocks "
+                                   "are freed (each chunk of KV renews it)")
+    max_lease_ms: int = option(300_000, "longest lease a caller may ask for in Reserve; longer ones are cut to it")
     speculative: str = option("none", "speculative decoding (outputs are unchanged)", choices=SPECULATIVE_METHODS)
     num_speculative_tokens: int = option(8, "most tokens proposed per step")
     speculative_max_batch: int = option(8, "no speculation while more sequences than this share a decode step")
@@ -112,18 +125,25 @@ class DecodeConfig(TierConfig):
             raise ValueError("--speculative draft and --draft-model PATH go together: the draft model is the proposer")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.lease_ms < 1:
-            raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
+        if not 1 <= self.lease_ms <= self.max_lease_ms:
+            raise ValueError(f"lease_ms must be in [1, max_lease_ms {self.max_lease_ms}], got {self.lease_ms}")
 
 
 @dataclass(frozen=True)
 class PrefillConfig(TierConfig):
     kv_memory_mb: int = option(512, "memory budget of the KV pool")
+    decode_addresses: tuple[str, ...] = option(
+        (), "a decode instance this tier may push KV to, host:port (repeatable): KV goes to no address a request "
+            "names unless it is listed here", flag="--decode")
     chunk_size: int = option(256, "most prompt tokens of one prompt per step (chunked prefill)")
     max_batch_tokens: int = option(512, "most prompt tokens per step in all")
+    max_queued_prompts: int = option(256, "most prompts waiting or computing; beyond, RESOURCE_EXHAUSTED with a "
+                                          "retry delay")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_queued_prompts < 1:
+            raise ValueError(f"max_queued_prompts must be >= 1, got {self.max_queued_prompts}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.max_batch_tokens < self.chunk_size:
@@ -141,13 +161,28 @@ class GatewayConfig:
     max_new_tokens_limit: int = option(4096, "largest max_new_tokens a request may ask for")
     max_stop_strings: int = option(16, "most stop strings per request")
     lease_ms: int = option(30_000, "how long decode holds an unclaimed reservation")
+    admission_factor: float = option(
+        2.0, "requests admitted per decode batch slot in rotation (the decode instances report their batch size); "
+             "beyond, RESOURCE_EXHAUSTED at once with a retry delay")
+    tls_cert: Path | None = option(None, "the gateway's certificate (PEM) for mutual TLS with the tiers")
+    tls_key: Path | None = option(None, "its private key (PEM)")
+    tls_ca: Path | None = option(None, "the CA that signs every tier's certificate")
+    public_tls_cert: Path | None = option(None, "serve the public port over TLS with this certificate (PEM)")
+    public_tls_key: Path | None = option(None, "its private key (PEM)")
+    api_keys_file: Path | None = option(
+        None, "callers must send `authorization: Bearer KEY` with a key listed (hashed) in this file, made by "
+              "`pdserve keys`; each key's concurrency and tokens-per-minute limits apply (default: no keys)")
 
     def __post_init__(self) -> None:
         _check_port(self.port)
+        if (self.public_tls_cert is None) != (self.public_tls_key is None):
+            raise ValueError("--public-tls-cert and --public-tls-key go together")
         if not self.prefill_addresses or not self.decode_addresses:
             raise ValueError("the gateway needs at least one prefill and one decode address")
         if self.lease_ms < 1:
             raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
+        if not self.admission_factor > 0:
+            raise ValueError(f"admission_factor must be > 0, got {self.admission_factor}")
         if self.max_stop_strings < 0:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:

@@ -11,6 +11,7 @@ from common.basics.errors import Upstream
 from common.basics.sampling import SamplingConfig
 from common.model.llama import LlamaModel
 from gateway.generation import Generation
+from gateway.membership import Membership
 from gateway.router import Router
 from gateway.tiers import GenerationSpec
 
@@ -75,3 +76,39 @@ def test_cancel_mid_decode_frees_every_block_on_every_engine(tiers, model):
     assert rest[-1].finish_reason == "cancelled"
     assert tiers.decode_engines["large"].stats().num_cancelled == 1
     assert _all_free(tiers)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.8, top_p=0.95, seed=7)],
+                         ids=["greedy", "sampled"])
+def test_a_decode_instance_that_stops_mid_stream_is_left_for_another_and_the_stream_goes_on(model, model_dir,
+                                                                                            sampling):
+    """Instance "a" stops after the first decode chunk; Membership (checked by hand here) takes it out of
+    rotation; the Generation prefills prompt + sent tokens for "b" and goes on from the next position: the whole
+    stream equals the undisturbed one (sampled draws are seeded by position), with one migration."""
+    tiers = InProcessTiers({"p": prefill_engine(model)},
+                           {"a": decode_engine(model, model_dir), "b": decode_engine(model, model_dir)})
+    engines = [*tiers.prefill_engines.values(), *tiers.decode_engines.values()]
+    for engine in engines:
+        engine.start()
+    down: set[str] = set()
+    membership = Membership(("p",), ("a", "b"), check=lambda address: address not in down)
+    membership.refresh(("p", "a", "b"))
+    spec = GenerationSpec("req-m", list(range(300, 340)), MAX_NEW, sampling, ())
+
+    def generation() -> Generation:
+        return Generation(spec, Router(("p",), ("a", "b"), membership), tiers, eos_token_ids=frozenset(),
+                          lease_ms=30_000, deadline=None, trace_parent=INVALID_SPAN)
+    try:
+        undisturbed = [t for chunk in generation().run() for t in chunk.token_ids]
+        moved = generation()
+        stream = moved.run()
+        tokens = next(stream).token_ids + next(stream).token_ids  # prefill's token, then "a"'s first step
+        down.add("a")
+        tiers.decode_engines["a"].stop()
+        tokens += [t for chunk in stream for t in chunk.token_ids]
+        assert tokens == undisturbed and len(tokens) == MAX_NEW
+        assert moved.num_migrations == 1
+        assert _all_free(tiers)
+    finally:
+        for engine in engines:
+            engine.stop()

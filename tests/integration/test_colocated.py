@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from helpers import assert_greedy_matches, collect, hf_greedy, request
-from stack import launch_stack, stop_stack
+from stack import internal_channel, launch_stack, stop_stack
 from stack_probes import tier_pids
 
 from pdserve.v1 import (
@@ -36,9 +36,9 @@ def test_one_engine_process_serves_both_services_pinned(colocated):
     assert set(children) == {"colocated", "gateway"}
     assert os.sched_getaffinity(children["colocated"]) == {ENGINE_CPU}
     assert os.sched_getaffinity(children["gateway"]) == {GATEWAY_CPU}
-    with grpc.insecure_channel(addresses["prefill"]) as channel:
+    with internal_channel(addresses["prefill"]) as channel:
         assert prefill_pb2_grpc.PrefillStub(channel).Stats(prefill_pb2.PrefillStatsRequest(), timeout=10).num_blocks_total
-    with grpc.insecure_channel(addresses["decode"]) as channel:
+    with internal_channel(addresses["decode"]) as channel:
         assert decode_pb2_grpc.DecodeStub(channel).Stats(decode_pb2.StatsRequest(), timeout=10).num_blocks_total
 
 

@@ -14,7 +14,7 @@ import pytest
 from draft_models import truncated_draft
 from helpers import collect, request
 from speculation_prompts import MAX_NEW_TOKENS, PROMPTS
-from stack import launch_stack, stop_stack
+from stack import internal_channel, launch_stack, stop_stack
 
 from pdserve.launcher import free_port
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
@@ -33,7 +33,8 @@ def draft_stack(model_dir, draft_dir):
 
     process, addresses = launch_stack(model_dir, "--speculative", "draft", "--draft-model", str(draft_dir),
                                       "--speculative-fixed-k")
-    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    channels = {name: grpc.insecure_channel(address) if name == "gateway" else internal_channel(address)
+                for name, address in addresses.items()}
     yield gateway_pb2_grpc.GatewayStub(channels["gateway"]), decode_pb2_grpc.DecodeStub(channels["decode"])
     for channel in channels.values():
         channel.close()

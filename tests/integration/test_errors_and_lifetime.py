@@ -1,6 +1,7 @@
 """Bad input gets INVALID_ARGUMENT with an actionable message; failed, cancelled and timed-out
 requests give back every KV block; the service keeps serving."""
 
+import socket
 import time
 
 import grpc
@@ -10,7 +11,7 @@ from helpers import collect, request
 from stack import paused
 
 from common.kv import wire as kv_wire
-from pdserve.v1 import common_pb2, decode_pb2
+from pdserve.v1 import common_pb2, decode_pb2, prefill_pb2
 
 BAD_REQUESTS = {
     "no input": (request(max_new_tokens=4), "set one of prompt, messages or prompt_token_ids"),
@@ -28,6 +29,10 @@ BAD_REQUESTS = {
     "empty messages": (request(messages=[]), "set one of prompt"),
     "token id outside vocabulary": (request(token_ids=[1, 2, 49152]), "outside the vocabulary"),
     "empty stop string": (request("Hi", stop=[""]), "stop strings must not be empty"),
+    "request id with a newline": (request("Hi", request_id="req\n42"), "request_id must be 1 to 128 printable ASCII"),
+    "request id not ASCII": (request("Hi", request_id="req-é"), "request_id must be 1 to 128 printable ASCII"),
+    # 700,000 bytes: at least 8,642 tokens of at most 81 bytes each, beyond the context, known before tokenizing
+    "prompt too many bytes for the context": (request("x" * 700_000), "bytes: at least 8642 tokens"),
 }
 
 
@@ -38,6 +43,16 @@ def test_bad_input_is_invalid_argument_with_message(stack, name):
         collect(stack.gateway, req, timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in raised.value.details()
+
+
+def test_a_message_larger_than_any_valid_request_is_refused_at_the_edge(stack):
+    """The gateway accepts messages up to a whole context of its longest tokens (8,192 x 81 bytes) plus 64 KiB;
+    a 2 MB prompt is refused by gRPC before it is parsed."""
+    with pytest.raises(grpc.RpcError) as raised:
+        collect(stack.gateway, request("x" * 2_000_000, max_new_tokens=4), timeout=30)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    token_ids, _, _ = collect(stack.gateway, request("The capital of France is", max_new_tokens=2))
+    assert len(token_ids) == 2
 
 
 def _wait_for_free_blocks(stack, expected: int, timeout_s: float = 20) -> int:
@@ -135,8 +150,41 @@ def test_unclaimed_reservation_is_freed_when_its_lease_ends(stack):
     with pytest.raises(grpc.RpcError) as raised:
         next(stack.decode.Decode(decode_pb2.DecodeRequest(handle=reply.handle, first_token_id=1, max_new_tokens=2),
                                  timeout=10))
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "expired, released or never made" in raised.value.details()
+    # What happened, said as such: the lease ran out (not "no such reservation").
+    assert raised.value.code() == grpc.StatusCode.ABORTED
+    assert "expired: no KV arrived for 3 s" in raised.value.details()
+
+
+def test_reserve_caps_its_lease_and_refuses_what_the_context_cannot_hold(stack):
+    """A caller cannot hold blocks for weeks (lease_ms 2^32 - 1 is cut to the instance's maximum), nor reserve
+    for more tokens than the model's context (8,192)."""
+    free_at_start = stack.decode_stats().num_blocks_free
+    reply = stack.decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=1, max_new_tokens=15,
+                                                           lease_ms=2**32 - 1), timeout=10)
+    lease_s = reply.lease_expires_unix_ms / 1000 - time.time()
+    assert 0 < lease_s <= 300  # DecodeConfig.max_lease_ms
+    assert stack.decode.Release(decode_pb2.ReleaseRequest(handle=reply.handle), timeout=10).released
+    with pytest.raises(grpc.RpcError) as raised:
+        stack.decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=1, max_new_tokens=23295), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceed the model's context of 8192 tokens" in raised.value.details()
+    assert stack.decode_stats().num_blocks_free == free_at_start
+
+
+def test_kv_with_nan_values_is_refused_even_with_a_valid_checksum(stack):
+    free_at_start = stack.decode_stats().num_blocks_free
+    reply = stack.decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=4, max_new_tokens=4), timeout=10)
+    compat = reply.compat
+    key = torch.randn(4, compat.num_kv_heads, compat.head_dim)
+    key[2, 1, 7] = float("nan")
+    key_bytes = kv_wire.to_bytes(key)
+    chunk = _chunk(reply, key=key_bytes, value=key_bytes, crc32=kv_wire.checksum(key_bytes, key_bytes))
+    with pytest.raises(grpc.RpcError) as raised:
+        stack.decode.PushKv(iter([chunk]), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite" in raised.value.details()
+    assert stack.decode.Release(decode_pb2.ReleaseRequest(handle=reply.handle), timeout=10).released
+    assert stack.decode_stats().num_blocks_free == free_at_start
 
 
 def _chunk(reserve_reply, **overrides) -> decode_pb2.KvChunk:
@@ -165,3 +213,19 @@ def test_bad_kv_chunks_are_refused_and_released(stack, overrides, code, message)
     assert message in raised.value.details()
     assert stack.decode.Release(decode_pb2.ReleaseRequest(handle=reply.handle), timeout=10).released
     assert stack.decode_stats().num_blocks_free == free_at_start
+
+
+def test_prefill_pushes_kv_only_to_the_decode_instances_it_was_given(stack):
+    """A caller naming its own address as the decode instance gets PERMISSION_DENIED, and nothing connects to
+    that address: no KV, no port scan."""
+    with socket.create_server(("127.0.0.1", 0)) as rogue:
+        rogue.settimeout(0.5)
+        address = f"127.0.0.1:{rogue.getsockname()[1]}"
+        with pytest.raises(grpc.RpcError) as raised:
+            stack.prefill.Prefill(prefill_pb2.PrefillRequest(prompt_token_ids=[1, 2, 3], decode_address=address,
+                                                             kv_handle="kv-0-anything"), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"{address!r} is not one this prefill tier pushes KV to" in raised.value.details()
+        with pytest.raises(TimeoutError):
+            rogue.accept()
+    assert stack.prefill_stats().num_blocks_free == stack.prefill_stats().num_blocks_total

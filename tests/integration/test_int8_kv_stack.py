@@ -10,9 +10,9 @@ import pytest
 import torch
 from bounds import greedy_margins
 from helpers import collect, hf_greedy, request
-from stack import launch_stack, stop_stack
+from stack import internal_channel, launch_stack, stop_stack
 
-from common.basics.config import DecodeConfig, GatewayConfig
+from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
 from common.kv import wire as kv_wire
 from common.kv.pool import KvPool
 from decode_svc.server import start_decode
@@ -25,6 +25,7 @@ from pdserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from prefill_svc.server import start_prefill
 
 MAX_NEW_TOKENS = 16
 # Greedy paths with no near-tie in 16 tokens (transformers' top-2 margins >= 1.35 logits): an int8 cache must
@@ -36,7 +37,8 @@ OPEN_PROMPTS = ["The capital of France is", "Once upon a time, in a small villag
 @pytest.fixture(scope="module")
 def int8_stack(model_dir):
     process, addresses = launch_stack(model_dir, "--kv-dtype", "int8")
-    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    channels = {name: grpc.insecure_channel(address) if name == "gateway" else internal_channel(address)
+                for name, address in addresses.items()}
     yield addresses, decode_pb2_grpc.DecodeStub(channels["decode"]), channels
     for channel in channels.values():
         channel.close()
@@ -159,11 +161,14 @@ def test_corrupted_scale_bytes_fail_the_checksum(int8_stack):
     assert decode.Release(decode_pb2.ReleaseRequest(handle=reserve.handle), timeout=10).released
 
 
-def test_int8_prefill_refuses_an_fp8_decode_instance(int8_stack, model_dir):
-    addresses, _, _ = int8_stack
+def test_int8_prefill_refuses_an_fp8_decode_instance(model_dir):
     fp8_decode = start_decode(DecodeConfig(model_dir=model_dir, kv_dtype="fp8", kv_memory_mb=16))
-    gateway = start_gateway(GatewayConfig(model_dir=model_dir, port=0, prefill_addresses=(addresses["prefill"],),
-                                          decode_addresses=(f"127.0.0.1:{fp8_decode.port}",)))
+    fp8_address = f"127.0.0.1:{fp8_decode.port}"
+    int8_prefill = start_prefill(PrefillConfig(model_dir=model_dir, kv_dtype="int8", kv_memory_mb=16,
+                                               decode_addresses=(fp8_address,)))
+    gateway = start_gateway(GatewayConfig(model_dir=model_dir, port=0,
+                                          prefill_addresses=(f"127.0.0.1:{int8_prefill.port}",),
+                                          decode_addresses=(fp8_address,)))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             with pytest.raises(grpc.RpcError) as raised:
@@ -178,4 +183,5 @@ def test_int8_prefill_refuses_an_fp8_decode_instance(int8_stack, model_dir):
         assert stats.num_blocks_free == stats.num_blocks_total
     finally:
         gateway.stop()
+        int8_prefill.stop()
         fp8_decode.stop()

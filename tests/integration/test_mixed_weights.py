@@ -25,8 +25,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
 
 def test_up_passes_each_tiers_weight_format(tmp_path):
     args = build_parser(tmp_path).parse_args(["up", "--decode-weights", "int4-awq", "--prefill-weights", "fp16"])
-    commands = tier_commands(args, 1, 2)
-    for tier, expected in (("decode", "int4-awq"), ("prefill", "fp16")):
+    commands = tier_commands(args, [1], [2])
+    for tier, expected in (("decode-0", "int4-awq"), ("prefill-0", "fp16")):
         flag = commands[tier].index("--weights")
         assert commands[tier][flag + 1] == expected
     assert "--weights" not in commands["gateway"]
@@ -35,12 +35,12 @@ def test_up_passes_each_tiers_weight_format(tmp_path):
 def test_up_colocated_passes_its_one_weight_format_and_refuses_two(tmp_path):
     parser = build_parser(tmp_path)
     commands = tier_commands(parser.parse_args(["up", "--colocated", "--prefill-weights", "fp16",
-                                                "--decode-weights", "fp16"]), 1, 2)
+                                                "--decode-weights", "fp16"]), [1], [2])
     colocated = commands["colocated"]
     assert colocated[colocated.index("--weights") + 1] == "fp16"
     assert parser.parse_args(colocated[colocated.index("colocated"):]).weights == "fp16"
     with pytest.raises(ValueError, match="one copy of the weights"):
-        tier_commands(parser.parse_args(["up", "--colocated", "--decode-weights", "fp16"]), 1, 2)
+        tier_commands(parser.parse_args(["up", "--colocated", "--decode-weights", "fp16"]), [1], [2])
 
 
 def _float64_model(model_dir, weights: str):

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 from helpers import collect, request
-from stack import launch_stack, stop_stack
+from stack import internal_channel, launch_stack, stop_stack
 from tiny_mixtral import build_tiny_mixtral, hf_expert_counts
 
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
@@ -26,7 +26,7 @@ def mixtral(model_dir, tmp_path_factory):
     mixtral_dir = tmp_path_factory.mktemp("mixtral-stack")
     hf = build_tiny_mixtral(mixtral_dir, vocab_size=49152, tokenizer_from=model_dir)
     process, addresses = launch_stack(mixtral_dir)
-    channels = [grpc.insecure_channel(addresses[name]) for name in ("gateway", "decode")]
+    channels = [grpc.insecure_channel(addresses["gateway"]), internal_channel(addresses["decode"])]
     yield (hf, AutoTokenizer.from_pretrained(mixtral_dir), gateway_pb2_grpc.GatewayStub(channels[0]),
            decode_pb2_grpc.DecodeStub(channels[1]))
     for channel in channels:

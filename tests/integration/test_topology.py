@@ -8,7 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import collect, request
-from stack import launch_stack, stop_stack
+from stack import internal_channel, launch_stack, stop_stack
 
 from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
 from decode_svc.server import start_decode
@@ -19,7 +19,7 @@ from prefill_svc.server import start_prefill
 
 def test_every_tier_reports_serving(stack):
     for address in (stack.gateway_address, stack.prefill_address, stack.decode_address):
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(address) if address == stack.gateway_address else internal_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -37,7 +37,8 @@ def test_gateway_serves_reflection(stack):
 def mismatched_tiers(model_dir):
     """A float16-KV decode instance behind a float32-KV prefill instance."""
     decode = start_decode(DecodeConfig(model_dir=model_dir, kv_dtype="float16", kv_memory_mb=64))
-    prefill = start_prefill(PrefillConfig(model_dir=model_dir, kv_memory_mb=64))
+    prefill = start_prefill(PrefillConfig(model_dir=model_dir, kv_memory_mb=64,
+                                          decode_addresses=(f"127.0.0.1:{decode.port}",)))
     gateway = start_gateway(GatewayConfig(model_dir=model_dir, port=0, prefill_addresses=(f"127.0.0.1:{prefill.port}",),
                                           decode_addresses=(f"127.0.0.1:{decode.port}",)))
     yield gateway, decode

@@ -71,7 +71,10 @@ def run_bench(stack, out, *args: str) -> tuple:
     from pdserve.cli import main
 
     before = stack.decode_stats()
+    from stack import CERTS_DIR
+
     code = main(["bench", "--address", stack.gateway_address, "--stats-address", stack.decode_address,
+                 "--certs-dir", str(CERTS_DIR),
                  "--warmup", "0", "--no-progress", "--out", str(out), *args])
     after = stack.decode_stats()
     summary = json.loads((out / "summary.json").read_text())

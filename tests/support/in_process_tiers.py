@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from common.basics.config import DecodeConfig
-from common.basics.errors import Cancelled, PdserveError, Upstream
+from common.basics.errors import Cancelled, PdserveError, Unavailable, Upstream
 from common.basics.sampling import SamplingConfig
 from common.basics.tokenizer import TextTokenizer
 from common.edge.errors import status_of
@@ -15,9 +15,15 @@ from common.kv.block_manager import BlockManager
 from common.kv.pool import KvPool
 from common.kv.transport import InProcessKvSender
 from common.model.runner import ModelRunner
-from decode_svc.engine import DecodeEngine
+from decode_svc.engine import FINISH_SHUTDOWN, DecodeEngine
 from decode_svc.scheduler import Scheduler
-from gateway.tiers import CallContext, DecodeArgs, DecodeChunk, PrefillResult, SpeculationCounts
+from gateway.tiers import (
+    CallContext,
+    DecodeArgs,
+    DecodeChunk,
+    PrefillResult,
+    SpeculationCounts,
+)
 from prefill_svc.engine import PrefillEngine, PrefillJob
 
 
@@ -89,6 +95,8 @@ class _DecodeStream:
     def __iter__(self):
         while True:
             event = self.seq.outbox.get()
+            if event.finish_reason == FINISH_SHUTDOWN:  # what the gRPC servicer answers UNAVAILABLE
+                raise _typed(Unavailable("the decode instance is shutting down"))
             spec = event.spec
             counts = None if spec is None else SpeculationCounts(spec.num_proposed, spec.num_accepted,
                                                                  spec.num_verify_steps, spec.num_verify_tokens)
@@ -113,20 +121,27 @@ class InProcessTiers:
         return _Done(handle)
 
     def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                handle: str, ctx: CallContext) -> _PrefillCall:
+                handle: str, ctx: CallContext, first_step: int = 0) -> _PrefillCall:
         sender = InProcessKvSender(self.decode_engines[decode_address], handle)
-        job = PrefillJob(ctx.request_id, list(prompt_ids), sampling, sender)
+        job = PrefillJob(ctx.request_id, list(prompt_ids), sampling, sender, first_step)
         return _PrefillCall(self.prefill_engines[address], self.prefill_engines[address].submit(job), sender)
 
     def decode(self, address: str, args: DecodeArgs, ctx: CallContext) -> _DecodeStream:
         engine = self.decode_engines[address]
         try:
             seq = engine.start_decode(args.handle, args.first_token, args.max_new_tokens, args.sampling,
-                                      args.stop_token_ids, args.stop, args.prompt_ids, args.speculative)
+                                      args.stop_token_ids, args.stop, args.prompt_ids, args.speculative,
+                                      args.first_step)
         except PdserveError as error:
             raise _typed(error) from None
         return _DecodeStream(engine, seq)
 
     def release(self, address: str, handle: str, ctx: CallContext) -> None:
         self.decode_engines[address].release(handle)
+
+    def serving(self, address: str) -> bool:
+        return True
+
+    def decode_slots(self, address: str) -> int | None:
+        return self.decode_engines[address].scheduler.max_batch_size
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from stack_probes import tier_pids
+from stack_probes import free_port_run, tier_pids
 
-from common.edge.server import is_serving
+from common.edge.server import Tls, is_serving, make_channel
+from pdserve.certs import ensure_certs
 from pdserve.launcher import free_port
 from pdserve.v1 import (
     decode_pb2,
@@ -29,6 +31,20 @@ STACK_CHUNK_SIZE = 32
 STACK_BLOCK_SIZE = 16
 _START_TIMEOUT_S = 180
 _PR_SET_PDEATHSIG = 1  # prctl(2)
+# The development CA and tier certificates every test stack uses (pdserve up --certs-dir): the tiers speak
+# mutual TLS among themselves, as they do by default; tests reach the internal tiers with the gateway's identity.
+CERTS_DIR = Path(tempfile.gettempdir()) / f"pdserve-test-certs-{os.getuid()}"
+
+
+def tier_identity() -> Tls:
+    """The gateway's certificate from the test CA: what lets a test call the internal tiers directly."""
+    certs = ensure_certs(CERTS_DIR)
+    return Tls.from_files(*certs.for_tier("gateway"), certs.ca)
+
+
+def internal_channel(address: str) -> grpc.Channel:
+    """A channel to a prefill or decode tier of a test stack (mutual TLS with the test CA)."""
+    return make_channel(address, tier_identity())
 
 
 @dataclass
@@ -52,21 +68,28 @@ class Stack:
         return tier_pids(self.process.pid)[tier]
 
 
-def launch_stack(model_dir: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict[str, str]]:
+def launch_stack(model_dir: Path, *extra: str, env: dict[str, str] | None = None, prefill_replicas: int = 1,
+                 decode_replicas: int = 1) -> tuple[subprocess.Popen, dict[str, str]]:
     """`pdserve up` on free ports. Metrics are off unless `extra` passes --metrics-port, so stacks run side by
-    side and never take the default metrics ports; `env` replaces the environment (e.g. OTEL_* variables)."""
-    ports = {name: free_port("127.0.0.1") for name in ("gateway", "prefill", "decode")}
+    side and never take the default metrics ports; `env` replaces the environment (e.g. OTEL_* variables).
+    Returns the launcher and each instance's address: "gateway", "prefill-i", "decode-i", and "prefill" and
+    "decode" for replica 0."""
+    ports = {"gateway": free_port("127.0.0.1"), "prefill": free_port_run("127.0.0.1", prefill_replicas),
+             "decode": free_port_run("127.0.0.1", decode_replicas)}
     command = [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir),
                "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
-               "--decode-port", str(ports["decode"]), "--chunk-size", str(STACK_CHUNK_SIZE),
+               "--decode-port", str(ports["decode"]), "--prefill-replicas", str(prefill_replicas),
+               "--decode-replicas", str(decode_replicas), "--chunk-size", str(STACK_CHUNK_SIZE),
                "--max-batch-tokens", str(4 * STACK_CHUNK_SIZE), "--block-size", str(STACK_BLOCK_SIZE),
-               "--metrics-port", "0", *extra]
+               "--metrics-port", "0", "--certs-dir", str(CERTS_DIR), "--drain-timeout-s", "5", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                preexec_fn=_stop_with_parent)
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    addresses |= {f"{tier}-{i}": f"127.0.0.1:{ports[tier] + i}"
+                  for tier, count in (("prefill", prefill_replicas), ("decode", decode_replicas)) for i in range(count)}
     deadline = time.monotonic() + _START_TIMEOUT_S
-    while not all(is_serving(a) for a in addresses.values()):
+    identity = None if "--insecure" in extra else tier_identity()
+    while not all(is_serving(a, tls=None if name == "gateway" else identity) for name, a in addresses.items()):
         if process.poll() is not None:
             raise RuntimeError(f"pdserve up exited with {process.returncode}:\n{process.stdout.read()}")
         if time.monotonic() > deadline:
@@ -80,7 +103,8 @@ def launch_stack(model_dir: Path, *extra: str,
 def running_stack(model_dir: Path, *extra: str) -> Iterator[Stack]:
     """`pdserve up` with `extra` flags (launch_stack), with a stub per tier; stopped on leaving."""
     process, addresses = launch_stack(model_dir, *extra)
-    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    channels = {name: grpc.insecure_channel(address) if name == "gateway" else internal_channel(address)
+                for name, address in addresses.items()}
     try:
         yield Stack(process=process, gateway_address=addresses["gateway"], prefill_address=addresses["prefill"],
                     decode_address=addresses["decode"], gateway=gateway_pb2_grpc.GatewayStub(channels["gateway"]),

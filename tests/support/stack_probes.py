@@ -22,9 +22,8 @@ def free_port_run(host: str, count: int) -> int:
     raise RuntimeError("no run of free ports found")
 
 
-def tier_pids(parent_pid: int) -> dict[str, int]:
-    """Subcommand (gateway, prefill, decode...) -> pid of each `python -m pdserve.cli` child of parent_pid."""
-    pids = {}
+def _tier_processes(parent_pid: int):
+    """(pid, argv) of each `python -m pdserve.cli` child of parent_pid."""
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
@@ -34,5 +33,23 @@ def tier_pids(parent_pid: int) -> dict[str, int]:
         except OSError:
             continue
         if ppid == parent_pid and "pdserve.cli" in argv:
-            pids[argv[argv.index("pdserve.cli") + 1]] = int(entry)
+            yield int(entry), argv
+
+
+def tier_pids(parent_pid: int) -> dict[str, int]:
+    """Subcommand (gateway, prefill, decode...) -> pid of each tier process under parent_pid (replica 0's when
+    there are several: see instance_pids)."""
+    pids = {}
+    for pid, argv in _tier_processes(parent_pid):
+        pids.setdefault(argv[argv.index("pdserve.cli") + 1], pid)
+    return pids
+
+
+def instance_pids(parent_pid: int) -> dict[str, int]:
+    """host:port -> pid of each tier instance under parent_pid: how a test finds one replica among several."""
+    pids = {}
+    for pid, argv in _tier_processes(parent_pid):
+        if "--port" in argv:
+            host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+            pids[f"{host}:{argv[argv.index('--port') + 1]}"] = pid
     return pids

@@ -95,7 +95,7 @@ def test_telemetry_config_rejects_a_bad_port():
 @pytest.mark.parametrize("base, tier, expected", [
     (9400, "gateway", ["--metrics-port", "9400"]), (9400, "prefill", ["--metrics-port", "9401"]),
     (19000, "decode", ["--metrics-port", "19002"]), (0, "decode", ["--metrics-port", "0"]),
-    (9400, "colocated", []),
+    (9400, "colocated", []), (9400, "decode-1", ["--metrics-port", "9405"]), (9400, "prefill-2", ["--metrics-port", "9407"]),
 ])
 def test_up_moves_every_metrics_port_with_the_base(base, tier, expected):
     assert metrics_flags(Namespace(metrics_port=base), tier) == expected

@@ -1,0 +1,78 @@
+"""Membership: which prefill and decode instances can take work now.
+
+Each instance is asked for its health every interval_s, each from its own thread (a frozen instance only holds
+up its own checks). One that does not answer SERVING is out of rotation until it does again: a draining tier
+says NOT_SERVING at once, a dead or frozen one stops answering. A call that fails as if its instance were gone
+asks for a check at once (`recheck`), so the next request already avoids it; a request that finds none of a
+tier in rotation has them all checked at once (`refresh`) before it is turned away. The gateway is SERVING while at
+least one prefill and one decode instance are in rotation.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+_log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], check: Callable[[str], bool],
+                 on_change: Callable[[bool], None] = lambda serving: None, interval_s: float = 1.0,
+                 slots: Callable[[str], int | None] = lambda address: None) -> None:
+        self.tiers = {"prefill": prefill, "decode": decode}
+        self._check, self._on_change, self._interval_s, self._slots = check, on_change, interval_s, slots
+        self._up: dict[str, bool] = dict.fromkeys((*prefill, *decode), False)
+        self._decode_slots: dict[str, int] = {}  # each decode instance's batch size, asked once it is up
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def up(self, tier: str) -> list[str]:
+        """The tier's instances in rotation, in configured order."""
+        with self._lock:
+            return [address for address in self.tiers[tier] if self._up[address]]
+
+    def decode_slots(self) -> int:
+        """Batch slots of the decode instances in rotation (what the gateway admits against)."""
+        return sum(self._decode_slots.get(address, 0) for address in self.up("decode"))
+
+    def can_serve(self) -> bool:
+        return bool(self.up("prefill") and self.up("decode"))
+
+    def recheck(self, address: str) -> bool:
+        """Checks one instance now (after a failed call); returns whether it is in rotation."""
+        self._record(address, self._check(address))
+        return self._up[address]
+
+    def refresh(self, addresses: tuple[str, ...]) -> None:
+        """Checks these instances now, side by side (when a tier seems to have none in rotation: one may have
+        just come back)."""
+        with ThreadPoolExecutor(max_workers=len(addresses)) as pool:
+            for address, serving in zip(addresses, pool.map(self._check, addresses)):
+                self._record(address, serving)
+
+    def start(self) -> None:
+        """One round of checks at once (so a gateway starts knowing its tiers), then one thread per instance."""
+        self.refresh(tuple(self._up))
+        self._on_change(self.can_serve())
+        for address in self._up:
+            threading.Thread(target=self._watch, args=(address,), name=f"health {address}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self, address: str) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._record(address, self._check(address))
+
+    def _record(self, address: str, serving: bool) -> None:
+        if serving and address in self.tiers["decode"] and address not in self._decode_slots:
+            slots = self._slots(address)
+            if slots:
+                self._decode_slots[address] = slots
+        with self._lock:
+            changed = self._up[address] != serving
+            self._up[address] = serving
+        if changed:
+            _log.info("%s %s rotation", address, "back in" if serving else "out of")
+            self._on_change(self.can_serve())
