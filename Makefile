@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test protos model clean
+.PHONY: up test slow chaos protos model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ up: model
 
 test: model
 	$(BIN)/pytest
+
+# Benchmark-grade tests and the long property-test runs (not in `make test`).
+slow: model
+	$(BIN)/pytest -m slow
+
+# The chaos suite (tests/chaos): every tier killed, frozen and stopped under load; prints its figures.
+chaos: model
+	$(BIN)/pytest -m chaos -s tests/chaos
 
 protos: $(STAMP)
 	$(BIN)/python -m pdserve.protogen.generate

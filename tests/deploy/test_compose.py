@@ -12,6 +12,7 @@ import pytest
 import yaml
 from compose_file import COMPOSE_PATH, ROOT, TIERS, parse_command
 
+from pdserve.certs import cert_files
 from pdserve.cli import build_parser
 
 DOCKERFILE_PATH = ROOT / "Dockerfile"
@@ -134,12 +135,13 @@ def test_model_init_prepares_the_model_the_tiers_load(services):
 
 def test_startup_order_follows_health_and_model_init(services):
     assert services["gateway"]["depends_on"] == {
-        "prefill": {"condition": "service_healthy"}, "decode": {"condition": "service_healthy"}}
+        "prefill": {"condition": "service_healthy"}, "decode": {"condition": "service_healthy"},
+        "secrets-init": {"condition": "service_completed_successfully"}}
     for name in GPU_TIERS:
         assert services[name]["depends_on"]["model-init"] == {"condition": "service_completed_successfully"}
 
 
-@pytest.mark.parametrize("name", [*TIERS, "model-init"])
+@pytest.mark.parametrize("name", [*TIERS, "model-init", "secrets-init"])
 def test_service_builds_the_repo_image(services, name):
     assert services[name]["build"] == "."
 
@@ -164,3 +166,32 @@ def test_dockerfile_exposes_every_tier_port(services):
     exposed = {int(port) for op, args in dockerfile_instructions() if op.upper() == "EXPOSE"
                for port in args.split()}
     assert {parse_command(services[name]["command"]).port for name in TIERS} <= exposed
+
+
+def test_secrets_init_makes_the_certificates_and_key_file_the_tiers_read(services):
+    """The one-shot secrets service runs `pdserve certs` (naming every tier's service name) and `pdserve keys`,
+    both parsed by the real CLI; each tier's --tls-* files are the ones `pdserve certs` writes there, and the
+    gateway reads its API keys from the same volume."""
+    init = services["secrets-init"]
+    assert init["entrypoint"] == ["sh", "-c"]
+    script = " ".join(init["command"])
+    commands = [part.strip(" ()").split() for part in re.split(r"&&|\|\|", script)]
+    certs = parse_command(commands[0][1:])
+    assert commands[0][0] == "pdserve" and certs.command == "certs" and set(certs.host) >= set(TIERS)
+    keys = parse_command(commands[-1][1:])
+    assert keys.command == "keys"
+    written = cert_files(PurePosixPath(str(certs.directory)), TIERS)
+    for name in TIERS:
+        args = parse_command(services[name]["command"])
+        assert (str(args.tls_cert), str(args.tls_key)) == tuple(str(p) for p in written.for_tier(name))
+        assert str(args.tls_ca) == str(written.ca)
+        assert f"secrets:{certs.directory}:ro" in services[name]["volumes"]
+        assert services[name]["depends_on"]["secrets-init"]["condition"] == "service_completed_successfully"
+    assert str(parse_command(services["gateway"]["command"]).api_keys_file) == str(keys.file)
+
+
+@pytest.mark.parametrize("name", GPU_TIERS)
+def test_internal_tier_healthcheck_speaks_mutual_tls_with_its_own_certificate(services, name):
+    test = " ".join(services[name]["healthcheck"]["test"])
+    assert "grpc.secure_channel" in test and "insecure_channel" not in test
+    assert f"{name}-key.pem" in test and f"{name}.pem" in test and "ca.pem" in test

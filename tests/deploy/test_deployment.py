@@ -12,6 +12,7 @@ It needs a Docker engine with the compose plugin and the NVIDIA container toolki
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,16 @@ def prometheus_value(query: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def traffic(deployment):
+def api_key(deployment) -> str:
+    """The first API key, printed once (alone on its line) by the secrets-init service."""
+    logs = containers(deployment)["secrets-init"].logs().decode()
+    keys = re.findall(r"^(pdk_[A-Za-z0-9_-]+)$", logs, flags=re.MULTILINE)
+    assert len(keys) == 1, "secrets-init printed no API key"
+    return keys[0]
+
+
+@pytest.fixture(scope="module")
+def traffic(deployment, api_key):
     ttft_count = "sum(gen_ai_server_time_to_first_token_seconds_count)"
     before = prometheus_value(ttft_count)
     request_ids = [f"accept-{uuid.uuid4().hex[:12]}" for _ in range(NUM_REQUESTS)]
@@ -120,9 +130,15 @@ def traffic(deployment):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for request_id in request_ids:
             stream = stub.Generate(request("The capital of France is", max_new_tokens=8), timeout=300,
-                                   metadata=(("x-request-id", request_id),))
+                                   metadata=(("x-request-id", request_id), ("authorization", f"Bearer {api_key}")))
             replies.append(list(stream))
     return request_ids, replies, before
+
+
+def test_the_gateway_refuses_a_caller_without_a_key(deployment):
+    with grpc.insecure_channel(GATEWAY) as channel, pytest.raises(grpc.RpcError) as raised:
+        list(gateway_pb2_grpc.GatewayStub(channel).Generate(request("Hi", max_new_tokens=2), timeout=60))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_every_service_is_up(deployment):
