@@ -2,7 +2,7 @@
 left for another and the stream goes on identical to an undisturbed run; a prefill instance killed mid-prompt is
 retried on the other; a dead instance is restarted by the launcher and comes back into rotation; SIGTERM drains
 (NOT_SERVING at once, the streams it holds finish); the gateway says NOT_SERVING while no decode instance can
-serve. Every instance's KV blocks are all free afterwards."""
+serve; a killed gateway is restarted while the tiers go on. Every instance's KV blocks are all free afterwards."""
 
 import os
 import signal
@@ -75,7 +75,8 @@ def test_a_decode_instance_killed_mid_stream_is_left_for_another_and_the_stream_
         prompt_ids = hf_model[1](PROMPT).input_ids
         assert_greedy_matches(hf_model, prompt_ids, tokens, hf_greedy(hf_model, prompt_ids, MAX_NEW_TOKENS))
     # The launcher restarts it; it comes back into rotation.
-    replicated.wait_until(lambda: replicated.serving(holder) and replicated.pid(holder) != victim,
+    replicated.wait_until(lambda: instance_pids(replicated.process.pid).get(holder, victim) != victim
+                          and replicated.serving(holder),
                           RESTART_TIMEOUT_S, "the killed decode instance restarted")
     replicated.wait_all_serving()
     replicated.assert_no_blocks_held()
@@ -138,4 +139,19 @@ def test_the_gateway_is_not_serving_while_no_decode_instance_can_serve(replicate
     recovered_s = replicated.wait_until(lambda: health_status(gateway) == SERVING, 10, "gateway SERVING again")
     tokens, _, _ = collect(replicated.gateway, request("Hi", max_new_tokens=2))
     assert len(tokens) == 2, recovered_s
+    replicated.assert_no_blocks_held()
+
+
+def test_a_killed_gateway_is_restarted_and_the_tiers_keep_serving(replicated):
+    """kill -9 of the gateway no longer takes the stack down: the launcher restarts it on its port, and the
+    tiers (which never noticed) serve the next request."""
+    gateway = replicated.addresses["gateway"]
+    pid = replicated.pid(gateway)
+    tier_pids = {a: replicated.pid(a) for a in (*replicated.decodes, *replicated.prefills)}
+    os.kill(pid, signal.SIGKILL)
+    replicated.wait_until(lambda: instance_pids(replicated.process.pid).get(gateway, pid) != pid
+                          and health_status(gateway) == SERVING, RESTART_TIMEOUT_S, "the gateway restarted")
+    assert {a: replicated.pid(a) for a in tier_pids} == tier_pids  # no tier was stopped or restarted
+    tokens, _, last = collect(replicated.gateway, request(PROMPT, max_new_tokens=4, speculative=False))
+    assert len(tokens) == 4 and last.num_migrations == 0
     replicated.assert_no_blocks_held()
