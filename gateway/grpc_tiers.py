@@ -89,11 +89,11 @@ class GrpcTiers:
         except grpc.RpcError:
             return None
 
-    def serving(self, address: str) -> bool:
+    def serving(self, address: str) -> bool | None:
         try:
             reply = self._health[address].Check(health_pb2.HealthCheckRequest(), timeout=_HEALTH_TIMEOUT_S)
-        except grpc.RpcError:
-            return False
+        except grpc.RpcError as error:
+            return None if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 

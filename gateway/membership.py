@@ -1,8 +1,9 @@
 """Membership: which prefill and decode instances can take work now.
 
 Each instance is asked for its health every interval_s, each from its own thread (a frozen instance only holds
-up its own checks). One that does not answer SERVING is out of rotation until it does again: a draining tier
-says NOT_SERVING at once, a dead or frozen one stops answering. A call that fails as if its instance were gone
+up its own checks). One that answers NOT_SERVING (a draining tier) or cannot be reached (a dead one) is out of
+rotation at once, one that leaves MISSES_OUT checks in a row unanswered (a frozen one) too; each is back once it
+answers SERVING. A call that fails as if its instance were gone
 asks for a check at once (`recheck`), so the next request already avoids it; a request that finds none of a
 tier in rotation has them all checked at once (`refresh`) before it is turned away. The gateway is SERVING while at
 least one prefill and one decode instance are in rotation.
@@ -14,15 +15,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 _log = logging.getLogger(__name__)
+# Checks in a row an instance may leave unanswered (timed out) before it leaves rotation: a loaded machine can
+# delay one answer past its timeout; a frozen instance misses every one. Answering NOT_SERVING, or refusing the
+# connection (dead), takes it out at once.
+MISSES_OUT = 3
 
 
 class Membership:
-    def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], check: Callable[[str], bool],
+    def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], check: Callable[[str], bool | None],
                  on_change: Callable[[bool], None] = lambda serving: None, interval_s: float = 1.0,
                  slots: Callable[[str], int | None] = lambda address: None) -> None:
         self.tiers = {"prefill": prefill, "decode": decode}
         self._check, self._on_change, self._interval_s, self._slots = check, on_change, interval_s, slots
         self._up: dict[str, bool] = dict.fromkeys((*prefill, *decode), False)
+        self._misses: dict[str, int] = dict.fromkeys(self._up, 0)  # unanswered checks in a row
         self._decode_slots: dict[str, int] = {}  # each decode instance's batch size, asked once it is up
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -40,9 +46,11 @@ class Membership:
         return bool(self.up("prefill") and self.up("decode"))
 
     def recheck(self, address: str) -> bool:
-        """Checks one instance now (after a failed call); returns whether it is in rotation."""
-        self._record(address, self._check(address))
-        return self._up[address]
+        """Checks one instance now (after a failed call); returns whether it answered SERVING (a retry avoids
+        it otherwise, even while a slow answer leaves it in rotation)."""
+        serving = self._check(address)
+        self._record(address, serving)
+        return serving is True
 
     def refresh(self, addresses: tuple[str, ...]) -> None:
         """Checks these instances now, side by side (when a tier seems to have none in rotation: one may have
@@ -65,14 +73,17 @@ class Membership:
         while not self._stop.wait(self._interval_s):
             self._record(address, self._check(address))
 
-    def _record(self, address: str, serving: bool) -> None:
+    def _record(self, address: str, serving: bool | None) -> None:
+        """serving: True (SERVING), False (answered otherwise, or unreachable), None (no answer in time)."""
         if serving and address in self.tiers["decode"] and address not in self._decode_slots:
             slots = self._slots(address)
             if slots:
                 self._decode_slots[address] = slots
         with self._lock:
-            changed = self._up[address] != serving
-            self._up[address] = serving
+            self._misses[address] = self._misses[address] + 1 if serving is None else 0
+            up = serving if serving is not None else self._up[address] and self._misses[address] < MISSES_OUT
+            changed = self._up[address] != up
+            self._up[address] = up
         if changed:
-            _log.info("%s %s rotation", address, "back in" if serving else "out of")
+            _log.info("%s %s rotation", address, "back in" if up else "out of")
             self._on_change(self.can_serve())

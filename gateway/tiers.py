@@ -101,8 +101,9 @@ class Tiers(Protocol):
     def release(self, address: str, handle: str, ctx: CallContext) -> None:
         """Gives back a reservation that never reached Decode (best effort: its lease frees it anyway)."""
 
-    def serving(self, address: str) -> bool:
-        """Whether the instance answers its health check with SERVING now."""
+    def serving(self, address: str) -> bool | None:
+        """Whether the instance answers its health check with SERVING now: False when it answers otherwise or
+        cannot be reached, None when it does not answer in time (frozen, or only slow)."""
 
     def decode_slots(self, address: str) -> int | None:
         """The decode instance's batch size (sequences it steps at once), or None when it does not answer."""

@@ -151,7 +151,7 @@ def run_stack(args, default_model: Path) -> int:
         supervisor.start_all()
         if not supervisor.wait_serving(_START_TIMEOUT_S):
             return 1
-        _print_banner(supervisor.instances, args.model)
+        _print_banner(supervisor.instances, args.model, certs, args.api_keys_file)
         _print_metrics(args, supervisor.instances)
         supervisor.watch()
         return 0
@@ -198,16 +198,24 @@ def _print_metrics(args, instances: list[Instance]) -> None:
     print(f"Prometheus metrics:\n{lines}", flush=True)
 
 
-def _print_banner(instances: list[Instance], model: Path) -> None:
+def _print_banner(instances: list[Instance], model: Path, certs: CertFiles | None, api_keys_file: Path | None) -> None:
     gateway = next(i.address for i in instances if i.name == "gateway")
     tiers = "".join(f"  {i.name:<10} {i.address}\n" for i in instances if i.name != "gateway")
+    between = (f"mutual TLS, certificates in {certs.ca.parent}" if certs
+               else "plaintext (--insecure): anyone who reaches their ports can call them")
+    key, key_header = "", ""
+    if api_keys_file is not None:  # callers need a key made by `pdserve keys --file` for this file
+        key, key_header = " --api-key $PDSERVE_API_KEY", " -H \"authorization: Bearer $PDSERVE_API_KEY\""
     print(
         f"\npdserve is serving {model.name}\n"
-        f"  gateway    {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n{tiers}\n"
-        "Call it:\n"
-        f"  .venv/bin/pdserve generate --address {gateway} \"The capital of France is\"\n"
-        f"  .venv/bin/pdserve generate --address {gateway} --chat \"Write a haiku about GPUs\"\n"
-        f"  grpcurl -plaintext -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 16}}' {gateway} pdserve.v1.Gateway/Generate\n"
+        f"  gateway    {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n{tiers}"
+        f"Between the tiers: {between}.\n"
+        + (f"API keys from {api_keys_file}: send `authorization: Bearer KEY`.\n" if api_keys_file else "")
+        + "\nCall it:\n"
+        f"  .venv/bin/pdserve generate --address {gateway}{key} \"The capital of France is\"\n"
+        f"  .venv/bin/pdserve generate --address {gateway}{key} --chat \"Write a haiku about GPUs\"\n"
+        f"  grpcurl -plaintext{key_header} -d '{{\"prompt\": \"Hello\", \"max_new_tokens\": 16}}' {gateway} "
+        "pdserve.v1.Gateway/Generate\n"
         "Tiers that die are started again; stop with Ctrl-C.\n",
         flush=True,
     )

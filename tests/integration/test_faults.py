@@ -36,6 +36,12 @@ def replicated(model_dir):
         yield stack
 
 
+@pytest.fixture(autouse=True)
+def every_instance_serving(replicated):
+    """Each test starts from a whole stack (one that failed half-way may have left an instance restarting)."""
+    replicated.wait_all_serving()
+
+
 def _stream_after(stack: Replicated, req, tokens_before: int):
     """The stream of `req`, with its first `tokens_before` tokens already received (so decode is under way)."""
     stream = stack.gateway.Generate(req, timeout=300)
@@ -132,7 +138,8 @@ def test_the_gateway_is_not_serving_while_no_decode_instance_can_serve(replicate
     gateway = replicated.addresses["gateway"]
     first, second = (replicated.pid(a) for a in replicated.decodes)
     with paused(first), paused(second):
-        replicated.wait_until(lambda: health_status(gateway) == NOT_SERVING, 10, "gateway NOT_SERVING")
+        # Frozen instances leave rotation after MISSES_OUT unanswered checks (1 s apart, 1 s timeout each).
+        replicated.wait_until(lambda: health_status(gateway) == NOT_SERVING, 30, "gateway NOT_SERVING")
         with pytest.raises(grpc.RpcError) as raised:
             collect(replicated.gateway, request("Hi", max_new_tokens=2), timeout=30)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -247,14 +247,16 @@ def _push_kv(tiers, data) -> None:
         decode.Release(decode_pb2.ReleaseRequest(handle=reply.handle), timeout=10)
 
 
-@given(request=any_message(decode_pb2.DecodeRequest))
+@given(request=any_message(decode_pb2.DecodeRequest), release=any_message(decode_pb2.ReleaseRequest))
 @_settings(EXAMPLES)
-def test_decode_and_info_answer_any_request(stack, tiers, request):
-    _, decode = tiers
+def test_decode_release_and_info_answer_any_request(stack, tiers, request, release):
+    prefill, decode = tiers
     request.max_new_tokens = min(request.max_new_tokens, 4)
     _answered(lambda: list(decode.Decode(request, timeout=_CALL_TIMEOUT_S)))
+    assert not decode.Release(release, timeout=_CALL_TIMEOUT_S).released  # no handle of anyone's
     assert decode.GetInfo(decode_pb2.GetInfoRequest(), timeout=_CALL_TIMEOUT_S).fingerprint
     assert decode.Stats(decode_pb2.StatsRequest(), timeout=_CALL_TIMEOUT_S).num_blocks_total > 0
+    assert prefill.GetInfo(prefill_pb2.GetInfoPrefillRequest(), timeout=_CALL_TIMEOUT_S).fingerprint
 
 
 @pytest.mark.slow

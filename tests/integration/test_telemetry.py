@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -64,9 +63,7 @@ def traffic(model_dir):
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     env.pop("OTEL_SERVICE_NAME", None)
     process, addresses = launch_stack(model_dir, "--metrics-port", str(base), env=env)
-    output: list[str] = []
-    # Drained all along, so the launcher's pipe never fills, and its banner can be read while it runs.
-    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
+    output = process.output  # drained all along by launch_stack: the banner can be read while it runs
     try:
         client_parent = (("traceparent", f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"),)
         with ThreadPoolExecutor(len(PROMPTS)) as pool:

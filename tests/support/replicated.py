@@ -49,7 +49,7 @@ class Replicated:
     def wait_until(self, condition, timeout_s: float, what: str) -> float:
         started = time.monotonic()
         while not condition():
-            assert time.monotonic() - started < timeout_s, f"{what} within {timeout_s} s"
+            assert time.monotonic() - started < timeout_s, f"{what} within {timeout_s} s; the stack said:\n{self.log_tail()}"
             time.sleep(0.1)
         return time.monotonic() - started
 
@@ -70,6 +70,10 @@ class Replicated:
             return (all(s.num_blocks_free == s.num_blocks_total for s in map(self.decode_stats, self.decodes))
                     and all(s.num_blocks_free == s.num_blocks_total for s in map(self.prefill_stats, self.prefills)))
         self.wait_until(free, 10, "every KV block free on every instance")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines the launcher and its tiers printed (stdout and stderr)."""
+        return "".join(self.process.output[-lines:])
 
     def close(self) -> None:
         for channel in (*self._channels.values(), self.gateway_channel):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,6 +85,9 @@ def launch_stack(model_dir: Path, *extra: str, env: dict[str, str] | None = None
                "--metrics-port", "0", "--certs-dir", str(CERTS_DIR), "--drain-timeout-s", "5", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                preexec_fn=_stop_with_parent)
+    # Drained all along into process.output: an unread pipe fills (64 KiB) and then blocks every tier that logs.
+    process.output = []
+    threading.Thread(target=lambda: process.output.extend(process.stdout), daemon=True).start()
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     addresses |= {f"{tier}-{i}": f"127.0.0.1:{ports[tier] + i}"
                   for tier, count in (("prefill", prefill_replicas), ("decode", decode_replicas)) for i in range(count)}
@@ -91,7 +95,8 @@ def launch_stack(model_dir: Path, *extra: str, env: dict[str, str] | None = None
     identity = None if "--insecure" in extra else tier_identity()
     while not all(is_serving(a, tls=None if name == "gateway" else identity) for name, a in addresses.items()):
         if process.poll() is not None:
-            raise RuntimeError(f"pdserve up exited with {process.returncode}:\n{process.stdout.read()}")
+            time.sleep(0.5)  # the drain thread reads what is left
+            raise RuntimeError(f"pdserve up exited with {process.returncode}:\n{''.join(process.output)}")
         if time.monotonic() > deadline:
             stop_stack(process)
             raise RuntimeError("pdserve up did not start in time")
