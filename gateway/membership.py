@@ -24,8 +24,10 @@ MISSES_OUT = 3
 class Membership:
     def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], check: Callable[[str], bool | None],
                  on_change: Callable[[bool], None] = lambda serving: None, interval_s: float = 1.0,
-                 slots: Callable[[str], int | None] = lambda address: None) -> None:
+                 slots: Callable[[str], int | None] = lambda address: None,
+                 on_instance: Callable[[str, bool], None] = lambda address, up: None) -> None:
         self.tiers = {"prefill": prefill, "decode": decode}
+        self._on_instance = on_instance  # told each time an instance goes out of or back into rotation
         self._check, self._on_change, self._interval_s, self._slots = check, on_change, interval_s, slots
         self._up: dict[str, bool] = dict.fromkeys((*prefill, *decode), False)
         self._misses: dict[str, int] = dict.fromkeys(self._up, 0)  # unanswered checks in a row
@@ -86,4 +88,5 @@ class Membership:
             self._up[address] = up
         if changed:
             _log.info("%s %s rotation", address, "back in" if up else "out of")
+            self._on_instance(address, up)
             self._on_change(self.can_serve())

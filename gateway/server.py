@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -42,6 +42,13 @@ from gateway.tiers import Tiers
 from pdserve.v1 import gateway_pb2, gateway_pb2_grpc
 
 SERVICE_NAME = "pdserve.v1.Gateway"
+_INSTANCE_PREFIX = "pdserve.instance/"
+
+
+def instance_service(address: str) -> str:
+    """The health service name under which the gateway reports whether a tier instance is in its rotation:
+    SERVING when it is, NOT_SERVING when it is not."""
+    return _INSTANCE_PREFIX + address
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -177,8 +184,14 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
         else:
             set_not_serving(health, [SERVICE_NAME])
 
+    def report_instance(address: str, up: bool) -> None:  # each instance's place in rotation, for operators
+        health.set(instance_service(address), health_pb2.HealthCheckResponse.SERVING if up
+                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     membership = Membership(config.prefill_addresses, config.decode_addresses, tiers.serving, report,
-                            slots=tiers.decode_slots)
+                            slots=tiers.decode_slots, on_instance=report_instance)
+    for address in (*config.prefill_addresses, *config.decode_addresses):
+        report_instance(address, False)
     servicer = GatewayServicer(config, tokenizer, model, tiers, GatewayMetrics(registry or CollectorRegistry()), keys,
                                membership)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

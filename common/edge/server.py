@@ -53,11 +53,18 @@ def make_server(max_receive_bytes: int, max_workers: int = 256) -> grpc.Server:
                        options=[("grpc.max_receive_message_length", max_receive_bytes)])
 
 
+# A channel to an instance that died retries its connection with a back-off that gRPC lets grow to 120 s: a
+# restarted instance would stay unreachable long after it serves again. Capped at a second, as the health checks.
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                      ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def make_channel(address: str, tls: Tls | None = None) -> grpc.Channel:
-    """A channel to another tier: mutual TLS when this tier has an identity, plaintext otherwise."""
+    """A channel to another tier: mutual TLS when this tier has an identity, plaintext otherwise; reconnecting
+    within a second once the other side is back."""
     if tls is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, tls.channel_credentials())
+        return grpc.insecure_channel(address, options=_RECONNECT_OPTIONS)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=_RECONNECT_OPTIONS)
 
 
 def add_health(server: grpc.Server) -> health.HealthServicer:
@@ -92,12 +99,12 @@ def drain(health_servicer: health.HealthServicer, service_names: list[str], busy
     return True
 
 
-def health_status(address: str, timeout_s: float = 1.0, tls: Tls | None = None) -> int | None:
-    """The server's overall grpc.health.v1 status, or None when it does not answer."""
+def health_status(address: str, timeout_s: float = 1.0, tls: Tls | None = None, service: str = "") -> int | None:
+    """The server's grpc.health.v1 status (overall, or of `service`), or None when it does not answer."""
     try:
         with make_channel(address, tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s).status
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s).status
     except grpc.RpcError:
         return None
 

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from helpers import request
-from replicated import RESTART_TIMEOUT_S, SERVING, Replicated, replicated_stack
+from replicated import Replicated, replicated_stack
 
-from common.edge.server import health_status
 from common.runtime.machine import describe_machine
 from pdserve.v1 import gateway_pb2_grpc
 
@@ -133,10 +132,8 @@ def _inject(stack: Replicated, tier: str, sig: str) -> float:
 
 
 def _recovered_s(stack: Replicated, since: float) -> float:
-    def all_serving() -> bool:
-        return (health_status(stack.addresses["gateway"]) == SERVING
-                and all(stack.serving(a) for a in (*stack.decodes, *stack.prefills)))
-    stack.wait_until(all_serving, RESTART_TIMEOUT_S, "every instance serving again")
+    """Seconds from `since` until every instance serves again and is back in the gateway's rotation."""
+    stack.wait_all_serving()
     return time.monotonic() - since
 
 

@@ -6,9 +6,9 @@ from gateway.membership import MISSES_OUT, Membership
 
 def test_rotation_follows_the_answers_with_patience_only_for_silence():
     answers = {"p": True, "d1": True, "d2": True}
-    changes = []
+    changes, moves = [], []
     membership = Membership(("p",), ("d1", "d2"), check=answers.get, on_change=changes.append,
-                            slots={"d1": 4, "d2": 8}.get)
+                            slots={"d1": 4, "d2": 8}.get, on_instance=lambda address, up: moves.append((address, up)))
     membership.refresh(("p", "d1", "d2"))
     assert membership.up("decode") == ["d1", "d2"] and membership.decode_slots() == 12
 
@@ -26,6 +26,7 @@ def test_rotation_follows_the_answers_with_patience_only_for_silence():
     answers["d1"] = True
     assert not membership.recheck("d2") and membership.recheck("d1")
     assert membership.up("decode") == ["d1"] and membership.can_serve() and changes[-1] is True
+    assert moves == [("p", True), ("d1", True), ("d2", True), ("d1", False), ("d2", False), ("d1", True)]
 
 
 def test_a_retry_avoids_an_instance_that_did_not_answer_even_while_it_stays_in_rotation():

@@ -12,6 +12,7 @@ from stack import launch_stack, stop_stack, tier_identity
 from stack_probes import instance_pids
 
 from common.edge.server import health_status, is_serving, make_channel
+from gateway.server import instance_service
 from pdserve.v1 import (
     decode_pb2,
     decode_pb2_grpc,
@@ -53,10 +54,16 @@ class Replicated:
             time.sleep(0.1)
         return time.monotonic() - started
 
-    def wait_all_serving(self) -> None:
-        self.wait_until(lambda: all(self.serving(a) for a in (*self.decodes, *self.prefills))
-                        and health_status(self.addresses["gateway"]) == SERVING, RESTART_TIMEOUT_S,
-                        "every instance serving again")
+    def in_rotation(self, address: str) -> bool:
+        """Whether the gateway has the instance in its rotation (its per-instance health entry)."""
+        return health_status(self.addresses["gateway"], service=instance_service(address)) == SERVING
+
+    def wait_all_serving(self) -> float:
+        """Until every instance serves and the gateway has each in rotation; returns the seconds waited."""
+        return self.wait_until(lambda: all(self.serving(a) and self.in_rotation(a)
+                                           for a in (*self.decodes, *self.prefills))
+                               and health_status(self.addresses["gateway"]) == SERVING, RESTART_TIMEOUT_S,
+                               "every instance serving again, in the gateway's rotation")
 
     def holder(self) -> str:
         """The decode instance with a sequence running (one request in flight)."""
