@@ -44,6 +44,9 @@ class Gate:
 
     def failures(self, result: ConfigResult) -> list[str]:
         found = []
+        if (self.max_ppl_increase is not None or self.min_agreement is not None) and math.isnan(result.ppl_increase):
+            found.append("no perplexity text was scored, so perplexity and agreement cannot be gated: run the "
+                         "perplexity suites too")
         if self.max_ppl_increase is not None and result.ppl_increase > self.max_ppl_increase:
             found.append(f"perplexity +{result.ppl_increase:.1%} > +{self.max_ppl_increase:.1%}")
         if self.min_agreement is not None and result.top1_agreement < self.min_agreement:
@@ -104,9 +107,10 @@ def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gat
         perplexity = math.exp(nll / count) if count else float("nan")
         result = ConfigResult(
             weights=fmt, weight_bytes=stored_weight_bytes(model)["total"], perplexity=perplexity,
-            ppl_increase=math.exp((nll - reference_nll) / count) - 1 if count else 0.0,
-            top1_agreement=agree / count if fmt != REFERENCE and count else 1.0,
-            mean_kl=kl / count if count else 0.0,
+            # No perplexity text scored (e.g. --only a task suite): nothing measured, so NaN, never a perfect score.
+            ppl_increase=math.exp((nll - reference_nll) / count) - 1 if count else float("nan"),
+            top1_agreement=(agree / count if fmt != REFERENCE else 1.0) if count else float("nan"),
+            mean_kl=kl / count if count else float("nan"),
             accuracy={s.name: _accuracy(scorer, s) for s in suites if not s.is_perplexity},
             seconds=time.monotonic() - start)
         if fmt != REFERENCE:

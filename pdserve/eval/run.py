@@ -2,6 +2,7 @@
 --json, and exits non-zero when the gate fails."""
 
 import json
+import math
 import sys
 from dataclasses import asdict
 
@@ -13,6 +14,11 @@ from common.fidelity.suites import load_suites
 from common.runtime.machine import describe_machine, machine_facts
 
 
+def _shown(value: float, spec: str) -> str:
+    """A figure, or "-" where nothing was measured (NaN)."""
+    return "-" if math.isnan(value) else format(value, spec)
+
+
 def table(results: list[ConfigResult]) -> str:
     task_names = list(results[0].accuracy) if results else []
     reference_bytes = results[0].weight_bytes if results else 1
@@ -21,7 +27,8 @@ def table(results: list[ConfigResult]) -> str:
     for r in results:
         gate = "ref" if r.weights == REFERENCE else ("FAIL: " + "; ".join(r.failures) if r.failures else "pass")
         rows.append([r.weights, f"{r.weight_bytes / 2**20:.1f}", f"{r.weight_bytes / reference_bytes:.1%}",
-                     f"{r.perplexity:.3f}", f"{r.ppl_increase:+.2%}", f"{r.top1_agreement:.1%}", f"{r.mean_kl:.4f}",
+                     _shown(r.perplexity, ".3f"), _shown(r.ppl_increase, "+.2%"), _shown(r.top1_agreement, ".1%"),
+                     _shown(r.mean_kl, ".4f"),
                      *[f"{r.accuracy[name]:.0%}" for name in task_names], gate])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -64,3 +64,13 @@ def test_cli_weight_formats_are_exactly_the_registered_ones():
     assert set(WEIGHT_FORMAT_NAMES) == set(WEIGHT_FORMATS) - {"dense"}
     with pytest.raises(ValueError, match="weights must be one of"):
         DecodeConfig(model_dir=".", weights="int3")
+
+
+def test_gate_fails_perplexity_and_agreement_limits_that_nothing_measured():
+    """With no perplexity text scored (`--only` a task suite), the figures are NaN, never a perfect score, and a
+    perplexity or agreement gate fails instead of passing vacuously."""
+    unmeasured = _result(perplexity=float("nan"), ppl_increase=float("nan"), top1_agreement=float("nan"),
+                         mean_kl=float("nan"))
+    for gate in (Gate(max_ppl_increase=0.05), Gate(min_agreement=0.9)):
+        assert any("no perplexity text was scored" in f for f in gate.failures(unmeasured))
+    assert Gate(min_accuracy={"arithmetic": 0.4}).failures(unmeasured) == []
