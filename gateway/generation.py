@@ -78,7 +78,7 @@ class Generation:
                 if error.status not in _RESUMABLE or retries >= self.max_retries or self._cancelled:
                     raise
                 retries += 1
-                avoid = self._failed_instances(error)
+                avoid = self._failed_instances()
 
     def _leg(self, started: float, avoid: frozenset[str]) -> Iterator[DecodeChunk]:
         """Reserve, prefill (the prompt and whatever was sent before), decode; one attempt."""
@@ -112,10 +112,9 @@ class Generation:
                 with child_span("release", self.trace_parent, kind=SpanKind.CLIENT) as span:
                     self.tiers.release(address, handle, self._context(span))
 
-    def _failed_instances(self, error: Upstream) -> frozenset[str]:
+    def _failed_instances(self) -> frozenset[str]:
         """The instances of the failed leg that no longer serve (both are checked now); the next leg avoids them."""
-        down = {a for a in self._leg_addresses if not self.router.recheck(a)}
-        return frozenset(down)
+        return frozenset(a for a in self._leg_addresses if not self.router.recheck(a))
 
     def _reserve(self, span: Span, avoid: frozenset[str]) -> tuple[str, str]:
         refusals = []

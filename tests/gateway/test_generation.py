@@ -28,12 +28,8 @@ def tiers(model, model_dir):
     """One prefill engine; decode "small" (one block of 16 tokens: too few for any request here) listed first."""
     tiers = InProcessTiers({"p": prefill_engine(model)},
                            {"small": decode_engine(model, model_dir, num_blocks=1), "large": decode_engine(model, model_dir)})
-    engines = [*tiers.prefill_engines.values(), *tiers.decode_engines.values()]
-    for engine in engines:
-        engine.start()
-    yield tiers
-    for engine in engines:
-        engine.stop()
+    with tiers.running():
+        yield tiers
 
 
 def _generation(tiers: InProcessTiers, prompt_ids: list[int], eos: frozenset[int], decode=("small", "large")):
@@ -87,9 +83,6 @@ def test_a_decode_instance_that_stops_mid_stream_is_left_for_another_and_the_str
     stream equals the undisturbed one (sampled draws are seeded by position), with one migration."""
     tiers = InProcessTiers({"p": prefill_engine(model)},
                            {"a": decode_engine(model, model_dir), "b": decode_engine(model, model_dir)})
-    engines = [*tiers.prefill_engines.values(), *tiers.decode_engines.values()]
-    for engine in engines:
-        engine.start()
     down: set[str] = set()
     membership = Membership(("p",), ("a", "b"), check=lambda address: address not in down)
     membership.refresh(("p", "a", "b"))
@@ -98,7 +91,7 @@ def test_a_decode_instance_that_stops_mid_stream_is_left_for_another_and_the_str
     def generation() -> Generation:
         return Generation(spec, Router(("p",), ("a", "b"), membership), tiers, eos_token_ids=frozenset(),
                           lease_ms=30_000, deadline=None, trace_parent=INVALID_SPAN)
-    try:
+    with tiers.running():
         undisturbed = [t for chunk in generation().run() for t in chunk.token_ids]
         moved = generation()
         stream = moved.run()
@@ -109,9 +102,6 @@ def test_a_decode_instance_that_stops_mid_stream_is_left_for_another_and_the_str
         assert tokens == undisturbed and len(tokens) == MAX_NEW
         assert moved.num_migrations == 1
         assert _all_free(tiers)
-    finally:
-        for engine in engines:
-            engine.stop()
 
 
 def test_a_prompt_whose_prefill_outlasts_the_lease_is_served(model, model_dir):
@@ -120,18 +110,12 @@ def test_a_prompt_whose_prefill_outlasts_the_lease_is_served(model, model_dir):
     lease_ms = 500
     tiers = InProcessTiers({"p": prefill_engine(model, num_blocks=80, chunk_size=8)},
                            {"d": decode_engine(model, model_dir, num_blocks=80, lease_s=lease_ms / 1000)})
-    engines = [*tiers.prefill_engines.values(), *tiers.decode_engines.values()]
-    for engine in engines:
-        engine.start()
     spec = GenerationSpec("long", [1000 + i % 500 for i in range(1000)], 4, SamplingConfig(), ())
     generation = Generation(spec, Router(("p",), ("d",)), tiers, eos_token_ids=frozenset(), lease_ms=lease_ms,
                             deadline=None, trace_parent=INVALID_SPAN)
-    try:
+    with tiers.running():
         tokens = [t for chunk in generation.run() for t in chunk.token_ids]
         assert len(tokens) == 4
         assert generation.timings.prefill_ms > 2 * lease_ms  # it did outlast the lease, twice over
         assert tiers.decode_engines["d"].stats().num_leases_expired == 0
         assert _all_free(tiers)
-    finally:
-        for engine in engines:
-            engine.stop()

@@ -2,6 +2,7 @@
 decode engines through the in-process KV transport (common/kv/transport.py). No processes, no sockets: the
 gateway's Generation, and the engines under it, tested on their own."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,18 @@ class _DecodeStream:
 class InProcessTiers:
     def __init__(self, prefill: dict[str, PrefillEngine], decode: dict[str, DecodeEngine]) -> None:
         self.prefill_engines, self.decode_engines = prefill, decode
+
+    @contextmanager
+    def running(self):
+        """Every engine started inside the block, and stopped however it ends."""
+        engines = [*self.prefill_engines.values(), *self.decode_engines.values()]
+        for engine in engines:
+            engine.start()
+        try:
+            yield self
+        finally:
+            for engine in engines:
+                engine.stop()
 
     def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
                 ctx: CallContext) -> _Done:
