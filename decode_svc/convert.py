@@ -7,6 +7,7 @@ from common.basics.errors import InvalidArgument
 from common.basics.request_id import checked_request_id
 from common.basics.sampling import SamplingConfig
 from common.edge.proto import FINISH_REASONS, compat_to_proto, sampling_from_proto
+from decode_svc.engine import ReservedKv
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot
 from pdserve.v1 import common_pb2, decode_pb2
 
@@ -16,6 +17,7 @@ class ReserveCall:
     num_prompt_tokens: int
     max_new_tokens: int
     lease_s: float | None  # None: the instance's default lease
+    prompt_ids: list[int]  # [] when not sent; else the whole prompt (checked by the engine)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class DecodeCall:
     prompt_ids: list[int]
     speculate: bool | None  # None: the instance's setting
     first_step: int  # index of first_token among the request's new tokens
+    prefill_locally: bool
 
 
 def reserve_from_proto(request: decode_pb2.ReserveRequest) -> ReserveCall:
@@ -39,13 +42,13 @@ def reserve_from_proto(request: decode_pb2.ReserveRequest) -> ReserveCall:
     if request.max_new_tokens < 1:
         raise InvalidArgument("max_new_tokens must be >= 1")
     return ReserveCall(request.num_prompt_tokens, request.max_new_tokens,
-                       request.lease_ms / 1000 if request.lease_ms else None)
+                       request.lease_ms / 1000 if request.lease_ms else None, list(request.prompt_token_ids))
 
 
-def reservation_to_proto(handle: str, num_blocks: int, expires_unix_s: float,
-                         compat: Compat) -> decode_pb2.ReserveResponse:
-    return decode_pb2.ReserveResponse(handle=handle, num_blocks=num_blocks,
-                                      lease_expires_unix_ms=int(expires_unix_s * 1000), compat=compat_to_proto(compat))
+def reservation_to_proto(reserved: ReservedKv, compat: Compat) -> decode_pb2.ReserveResponse:
+    return decode_pb2.ReserveResponse(handle=reserved.handle, num_blocks=reserved.num_blocks,
+                                      lease_expires_unix_ms=int(reserved.expires_unix_s * 1000),
+                                      compat=compat_to_proto(compat), num_cached_tokens=reserved.num_cached_tokens)
 
 
 def decode_call_from_proto(request: decode_pb2.DecodeRequest) -> DecodeCall:
@@ -56,12 +59,14 @@ def decode_call_from_proto(request: decode_pb2.DecodeRequest) -> DecodeCall:
         raise InvalidArgument(str(error)) from None
     return DecodeCall(request.handle, checked_request_id(request.request_id), request.first_token_id, request.max_new_tokens, sampling,
                       frozenset(request.stop_token_ids), tuple(request.stop), list(request.prompt_token_ids),
-                      request.speculative if request.HasField("speculative") else None, request.first_step)
+                      request.speculative if request.HasField("speculative") else None, request.first_step,
+                      request.prefill_locally)
 
 
 def event_to_proto(event: DecodeEvent) -> decode_pb2.DecodeResponse:
     reason = FINISH_REASONS[event.finish_reason] if event.finish_reason else common_pb2.FINISH_REASON_UNSPECIFIED
-    reply = decode_pb2.DecodeResponse(token_ids=event.token_ids, finish_reason=reason, queue_ms=event.queue_ms)
+    reply = decode_pb2.DecodeResponse(token_ids=event.token_ids, finish_reason=reason, queue_ms=event.queue_ms,
+                                      local_prefill_ms=event.local_prefill_ms)
     if event.spec is not None:
         s = event.spec
         reply.speculation.CopyFrom(decode_pb2.SpeculationStats(

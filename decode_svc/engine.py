@@ -1,15 +1,26 @@
 """Decode engine. One request's life on the decode tier:
 
-  reserve()        -> reserved : blocks for prompt + max_new_tokens held under a lease (capped; the request
-                                 must fit the model's context)
+  reserve()        -> reserved : blocks for the prompt held under a lease (the request must fit the model's
+                                 context and, alone, the pool); its leading full blocks come from the prefix
+                                 cache when it holds them (their KV is not pushed again)
   receive_kv()     -> receiving: KV chunks land in those blocks, each layer in token order; each renews the lease
-  start_decode()   -> waiting  : a client listens; admitted once every layer has every prompt token
+  start_decode()   -> waiting  : a client listens; admitted once every layer has every prompt token (or, with
+                                 prefill_locally, admitted at once: the first step computes the prompt's
+                                 uncached KV here and draws the first token: conditional disaggregation)
   step()           -> running  : one token per step in the shared batch (continuous batching), or,
                                  speculating, the accepted part of k proposed tokens plus one (a draft
                                  model, when there is one, keeps its own KV for the sequence meanwhile)
-                   -> finished : EOS, stop string, max_new_tokens or cancel; blocks freed, outbox closed
+                   -> finished : EOS, stop string, max_new_tokens or cancel; blocks freed (full ones stay in
+                                 the prefix cache), outbox closed
 A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()); a call
 naming a lease that ran out hears so (ABORTED), not that the reservation never existed.
+
+Lazy KV growth (--kv-growth lazy, the default): a sequence holds blocks for what it has, and each step first
+gives every running sequence the blocks that step writes. When the pool runs out, the most recently admitted
+sequence is preempted: its full blocks go to the prefix cache, all its blocks are freed, and it waits at the
+head of the queue; admitted again, its KV (prompt and tokens so far) is recomputed here, from whatever the
+prefix cache still holds, and it goes on where it stopped. No reservation is taken while a preempted sequence
+waits. --kv-growth upfront reserves prompt + max_new_tokens at once instead (fewer sequences fit).
 The engine loop thread runs step(); RPC threads call the rest. One condition variable guards state;
 the model runs outside it.
 """
@@ -20,9 +31,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from common.basics.errors import (
     Aborted,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -31,9 +44,10 @@ from common.basics.errors import (
 from common.basics.sampling import SamplingConfig
 from common.basics.stop_strings import StopWatcher
 from common.basics.tokenizer import TextTokenizer
-from common.kv.block_manager import BlockManager, OutOfBlocks
+from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
-from common.model.runner import DecodeItem, ModelRunner
+from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
+from common.model.sampling import sample
 from common.runtime.engine_loop import EngineLoop
 from decode_svc.calibration import measure_step_costs
 from decode_svc.draft import DraftProposer
@@ -51,14 +65,25 @@ FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 FINISH_ERROR = "error"  # a step failed; the stream ends with INTERNAL
 FINISH_SHUTDOWN = "shutdown"  # the instance stopped under it; the stream ends UNAVAILABLE (the gateway resumes it)
 _EXPIRED_REMEMBERED = 4096  # recently expired handles, so a late call hears why its reservation is gone
+RECOMPUTE_CHUNK_TOKENS = 512  # most tokens per sequence per forward when KV is computed on this tier
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReservedKv:
+    handle: str
+    num_blocks: int
+    expires_unix_s: float
+    num_cached_tokens: int  # leading prompt tokens whose KV the prefix cache held: push from here
 
 
 class DecodeEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
                  tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig(),
-                 draft: DraftProposer | None = None, max_lease_s: float | None = None) -> None:
+                 draft: DraftProposer | None = None, max_lease_s: float | None = None,
+                 kv_growth: str = "lazy") -> None:
         self.runner = runner
+        self.lazy = kv_growth == "lazy"  # else upfront: prompt + max_new_tokens reserved at once
         self.tokenizer = tokenizer
         self.speculation = speculation
         self.proposer = PromptLookupProposer()
@@ -76,34 +101,54 @@ class DecodeEngine:
         self._loop = EngineLoop("decode-engine", self._cond, step=self.step, has_work=self._has_work,
                                 on_idle=self._expire_leases, on_error=self._fail_running)
         self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0,
-                        "proposed": 0, "accepted": 0}
+                        "proposed": 0, "accepted": 0, "preemptions": 0, "local_prefills": 0}
         self._handle_ids = itertools.count()
+        self._admissions = itertools.count()
         self.draining = False  # set on SIGTERM: no new reservation; what is held finishes
 
     # Reservation and KV arrival (RPC threads).
 
-    def reserve(self, num_prompt_tokens: int, max_new_tokens: int, lease_s: float | None = None) -> tuple[str, int, float]:
-        """Returns (handle, num_blocks, lease end as Unix seconds). A lease longer than max_lease_s is cut to it."""
+    def reserve(self, num_prompt_tokens: int, max_new_tokens: int, lease_s: float | None = None,
+                prompt_ids: list[int] | None = None) -> ReservedKv:
+        """Blocks for the prompt (for prompt + max_new_tokens with --kv-growth upfront); with prompt_ids, its
+        leading full blocks that the prefix cache holds, short of its last token (whose KV is always pushed or
+        computed: it yields the first token). A lease longer than max_lease_s is cut to it."""
         if num_prompt_tokens < 1 or max_new_tokens < 1:
             raise InvalidArgument("a reservation needs at least one prompt token and one new token")
         context = self.runner.model.config.max_position_embeddings
         if num_prompt_tokens + max_new_tokens > context:
             raise InvalidArgument(f"{num_prompt_tokens} prompt tokens plus max_new_tokens {max_new_tokens} exceed "
                                   f"the model's context of {context} tokens")
+        prompt_ids = list(prompt_ids or [])
+        if prompt_ids and len(prompt_ids) != num_prompt_tokens:
+            raise InvalidArgument(f"prompt_token_ids holds {len(prompt_ids)} ids, num_prompt_tokens says "
+                                  f"{num_prompt_tokens}; send the whole prompt or none")
+        vocab = self.runner.model.config.vocab_size
+        if any(t >= vocab for t in prompt_ids):
+            raise InvalidArgument(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab})")
         if self.draining:
             raise Unavailable("this decode instance is shutting down; reserve on another")
+        whole = self.blocks.blocks_needed(num_prompt_tokens + max_new_tokens)
+        if whole > self.blocks.num_blocks:
+            raise ResourceExhausted(f"{num_prompt_tokens} prompt tokens plus max_new_tokens {max_new_tokens} need "
+                                    f"{whole} KV blocks; this decode instance's pool holds {self.blocks.num_blocks}")
         handle = f"kv-{next(self._handle_ids)}-{uuid.uuid4().hex[:12]}"
         lease = min(lease_s or self.lease_s, self.max_lease_s)
+        num_tokens = num_prompt_tokens if self.lazy else num_prompt_tokens + max_new_tokens
         with self._cond:
+            if any(s.pending_kv_from is not None and s.num_preemptions for s in self.waiting):
+                raise ResourceExhausted("decode KV pool is full: preempted sequences are waiting for room; "
+                                        "retry later")
             try:
-                reservation = self.blocks.reserve(handle, num_prompt_tokens + max_new_tokens,
-                                                  lease_s=lease, now=time.monotonic())
+                reservation = self.blocks.reserve(handle, num_tokens, lease_s=lease, now=time.monotonic(),
+                                                  prompt_ids=prompt_ids[:-1])
             except OutOfBlocks as error:
                 raise ResourceExhausted(f"decode KV pool is full: {error}; retry later") from None
+            cached = reservation.num_cached_tokens
             self.transfers[handle] = Transfer(handle, num_prompt_tokens, max_new_tokens, reservation.block_ids,
-                                              [0] * self.runner.kv.num_layers)
+                                              [cached] * self.runner.kv.num_layers, prompt_ids, cached)
             self._cond.notify()
-        return handle, len(reservation.block_ids), time.time() + lease
+        return ReservedKv(handle, len(reservation.block_ids), time.time() + lease, cached)
 
     def receive_kv(self, handle: str, layer: int, start: int, rows: KvRows) -> None:
         """Stores one chunk as it came: layer `layer`, positions [start, start + rows.num_tokens)."""
@@ -121,6 +166,7 @@ class DecodeEngine:
             transfer.received[layer] = end
             self.blocks.renew(handle, time.monotonic())
             if transfer.complete:
+                self.blocks.register(transfer.block_ids, transfer.prompt_ids)  # the prompt's full blocks
                 self._cond.notify()
 
     def transfer_complete(self, handle: str) -> bool:
@@ -146,25 +192,38 @@ class DecodeEngine:
     def start_decode(self, handle: str, first_token: int, max_new_tokens: int, sampling: SamplingConfig,
                      stop_token_ids: frozenset[int], stop_strings: tuple[str, ...] = (),
                      prompt_ids: list[int] | None = None, speculate: bool | None = None,
-                     first_step: int = 0) -> Sequence:
+                     first_step: int = 0, prefill_locally: bool = False) -> Sequence:
         """speculate: None follows the instance's --speculative setting; False turns it off for this
         request; True asks for it (only where the instance has a proposer). first_step: the index of
-        first_token among the request's new tokens (non-zero when the request resumed here)."""
+        first_token among the request's new tokens (non-zero when the request resumed here).
+        prefill_locally: no KV was pushed; this tier computes the prompt's uncached part and draws the first
+        token itself (first_token is ignored). Lazy growth and local prefill need the whole prompt's ids (a
+        preempted sequence's KV is recomputed from them)."""
         with self._cond:
             transfer = self._transfer(handle)
             if max_new_tokens > transfer.max_new_tokens:
                 raise InvalidArgument(f"max_new_tokens {max_new_tokens} exceeds the {transfer.max_new_tokens} reserved")
+            if transfer.prompt_ids and prompt_ids and list(prompt_ids) != transfer.prompt_ids:
+                raise InvalidArgument("prompt_token_ids differ from the ids the reservation was made for")
+            prompt_ids = list(prompt_ids or transfer.prompt_ids)
+            if (self.lazy or prefill_locally) and len(prompt_ids) != transfer.num_prompt_tokens:
+                raise InvalidArgument(f"prompt_token_ids must hold the whole prompt ({transfer.num_prompt_tokens} "
+                                      f"tokens, got {len(prompt_ids)}): this instance recomputes KV from them")
+            if prefill_locally and transfer.received != [transfer.num_cached_tokens] * len(transfer.received):
+                raise FailedPrecondition("KV was pushed to this reservation already; decode it without "
+                                         "prefill_locally")
             self.blocks.claim(handle)
             del self.transfers[handle]
             watcher = StopWatcher(self.tokenizer, stop_strings) if stop_strings else None
             spec_on = self.speculation.method != "none" and speculate is not False
-            seq = Sequence(handle, transfer, [first_token], max_new_tokens, sampling, stop_token_ids, watcher,
-                           list(prompt_ids or []),
+            seq = Sequence(handle, transfer, [] if prefill_locally else [first_token], max_new_tokens, sampling,
+                           stop_token_ids, watcher, prompt_ids,
                            SpecState(self.speculation.num_tokens, self.step_costs, self.speculation.adaptive)
-                           if spec_on else None, first_step=first_step)
+                           if spec_on else None, first_step=first_step,
+                           pending_kv_from=transfer.num_cached_tokens if prefill_locally else None)
             if seq.spec is not None and self.draft is not None:
                 self.draft.attach(seq)
-            reason = self._finish_reason(seq, first_token)
+            reason = None if prefill_locally else self._finish_reason(seq, first_token)
             if reason:
                 self._finish(seq, reason, [])
             else:
@@ -179,26 +238,35 @@ class DecodeEngine:
                 self._cond.notify()
 
     def step(self) -> bool:
-        """Runs one decode step; returns False when there was nothing to run."""
+        """Runs one decode step (after computing the KV of sequences that need it); returns False when there was
+        nothing to run."""
         with self._cond:
             self._expire_leases()
             by_handle = {s.handle: s for s in (*self.waiting, *self.running)}
             plan = self.scheduler.plan(
-                [SeqView(s.handle, s.transfer.complete, s.cancelled) for s in self.waiting],
+                [SeqView(s.handle, s.transfer.complete or s.pending_kv_from is not None, s.cancelled)
+                 for s in self.waiting],
                 [SeqView(s.handle, True, s.cancelled) for s in self.running],
             )
             for handle in plan.drop:
                 self._finish(by_handle[handle], FINISH_CANCELLED, [])
+            admitted = [by_handle[h] for h in plan.admit if self._give_blocks(by_handle[h])]
             now = time.monotonic()
-            for handle in plan.admit:
-                by_handle[handle].admitted_at = now
-            self.waiting = deque(s for s in self.waiting if s.handle not in set(plan.admit) | set(plan.drop))
-            self.running = [by_handle[h] for h in plan.run]
-            batch = list(self.running)
+            for seq in admitted:
+                seq.admitted_at = seq.admitted_at or now
+                seq.admit_order = next(self._admissions)
+            taken = {s.handle for s in admitted} | set(plan.drop)
+            self.waiting = deque(s for s in self.waiting if s.handle not in taken)
+            self.running = [by_handle[h] for h in plan.run if h in taken or h not in plan.admit]
+            self._grow(self.running)
+            computing = [s for s in self.running if s.pending_kv_from is not None]
+            batch = [s for s in self.running if s.pending_kv_from is None]
+        if computing:
+            self._compute_kv(computing)
         if not batch:
-            return False
+            return bool(computing)
         proposals = self._propose(batch)
-        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.transfer.block_ids, tuple(p.tokens))
+        logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.block_ids, tuple(p.tokens))
                                          for s, p in zip(batch, proposals)])  # (sum of 1 + len(draft), vocab)
         new_tokens = choose(batch, proposals, logits)
         with self._cond:
@@ -208,9 +276,109 @@ class DecodeEngine:
                     self._counts["proposed"] += len(proposal.tokens)
                     self._counts["accepted"] += len(tokens) - 1
             for seq, tokens in zip(batch, new_tokens):
-                self._counts["tokens"] += self._append(seq, tokens)
+                if not seq.finished:  # a preemption or cancel cannot land mid-step: this is the lock's holder
+                    self._counts["tokens"] += self._append(seq, tokens)
             self.running = [s for s in self.running if not s.finished]
         return True
+
+    # KV memory: lazy growth, preemption, KV computed on this tier. Callers hold the lock.
+
+    def _give_blocks(self, seq: Sequence) -> bool:
+        """Blocks for a preempted sequence being admitted again: its KV's leading full blocks from the prefix
+        cache, fresh ones for the rest, with a block to spare per running sequence (each may grow by one this
+        step: without the margin it would be preempted again at once). False leaves it waiting."""
+        if seq.block_ids or seq.pending_kv_from is None:
+            return True  # its blocks are held already (KV pushed, or a local prefill's reservation)
+        tokens = seq.context[:seq.kv_target]
+        cached = self.blocks.match(tokens)
+        needed = self.blocks.blocks_needed(seq.kv_target + 1) - len(cached)
+        if self.blocks.num_free - needed < len(self.running):
+            self.blocks.free(cached)
+            return False
+        seq.block_ids[:] = cached + self.blocks.allocate_blocks(needed)
+        seq.pending_kv_from = len(cached) * self.blocks.block_size
+        if seq.spec is not None and self.draft is not None:
+            self.draft.attach(seq)
+        return True
+
+    def _grow(self, running: list[Sequence]) -> None:
+        """Gives each running sequence, oldest admitted first, the blocks this step writes (its next token and
+        the most it may speculate); preempts the most recently admitted sequence while the pool is short."""
+        if not self.lazy:
+            return
+        spare = self.speculation.num_tokens if self.speculation.method != "none" else 0
+        for seq in sorted(running, key=lambda s: s.admit_order):
+            if seq not in self.running:
+                continue  # preempted for an older sequence's growth
+            budget = seq.transfer.num_prompt_tokens + seq.max_new_tokens
+            needed = self.blocks.blocks_needed(min(seq.kv_target + 1 + spare, budget))
+            while len(seq.block_ids) < needed:
+                try:
+                    seq.block_ids.extend(self.blocks.allocate_blocks(needed - len(seq.block_ids)))
+                except OutOfBlocks:
+                    victim = max(self.running, key=lambda s: s.admit_order)
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks (its full ones stay cached) and queues it, oldest admitted first, ahead of
+        every sequence that was never admitted."""
+        self._cache(seq, seq.kv_len)
+        self.blocks.free(seq.block_ids)
+        seq.block_ids.clear()
+        if self.draft is not None:
+            self.draft.release(seq)
+        seq.pending_kv_from = 0
+        seq.num_preemptions += 1
+        self._counts["preemptions"] += 1
+        self.running.remove(seq)
+        preempted = sorted([s for s in self.waiting if s.num_preemptions and s.pending_kv_from is not None]
+                           + [seq], key=lambda s: s.admit_order)
+        self.waiting = deque(preempted + [s for s in self.waiting if s not in preempted])
+
+    def _cache(self, seq: Sequence, length: int) -> None:
+        """Puts the full blocks of the sequence's first `length` positions in the prefix cache: only when its
+        reservation named the prompt's ids (what the KV pushed to it was computed from)."""
+        if seq.transfer.prompt_ids:
+            self.blocks.register(seq.block_ids, seq.context[:length])
+
+    def _compute_kv(self, seqs: list[Sequence]) -> None:
+        """Computes each sequence's missing KV here (the loop thread, outside the lock), a chunk at a time; a
+        sequence prefilled locally then draws its first token."""
+        started = time.monotonic()
+        remaining = list(seqs)
+        while remaining := [s for s in remaining if not s.finished and s.pending_kv_from is not None]:
+            chunks = []
+            for seq in remaining:
+                end = min(seq.pending_kv_from + RECOMPUTE_CHUNK_TOKENS, seq.kv_target)
+                chunks.append(PrefillChunk(seq.context[seq.pending_kv_from:end], seq.pending_kv_from, seq.block_ids))
+            logits = self.runner.run_prefill(chunks)
+            with self._cond:
+                for seq, chunk in zip(remaining, chunks):
+                    seq.pending_kv_from += len(chunk.token_ids)
+                done = [i for i, s in enumerate(remaining) if s.pending_kv_from == s.kv_target]
+                self._kv_computed([remaining[i] for i in done], logits[done], started)
+
+    def _kv_computed(self, seqs: list[Sequence], logits, started: float) -> None:
+        """The sequences' KV is whole again: their full blocks are cached; those prefilled here draw their first
+        token from the logits of their prompt's last position."""
+        local = [i for i, s in enumerate(seqs) if not s.tokens]
+        firsts = sample(logits[local], [seqs[i].sampling for i in local], [seqs[i].next_step for i in local]) \
+            if local else []
+        for seq in seqs:
+            seq.pending_kv_from = None
+            self._cache(seq, seq.kv_target)
+        for i, token in zip(local, firsts):
+            seq = seqs[i]
+            self._counts["local_prefills"] += 1
+            seq.tokens.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self._finish(seq, reason, [token])
+            else:
+                seq.outbox.put(DecodeEvent([token], local_prefill_ms=(time.monotonic() - started) * 1000))
+        self.running = [s for s in self.running if not s.finished]
 
     def _propose(self, batch: list[Sequence]) -> list[Proposal]:
         """Draft tokens per sequence (none for those not speculating this step)."""
@@ -244,11 +412,15 @@ class DecodeEngine:
         return None
 
     def _finish(self, seq: Sequence, reason: str, token_ids: list[int]) -> None:
-        """Frees the sequence's blocks and closes its outbox. Caller holds the lock."""
+        """Frees the sequence's blocks (its full ones stay in the prefix cache) and closes its outbox. Caller holds
+        the lock."""
         if seq.finished:
             return
         seq.finished = True
-        self.blocks.free(seq.transfer.block_ids)
+        if reason != FINISH_ERROR:  # a failed step may have left its KV half written
+            self._cache(seq, seq.kv_len)
+        self.blocks.free(seq.block_ids)
+        seq.block_ids.clear()
         if self.draft is not None:
             self.draft.release(seq)
         if reason == FINISH_CANCELLED:
@@ -299,7 +471,8 @@ class DecodeEngine:
             return bool(self.transfers or self.waiting or self.running)
 
     def _has_work(self) -> bool:
-        return bool(self.running) or any(s.transfer.complete or s.cancelled for s in self.waiting)
+        return bool(self.running) or any(s.transfer.complete or s.cancelled or s.pending_kv_from is not None
+                                         for s in self.waiting)
 
     def stats(self) -> DecodeStatsSnapshot:
         with self._cond:
@@ -320,4 +493,15 @@ class DecodeEngine:
                 num_spec_accepted=c["accepted"],
                 batch_capacity=self.scheduler.max_batch_size,
                 expert_load=self.runner.expert_load_counts(),
+                num_preemptions=c["preemptions"],
+                num_cached_blocks=self.blocks.num_cached,
+                num_prefix_query_tokens=self.blocks.prefix_counts.query_tokens,
+                num_prefix_hit_tokens=self.blocks.prefix_counts.hit_tokens,
+                num_local_prefills=c["local_prefills"],
+                num_preempted_waiting=sum(1 for s in self.waiting if s.num_preemptions),
             )
+
+    def cache_summary(self, known_version: int) -> PrefixSummary:
+        with self._cond:
+            return self.blocks.summary(known_version, num_requests=len(self.waiting) + len(self.running),
+                                       num_queued_tokens=sum(len(s.block_ids) for s in self.running))

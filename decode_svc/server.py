@@ -13,7 +13,7 @@ from common.basics.errors import Internal, PdserveError, Unavailable
 from common.basics.tokenizer import TextTokenizer
 from common.edge.errors import maps_errors
 from common.edge.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
-from common.edge.proto import compat_to_proto
+from common.edge.proto import cache_summary_to_proto, compat_to_proto
 from common.edge.server import Tls, add_health, bind, drain, make_server, set_serving
 from common.edge.tracing import incoming_context, tracer
 from common.kv.grpc_transport import (
@@ -56,10 +56,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         call = reserve_from_proto(request)
         with self._tracer.start_as_current_span("decode.reserve", context=incoming_context(context),
                                                 kind=SpanKind.SERVER) as span:
-            handle, num_blocks, expires = self.engine.reserve(call.num_prompt_tokens, call.max_new_tokens,
-                                                              call.lease_s)
-            span.set_attributes({"pdserve.kv.handle": handle, "pdserve.kv.blocks": num_blocks})
-        return reservation_to_proto(handle, num_blocks, expires, self.compat)
+            reserved = self.engine.reserve(call.num_prompt_tokens, call.max_new_tokens, call.lease_s, call.prompt_ids)
+            span.set_attributes({"pdserve.kv.handle": reserved.handle, "pdserve.kv.blocks": reserved.num_blocks,
+                                 "pdserve.kv.cached_tokens": reserved.num_cached_tokens})
+        return reservation_to_proto(reserved, self.compat)
 
     @maps_errors
     def PushKv(self, request_iterator, context):
@@ -78,7 +78,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             seq = self.engine.start_decode(call.handle, call.first_token, call.max_new_tokens, call.sampling,
                                            call.stop_token_ids, call.stop_strings, call.prompt_ids, call.speculate,
-                                           call.first_step)
+                                           call.first_step, call.prefill_locally)
             observer.started(seq)
             context.add_callback(lambda: self.engine.cancel(seq))
             try:
@@ -116,6 +116,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def Stats(self, request, context):
         return stats_to_proto(self.engine.stats())
 
+    @maps_errors
+    def GetCacheSummary(self, request, context):
+        return cache_summary_to_proto(self.engine.cache_summary(request.known_version), self.compat.fingerprint,
+                                      self.compat.block_size)
+
 
 @dataclass
 class DecodeService:
@@ -138,7 +143,7 @@ def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: Tie
                                     config.speculative_adaptive)
     engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
                           TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks),
-                          max_lease_s=config.max_lease_ms / 1000)
+                          max_lease_s=config.max_lease_ms / 1000, kv_growth=config.kv_growth)
     registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
     context = runtime.runner.model.config.max_position_embeddings
     return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)),

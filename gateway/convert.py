@@ -12,13 +12,15 @@ from common.basics.sampling import SamplingConfig
 from common.basics.tokenizer import TextTokenizer
 from common.edge.proto import FINISH_REASONS, sampling_from_proto, sampling_to_proto
 from gateway.tiers import (
+    CacheSummary,
     DecodeArgs,
     DecodeChunk,
     GenerationSpec,
     PrefillResult,
+    Reservation,
     SpeculationCounts,
 )
-from pdserve.v1 import decode_pb2, gateway_pb2, prefill_pb2
+from pdserve.v1 import common_pb2, decode_pb2, gateway_pb2, prefill_pb2
 
 FINISH_REASON_NAMES = {number: name for name, number in FINISH_REASONS.items()}
 CHAT_ROLES = ("system", "user", "assistant")
@@ -125,22 +127,32 @@ def _stop_strings(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -
 
 # The calls to the tiers, and their replies.
 
-def reserve_request(request_id: str, num_prompt_tokens: int, max_new_tokens: int,
+def reserve_request(request_id: str, prompt_ids: list[int], max_new_tokens: int,
                     lease_ms: int) -> decode_pb2.ReserveRequest:
-    return decode_pb2.ReserveRequest(request_id=request_id, num_prompt_tokens=num_prompt_tokens,
-                                     max_new_tokens=max_new_tokens, lease_ms=lease_ms)
+    return decode_pb2.ReserveRequest(request_id=request_id, num_prompt_tokens=len(prompt_ids),
+                                     max_new_tokens=max_new_tokens, lease_ms=lease_ms, prompt_token_ids=prompt_ids)
+
+
+def reservation(reply: decode_pb2.ReserveResponse) -> Reservation:
+    return Reservation(reply.handle, reply.num_cached_tokens)
 
 
 def prefill_request(request_id: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                    handle: str, first_step: int) -> prefill_pb2.PrefillRequest:
+                    handle: str, first_step: int, kv_skip_tokens: int) -> prefill_pb2.PrefillRequest:
     return prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                       sampling=sampling_to_proto(sampling), decode_address=decode_address,
-                                      kv_handle=handle, first_step=first_step)
+                                      kv_handle=handle, first_step=first_step, kv_skip_tokens=kv_skip_tokens)
 
 
 def prefill_result(reply: prefill_pb2.PrefillResponse) -> PrefillResult:
     return PrefillResult(reply.first_token_id, reply.queue_ms, reply.compute_ms, reply.kv_transfer_ms,
-                         reply.kv_bytes, reply.num_chunks)
+                         reply.kv_bytes, reply.num_chunks, reply.num_cached_tokens)
+
+
+def cache_summary(reply: common_pb2.CacheSummary) -> CacheSummary:
+    return CacheSummary(reply.fingerprint, reply.block_size, reply.version,
+                        None if reply.unchanged else frozenset(reply.block_hashes), reply.num_blocks_total,
+                        reply.num_blocks_free, reply.num_requests, reply.num_queued_tokens, reply.prefix_caching)
 
 
 def decode_request(request_id: str, args: DecodeArgs) -> decode_pb2.DecodeRequest:
@@ -148,7 +160,7 @@ def decode_request(request_id: str, args: DecodeArgs) -> decode_pb2.DecodeReques
         handle=args.handle, request_id=request_id, first_token_id=args.first_token,
         max_new_tokens=args.max_new_tokens, sampling=sampling_to_proto(args.sampling),
         stop_token_ids=sorted(args.stop_token_ids), stop=args.stop, prompt_token_ids=args.prompt_ids,
-        speculative=args.speculative, first_step=args.first_step,
+        speculative=args.speculative, first_step=args.first_step, prefill_locally=args.prefill_locally,
     )
 
 
@@ -157,7 +169,8 @@ def decode_chunk(reply: decode_pb2.DecodeResponse) -> DecodeChunk:
     if reply.HasField("speculation"):
         s = reply.speculation
         speculation = SpeculationCounts(s.num_proposed, s.num_accepted, s.num_verify_steps, s.num_verify_tokens)
-    return DecodeChunk(list(reply.token_ids), FINISH_REASON_NAMES.get(reply.finish_reason), speculation)
+    return DecodeChunk(list(reply.token_ids), FINISH_REASON_NAMES.get(reply.finish_reason), speculation,
+                       reply.local_prefill_ms)
 
 
 # What the client receives.
@@ -167,13 +180,14 @@ def token_reply(token_ids: list[int], text: str, request_id: str) -> gateway_pb2
 
 
 def last_reply(token_ids: list[int], text: str, request_id: str, reason: str, prompt_tokens: int,
-               completion_tokens: int, timings: dict[str, float], speculation: SpeculationCounts | None,
-               num_migrations: int) -> gateway_pb2.GenerateResponse:
-    """The final message: finish reason, usage, timings (milliseconds, by Timings field), speculation, and how
-    often the request moved to another decode instance."""
+               completion_tokens: int, timings: dict, speculation: SpeculationCounts | None,
+               num_migrations: int, cached_tokens: int = 0) -> gateway_pb2.GenerateResponse:
+    """The final message: finish reason, usage, timings (by Timings field: milliseconds, the prefill path and the
+    KV bytes pushed), speculation, and how often the request moved to another decode instance."""
     return gateway_pb2.GenerateResponse(
         token_ids=token_ids, text=text, finish_reason=FINISH_REASONS[reason], request_id=request_id,
-        usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+        usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                cached_tokens=cached_tokens),
         timings=gateway_pb2.Timings(**timings), speculation=_speculation(speculation), num_migrations=num_migrations)
 
 

@@ -1,7 +1,10 @@
 """Generation: one request's legs across the tiers, as the gateway drives them.
 
-  1. Reserve on a decode instance D (least loaded first; a full one is skipped): blocks + lease.
-  2. Prefill on a prefill instance P with D's handle: P pushes the KV straight to D, returns token 1.
+  1. Reserve on a decode instance D (KV-aware order: the prefix it holds against its load; a full one is
+     skipped): blocks + lease, and how many leading prompt tokens D's prefix cache holds already.
+  2. Prefill on a prefill instance P with D's handle: P pushes the KV D lacks straight to D, returns token 1.
+     Conditional disaggregation: when the part D lacks is at most local_prefill_tokens, P is skipped: D
+     computes it itself and draws token 1 (prefill_path "decode-local", else "prefill-tier").
   3. Decode on D: tokens stream back until EOS or max_new_tokens.
 If an instance fails under a leg (UNAVAILABLE: dead, draining, unreachable), the request resumes elsewhere:
 the prompt plus every token already sent is prefilled again for another decode instance (or the same prompt
@@ -23,11 +26,21 @@ from opentelemetry.trace import Span, SpanKind
 from common.basics.errors import Unavailable, Upstream
 from common.edge.tracing import child_span
 from gateway.router import Router
-from gateway.tiers import CallContext, DecodeArgs, DecodeChunk, GenerationSpec, Tiers
+from gateway.tiers import (
+    CallContext,
+    DecodeArgs,
+    DecodeChunk,
+    GenerationSpec,
+    Reservation,
+    Tiers,
+)
 
 _NEXT_DECODE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # a decode instance that cannot take it: try the next
 _RESUMABLE = ("UNAVAILABLE",)  # an instance failed under a leg: resume the request elsewhere
 MAX_RETRIES = 3
+
+
+PATH_PREFILL_TIER, PATH_DECODE_LOCAL = "prefill-tier", "decode-local"
 
 
 @dataclass
@@ -35,12 +48,17 @@ class PhaseTimings:
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
     kv_transfer_ms: float = 0.0
+    prefill_path: str = PATH_PREFILL_TIER
+    kv_bytes: int = 0  # pushed from the prefill tier to decode
+    cached_tokens: int = 0  # prompt tokens whose KV was reused on the tier that prefilled
 
 
 class Generation:
     def __init__(self, spec: GenerationSpec, router: Router, tiers: Tiers, *, eos_token_ids: frozenset[int],
-                 lease_ms: int, deadline: float | None, trace_parent: Span, max_retries: int = MAX_RETRIES) -> None:
+                 lease_ms: int, deadline: float | None, trace_parent: Span, max_retries: int = MAX_RETRIES,
+                 local_prefill_tokens: int = 0) -> None:
         self.spec = spec
+        self.local_prefill_tokens = local_prefill_tokens  # conditional disaggregation's threshold (0: never)
         self.router = router
         self.tiers = tiers
         self.eos_token_ids = eos_token_ids
@@ -87,15 +105,23 @@ class Generation:
             return
         resumed, self._leg_addresses = bool(self._sent), ()
         with child_span("route", self.trace_parent) as span:
-            address, handle = self._reserve(span, avoid)
-            prefill_address = self.router.pick_prefill(avoid)
+            address, reservation = self._reserve(span, avoid)
+            handle, uncached = reservation.handle, self._prompt_len() - reservation.num_cached_tokens
+            local = uncached <= self.local_prefill_tokens
+            prefill_address = "" if local else self.router.pick_prefill(avoid, self._prompt())
             span.set_attributes({"pdserve.decode.address": address, "pdserve.prefill.address": prefill_address,
-                                 "pdserve.kv.handle": handle, "pdserve.resumed_after_tokens": len(self._sent)})
-        self._leg_addresses = (prefill_address, address)
+                                 "pdserve.kv.handle": handle, "pdserve.resumed_after_tokens": len(self._sent),
+                                 "pdserve.decode.cached_tokens": reservation.num_cached_tokens,
+                                 "pdserve.prefill.path": PATH_DECODE_LOCAL if local else PATH_PREFILL_TIER})
+        self._leg_addresses = (prefill_address, address) if prefill_address else (address,)
         decode_finished = False
         try:
             with self.router.decoding(address):
-                first = self._prefill(prefill_address, address, handle, started)
+                if local:
+                    yield from self._decode_local(address, reservation, started, resumed)
+                    decode_finished = True
+                    return
+                first = self._prefill(prefill_address, address, reservation, started)
                 self.num_migrations += resumed
                 self._sent.append(first)
                 yield DecodeChunk([first])
@@ -116,10 +142,31 @@ class Generation:
         """The instances of the failed leg that no longer serve (both are checked now); the next leg avoids them."""
         return frozenset(a for a in self._leg_addresses if not self.router.recheck(a))
 
-    def _reserve(self, span: Span, avoid: frozenset[str]) -> tuple[str, str]:
+    def _decode_local(self, address: str, reservation: Reservation, started: float,
+                      resumed: bool) -> Iterator[DecodeChunk]:
+        """The decode instance prefills the prompt's uncached part itself; its first chunk is the first token."""
+        sent = time.monotonic()
+        args = DecodeArgs(reservation.handle, 0, self.spec.max_new_tokens - len(self._sent), self.spec.sampling,
+                          self.eos_token_ids, self.spec.stop, self._prompt(), self.spec.speculative,
+                          len(self._sent), prefill_locally=True)
+        first = True
+        with child_span("decode.call", self.trace_parent, kind=SpanKind.CLIENT) as span:
+            span.set_attribute("pdserve.prefill.path", PATH_DECODE_LOCAL)
+            for chunk in self._track(self.tiers.decode(address, args, self._context(span))):
+                if first and chunk.token_ids:
+                    first = False
+                    self.num_migrations += resumed
+                    self.timings = PhaseTimings((sent - started) * 1000, chunk.local_prefill_ms, 0.0,
+                                                PATH_DECODE_LOCAL, 0, reservation.num_cached_tokens)
+                self._sent += chunk.token_ids
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+
+    def _reserve(self, span: Span, avoid: frozenset[str]) -> tuple[str, Reservation]:
         refusals = []
-        for address in self.router.decode_order(avoid):
-            call = self.tiers.reserve(address, self._prompt_len(), self.spec.max_new_tokens - len(self._sent),
+        for address in self.router.decode_order(avoid, self._prompt()):
+            call = self.tiers.reserve(address, self._prompt(), self.spec.max_new_tokens - len(self._sent),
                                       self.lease_ms, self._context(span))
             try:
                 return address, self._track(call).result()
@@ -133,19 +180,22 @@ class Generation:
         raise Upstream(status, "no decode instance can take this request now ("
                        + "; ".join(str(e) for e in refusals) + ")")
 
-    def _prefill(self, address: str, decode_address: str, handle: str, started: float) -> int:
+    def _prefill(self, address: str, decode_address: str, reservation: Reservation, started: float) -> int:
         with (self.router.prefilling(address, self._prompt_len()),
               child_span("prefill.call", self.trace_parent, kind=SpanKind.CLIENT) as span):
             sent = time.monotonic()
-            call = self.tiers.prefill(address, self.spec.prompt_ids + self._sent, self.spec.sampling, decode_address,
-                                      handle, self._context(span), first_step=len(self._sent))
+            call = self.tiers.prefill(address, self._prompt(), self.spec.sampling, decode_address,
+                                      reservation.handle, self._context(span), first_step=len(self._sent),
+                                      kv_skip_tokens=reservation.num_cached_tokens)
             result = self._track(call).result()
             span.set_attributes({"pdserve.prefill.queue_ms": result.queue_ms,
                                  "pdserve.prefill.compute_ms": result.compute_ms,
                                  "pdserve.kv.transfer_tail_ms": result.kv_transfer_ms,
-                                 "pdserve.kv.bytes": result.kv_bytes, "pdserve.prefill.chunks": result.num_chunks})
+                                 "pdserve.kv.bytes": result.kv_bytes, "pdserve.prefill.chunks": result.num_chunks,
+                                 "pdserve.prefill.cached_tokens": result.num_cached_tokens})
         self.timings = PhaseTimings(queue_ms=(sent - started) * 1000 + result.queue_ms,
-                                    prefill_ms=result.compute_ms, kv_transfer_ms=result.kv_transfer_ms)
+                                    prefill_ms=result.compute_ms, kv_transfer_ms=result.kv_transfer_ms,
+                                    kv_bytes=result.kv_bytes, cached_tokens=result.num_cached_tokens)
         return result.first_token
 
     def _decode(self, address: str, handle: str, first: int) -> Iterator[DecodeChunk]:
@@ -156,8 +206,11 @@ class Generation:
         with child_span("decode.call", self.trace_parent, kind=SpanKind.CLIENT) as span:
             yield from self._track(self.tiers.decode(address, args, self._context(span)))
 
+    def _prompt(self) -> list[int]:
+        """What this leg prefills: the prompt and every token sent before."""
+        return self.spec.prompt_ids + self._sent
+
     def _prompt_len(self) -> int:
-        """Tokens this leg prefills: the prompt and every token sent before."""
         return len(self.spec.prompt_ids) + len(self._sent)
 
     def _context(self, span: Span) -> CallContext:

@@ -11,8 +11,8 @@ from common.edge.errors import upstream
 from common.edge.server import Tls, make_channel
 from common.edge.tracing import outgoing_metadata
 from gateway import convert
-from gateway.tiers import CallContext, DecodeArgs
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from gateway.tiers import CacheSummary, CallContext, DecodeArgs
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 _RELEASE_TIMEOUT_S = 2.0
 _HEALTH_TIMEOUT_S = 1.0
@@ -59,15 +59,16 @@ class GrpcTiers:
         self._decode = {a: decode_pb2_grpc.DecodeStub(channels[a]) for a in decode_addresses}
         self._health = {a: health_pb2_grpc.HealthStub(channel) for a, channel in channels.items()}
 
-    def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
+    def reserve(self, address: str, prompt_ids: list[int], max_new_tokens: int, lease_ms: int,
                 ctx: CallContext) -> _Pending:
-        request = convert.reserve_request(ctx.request_id, num_prompt_tokens, max_new_tokens, lease_ms)
+        request = convert.reserve_request(ctx.request_id, prompt_ids, max_new_tokens, lease_ms)
         future = self._decode[address].Reserve.future(request, **_call_options(ctx))
-        return _Pending(future, lambda reply: reply.handle, f"decode instance {address}")
+        return _Pending(future, convert.reservation, f"decode instance {address}")
 
     def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                handle: str, ctx: CallContext, first_step: int = 0) -> _Pending:
-        request = convert.prefill_request(ctx.request_id, prompt_ids, sampling, decode_address, handle, first_step)
+                handle: str, ctx: CallContext, first_step: int = 0, kv_skip_tokens: int = 0) -> _Pending:
+        request = convert.prefill_request(ctx.request_id, prompt_ids, sampling, decode_address, handle, first_step,
+                                          kv_skip_tokens)
         future = self._prefill[address].Prefill.future(request, **_call_options(ctx))
         return _Pending(future, convert.prefill_result, f"prefill instance {address}")
 
@@ -88,6 +89,15 @@ class GrpcTiers:
             return self._decode[address].Stats(decode_pb2.StatsRequest(), timeout=_HEALTH_TIMEOUT_S).batch_capacity
         except grpc.RpcError:
             return None
+
+    def cache_summary(self, address: str, known_version: int) -> CacheSummary | None:
+        stub = self._prefill.get(address) or self._decode[address]
+        try:
+            reply = stub.GetCacheSummary(common_pb2.CacheSummaryRequest(known_version=known_version),
+                                         timeout=_HEALTH_TIMEOUT_S)
+        except grpc.RpcError:
+            return None
+        return convert.cache_summary(reply)
 
     def serving(self, address: str) -> bool | None:
         try:

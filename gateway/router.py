@@ -1,43 +1,98 @@
-"""Router: picks the decode and prefill instances of a request among those in rotation (Membership), by the
-load this gateway sent them.
+"""Router: picks the decode and prefill instances of a request among those in rotation (Membership).
 
-Decode instances are tried least-loaded first (a full one answers RESOURCE_EXHAUSTED and the next is
-tried); the prefill instance is the one with the fewest prompt tokens in flight. Instances out of rotation
-(unhealthy, draining, or avoided by the caller) are never picked.
+Decode instances are tried in order, cheapest first (a full one answers RESOURCE_EXHAUSTED and the next is
+tried); the prefill instance is the cheapest one. Instances out of rotation (unhealthy, draining, or avoided by
+the caller) are never picked; ties go to the instance configured first.
+
+KV-aware (a PrefixIndex given and the prompt's token ids passed): the cost of an instance is Dynamo's,
+
+    prefix_weight x (prompt blocks it does not hold) + its load in blocks,
+
+where it holds the prompt's leading full blocks its last CacheSummary names (gateway/kv_index.py), and its load
+is, for decode, the blocks its running sequences hold (what each decode step reads), for prefill, the prompt
+tokens it has still to compute, in blocks. The cost is computed only from what the instances reported, never
+from this gateway's own traffic, so gateways that read the same summaries make the same choices (and one that
+restarts makes the same choices as before). prefix_weight 0 routes by reported load alone.
+
+Otherwise (no index, no prompt, or an instance in rotation that has not reported: just started, not answering,
+or too old to be asked) the order is by the load this gateway sent: decode by the requests in flight on each,
+prefill by the prompt tokens in flight. Reported and unknown loads cannot be weighed against each other, and
+this never sends all the traffic to, or none to, an instance because nothing is known of it.
 """
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from common.basics.errors import Unavailable
+from gateway.kv_index import PrefixIndex, PromptBlocks, num_cached_blocks
 from gateway.membership import Membership
+from gateway.tiers import CacheSummary
+
+
+def decode_load_blocks(summary: CacheSummary) -> float:
+    """A decode instance's load: blocks held by its running sequences."""
+    return summary.num_queued_tokens
+
+
+def prefill_load_blocks(summary: CacheSummary) -> float:
+    """A prefill instance's load: prompt tokens still to compute, in blocks."""
+    return summary.num_queued_tokens / summary.block_size
 
 
 class Router:
     def __init__(self, prefill_addresses: tuple[str, ...], decode_addresses: tuple[str, ...],
-                 membership: Membership | None = None) -> None:
+                 membership: Membership | None = None, index: PrefixIndex | None = None,
+                 prefix_weight: float = 1.0) -> None:
         self._prefill_tokens = dict.fromkeys(prefill_addresses, 0)
         self._decode_requests = dict.fromkeys(decode_addresses, 0)
         self.membership = membership  # None: every instance is in rotation
+        self.index = index  # None: route by this gateway's own load
+        self.prefix_weight = prefix_weight
         self._lock = threading.Lock()
 
-    def decode_order(self, avoid: frozenset[str] = frozenset()) -> list[str]:
-        """Decode instances in rotation, least loaded first (ties in configured order)."""
+    def decode_order(self, avoid: frozenset[str] = frozenset(), prompt_ids: Sequence[int] | None = None) -> list[str]:
+        """Decode instances in rotation, cheapest first (ties in configured order)."""
         live = self._live("decode", self._decode_requests, avoid)
+        costs = self._costs(live, prompt_ids, decode_load_blocks)
+        if costs is not None:
+            return sorted(live, key=costs.__getitem__)
         with self._lock:
             return sorted(live, key=self._decode_requests.__getitem__)
 
-    def pick_prefill(self, avoid: frozenset[str] = frozenset()) -> str:
+    def pick_prefill(self, avoid: frozenset[str] = frozenset(), prompt_ids: Sequence[int] | None = None) -> str:
+        """The cheapest prefill instance in rotation (ties: the first configured)."""
         live = self._live("prefill", self._prefill_tokens, avoid)
         if not live:
             raise Unavailable("no prefill instance is serving now; try again shortly")
+        costs = self._costs(live, prompt_ids, prefill_load_blocks)
+        if costs is not None:
+            return min(live, key=costs.__getitem__)
         with self._lock:
             return min(live, key=self._prefill_tokens.__getitem__)
+
+    def expected_cached_blocks(self, address: str, prompt_ids: Sequence[int]) -> int:
+        """Leading full blocks of the prompt the instance holds, as its last summary says (0 without an index)."""
+        return 0 if self.index is None else self.index.num_cached_blocks(address, prompt_ids)
 
     def recheck(self, address: str) -> bool:
         """Asks an instance for its health now (a call to it failed); returns whether it stays in rotation."""
         return True if self.membership is None else self.membership.recheck(address)
+
+    def _costs(self, live: list[str], prompt_ids: Sequence[int] | None,
+               load_blocks: Callable[[CacheSummary], float]) -> dict[str, float] | None:
+        """Each live instance's cost from its last summary; None (route by own load) when KV-aware routing is
+        off for this choice: no index, no prompt, or a live instance without a summary."""
+        if self.index is None or prompt_ids is None:
+            return None
+        prompt, costs = PromptBlocks(prompt_ids), {}
+        for address in live:
+            summary = self.index.summary(address)
+            if summary is None:
+                return None
+            uncached = prompt.num_blocks(summary.block_size) - num_cached_blocks(summary, prompt)
+            costs[address] = self.prefix_weight * uncached + load_blocks(summary)
+        return costs
 
     def _live(self, tier: str, known: dict[str, int], avoid: frozenset[str]) -> list[str]:
         if self.membership is None:

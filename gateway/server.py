@@ -34,6 +34,7 @@ from common.edge.tracing import child_span, incoming_context
 from gateway.convert import last_reply, spec_from_request, token_reply
 from gateway.generation import Generation
 from gateway.grpc_tiers import GrpcTiers
+from gateway.kv_index import PrefixIndex
 from gateway.membership import Membership
 from gateway.observe import RequestObserver
 from gateway.router import Router
@@ -53,13 +54,15 @@ def instance_service(address: str) -> str:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, tokenizer: TextTokenizer, model: ModelConfig, tiers: Tiers,
-                 metrics: GatewayMetrics, keys: ApiKeys, membership: Membership | None = None) -> None:
+                 metrics: GatewayMetrics, keys: ApiKeys, membership: Membership | None = None,
+                 index: PrefixIndex | None = None) -> None:
         self.config = config
         self.keys = keys
         self.tokenizer = tokenizer
         self.model = model
         self.tiers = tiers
-        self.router = Router(config.prefill_addresses, config.decode_addresses, membership)
+        self.router = Router(config.prefill_addresses, config.decode_addresses, membership, index,
+                             config.prefix_weight)
         self.metrics = metrics
         self.draining = False  # set on SIGTERM: new requests are turned away, those in flight finish
         self.in_flight = 0
@@ -121,7 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         generation = Generation(
             spec, self.router, self.tiers, eos_token_ids=frozenset(self.model.eos_token_ids),
             lease_ms=self.config.lease_ms, deadline=observer.arrived + remaining if remaining is not None else None,
-            trace_parent=observer.span,
+            trace_parent=observer.span, local_prefill_tokens=self.config.local_prefill_tokens,
         )
         context.add_callback(generation.cancel)
         text = TextStream(self.tokenizer, spec.stop)
@@ -136,15 +139,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             observer.finished(reason)
             yield last_reply(chunk.token_ids, delta + text.finish(), spec.request_id, reason, len(spec.prompt_ids),
                              observer.num_output_tokens, _timings(generation, observer.arrived, observer.first_at),
-                             chunk.speculation, generation.num_migrations)
+                             chunk.speculation, generation.num_migrations, generation.timings.cached_tokens)
             return
 
 
-def _timings(generation: Generation, arrived: float, first_at: float) -> dict[str, float]:
-    """Milliseconds by gateway_pb2.Timings field."""
+def _timings(generation: Generation, arrived: float, first_at: float) -> dict:
+    """gateway_pb2.Timings fields: milliseconds, the prefill path and the KV bytes pushed."""
     now = time.monotonic()
     return {"queue_ms": generation.timings.queue_ms, "prefill_ms": generation.timings.prefill_ms,
-            "kv_transfer_ms": generation.timings.kv_transfer_ms,
+            "kv_transfer_ms": generation.timings.kv_transfer_ms, "prefill_path": generation.timings.prefill_path,
+            "kv_bytes": generation.timings.kv_bytes,
             "time_to_first_token_ms": (first_at - arrived) * 1000, "decode_ms": (now - first_at) * 1000,
             "total_ms": (now - arrived) * 1000}
 
@@ -156,6 +160,7 @@ class RunningGateway:
     servicer: GatewayServicer
     health: health.HealthServicer
     membership: Membership
+    index: PrefixIndex
 
     def drain(self, timeout_s: float) -> bool:
         """NOT_SERVING at once, new requests turned away, those in flight finish (up to timeout_s)."""
@@ -164,6 +169,7 @@ class RunningGateway:
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.membership.stop()
+        self.index.stop()
         self.server.stop(grace_s).wait()
 
 
@@ -192,8 +198,11 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
                             slots=tiers.decode_slots, on_instance=report_instance)
     for address in (*config.prefill_addresses, *config.decode_addresses):
         report_instance(address, False)
+    # What each instance's prefix cache holds and its load, for KV-aware routing (gateway/router.py).
+    index = PrefixIndex((*config.prefill_addresses, *config.decode_addresses), tiers.cache_summary,
+                        config.cache_poll_ms / 1000)
     servicer = GatewayServicer(config, tokenizer, model, tiers, GatewayMetrics(registry or CollectorRegistry()), keys,
-                               membership)
+                               membership, index)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     reflection.enable_server_reflection(
         (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
@@ -206,4 +215,5 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
     port = bind(server, config.host, config.port, public_tls)
     server.start()
     membership.start()
-    return RunningGateway(server, port, servicer, health, membership)
+    index.start()
+    return RunningGateway(server, port, servicer, health, membership, index)

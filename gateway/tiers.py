@@ -39,6 +39,12 @@ class CallContext:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    handle: str
+    num_cached_tokens: int = 0  # leading prompt tokens the decode instance holds already: push KV from here
+
+
+@dataclass(frozen=True)
 class PrefillResult:
     first_token: int
     queue_ms: float  # in the prefill tier's queue
@@ -46,6 +52,22 @@ class PrefillResult:
     kv_transfer_ms: float  # from the end of compute until decode acknowledged every page
     kv_bytes: int
     num_chunks: int  # forward passes the prompt took
+    num_cached_tokens: int = 0  # leading prompt tokens the prefill instance found in its prefix cache
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What an instance holds in its prefix cache (names of full blocks, common/kv/prefix.py) and its load."""
+
+    fingerprint: str
+    block_size: int
+    version: int
+    block_hashes: frozenset[int] | None  # None: unchanged since the version the caller named
+    num_blocks_total: int
+    num_blocks_free: int  # free or evictable
+    num_requests: int  # decode: sequences running or waiting; prefill: prompts queued or computing
+    num_queued_tokens: int  # prefill: prompt tokens still to compute; decode: blocks held by sequences
+    prefix_caching: bool
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,7 @@ class DecodeChunk:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last chunk
     speculation: SpeculationCounts | None = None  # on the last chunk of a request that speculated
+    local_prefill_ms: float = 0.0  # on the first chunk of a request the decode instance prefilled itself
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,7 @@ class DecodeArgs:
     prompt_ids: list[int]
     speculative: bool | None
     first_step: int = 0  # index of first_token among the request's new tokens (k when resuming after k)
+    prefill_locally: bool = False  # the decode instance computes the prompt's KV and draws first_token itself
 
 
 class Pending(Protocol[T]):
@@ -87,13 +111,14 @@ class Stream(Protocol):
 
 
 class Tiers(Protocol):
-    def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
-                ctx: CallContext) -> Pending[str]:
-        """A decode instance's reservation handle for the prompt's KV."""
+    def reserve(self, address: str, prompt_ids: list[int], max_new_tokens: int, lease_ms: int,
+                ctx: CallContext) -> Pending[Reservation]:
+        """A decode instance's reservation for the prompt's KV, and how much of it that instance holds already."""
 
     def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                handle: str, ctx: CallContext, first_step: int = 0) -> Pending[PrefillResult]:
-        """The prompt's KV pushed into the reservation, and its next token (the request's first_step-th)."""
+                handle: str, ctx: CallContext, first_step: int = 0, kv_skip_tokens: int = 0) -> Pending[PrefillResult]:
+        """The prompt's KV from position kv_skip_tokens on pushed into the reservation, and its next token (the
+        request's first_step-th)."""
 
     def decode(self, address: str, args: DecodeArgs, ctx: CallContext) -> Stream:
         """The rest of the tokens, streamed."""
@@ -107,3 +132,7 @@ class Tiers(Protocol):
 
     def decode_slots(self, address: str) -> int | None:
         """The decode instance's batch size (sequences it steps at once), or None when it does not answer."""
+
+    def cache_summary(self, address: str, known_version: int) -> CacheSummary | None:
+        """What a prefill or decode instance holds in its prefix cache and its load, or None when it does not
+        answer (block_hashes is None when known_version is still current)."""

@@ -2,7 +2,7 @@
 
 A field `kv_memory_mb` is the flag `--kv-memory-mb`, with the field's default and help; metadata may rename
 the flag (`model_dir` is `--model`), give choices, or invert a boolean (`speculative_adaptive` is
-`--speculative-fixed-k`). `add_flags` declares them, `config_from_args` builds the dataclass from the parsed
+`--speculative-fixed-k`) or make it negatable (`prefix_caching` is `--prefix-caching` / `--no-prefix-caching`). `add_flags` declares them, `config_from_args` builds the dataclass from the parsed
 flags, and `to_argv` writes a configuration as the flags that rebuild it: how `pdserve up` starts each tier.
 A prefix ("prefill-") lets one command carry one tier's copy of a field beside another's.
 """
@@ -46,7 +46,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable[str] |
         kind = _kind(spec, hints)
         help_text = (f"{whose}: " if whose else "") + spec.metadata.get("help", "")
         options = {k: spec.metadata[k] for k in ("choices", "metavar") if k in spec.metadata}
-        if kind is bool:
+        if kind is bool and spec.metadata.get("negatable"):  # --name and --no-name
+            parser.add_argument(_flag(spec, prefix), dest=_dest(spec, prefix), action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text + f" (default {'on' if default else 'off'})")
+        elif kind is bool:
             action = "store_true" if spec.metadata.get("inverse") == bool(default) or not default else "store_false"
             parser.add_argument(_flag(spec, prefix), dest=_dest(spec, prefix), action=action, help=help_text)
         elif hints[spec.name] is not kind and typing.get_origin(hints[spec.name]) is tuple:
@@ -84,7 +87,9 @@ def to_argv(config, names: Iterable[str] | None = None, *, prefix: str = "") -> 
     argv = []
     for spec in fields_of(type(config), names):
         value, flag = getattr(config, spec.name), _flag(spec, prefix)
-        if isinstance(value, bool):
+        if isinstance(value, bool) and spec.metadata.get("negatable"):
+            argv += [flag if value else "--no-" + flag[2:]]
+        elif isinstance(value, bool):
             argv += [flag] if value != bool(spec.metadata.get("inverse")) else []
         elif isinstance(value, tuple):
             argv += [part for item in value for part in (flag, str(item))]

@@ -21,6 +21,7 @@ class PrefillCall:
     decode_address: str
     kv_handle: str
     first_step: int  # index of the drawn token among the request's new tokens
+    kv_skip: int  # leading tokens the decode reservation holds already: KV pushed from here
 
 
 def call_from_proto(request: prefill_pb2.PrefillRequest, vocab_size: int, request_id: str) -> PrefillCall:
@@ -32,12 +33,15 @@ def call_from_proto(request: prefill_pb2.PrefillRequest, vocab_size: int, reques
         raise InvalidArgument(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
     if not request.decode_address or not request.kv_handle:
         raise InvalidArgument("decode_address and kv_handle name where the KV goes; both are required")
+    if request.kv_skip_tokens >= len(request.prompt_token_ids):
+        raise InvalidArgument(f"kv_skip_tokens {request.kv_skip_tokens} must be below the prompt's "
+                              f"{len(request.prompt_token_ids)} tokens (the last token's KV is always pushed)")
     try:
         sampling = sampling_from_proto(request.sampling)
     except ValueError as error:
         raise InvalidArgument(str(error)) from None
     return PrefillCall(request_id, list(request.prompt_token_ids), sampling, request.decode_address,
-                       request.kv_handle, request.first_step)
+                       request.kv_handle, request.first_step, request.kv_skip_tokens)
 
 
 def reply_to_proto(job: PrefillJob, ack: KvAck, transferred_at: float) -> prefill_pb2.PrefillResponse:
@@ -49,6 +53,7 @@ def reply_to_proto(job: PrefillJob, ack: KvAck, transferred_at: float) -> prefil
         kv_bytes=ack.num_bytes,
         kv_chunks=ack.num_chunks,
         num_chunks=job.num_chunks,
+        num_cached_tokens=job.num_cached,
     )
 
 

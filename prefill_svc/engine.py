@@ -1,10 +1,15 @@
 """Prefill engine. One prompt's life on the prefill tier:
 
-  submit()    -> queued   : waits for local KV blocks (the whole prompt) in arrival order
+  submit()    -> queued   : waits for local KV blocks (the whole prompt) in arrival order; the prompt's
+                            leading full blocks come from the prefix cache where it holds them (short of the
+                            last token, whose logits give the first token), and their compute is skipped
   step()      -> computing: one chunk of at most chunk_size tokens per step (chunked prefill); the
                             prompts of a step share one forward pass under max_batch_tokens; every
                             layer's new K/V goes to the prompt's KvSender as soon as it is computed
-  last chunk  -> sampled  : the first token is drawn, the sender closed, the local blocks freed
+  last chunk  -> sampled  : the first token is drawn, the sender closed, the local blocks freed (the full
+                            ones stay in the prefix cache, evicted least recently used)
+Only KV the decode reservation lacks is pushed: from position kv_skip on (the leading blocks decode holds in
+its own prefix cache), cached rows read from the pool first, then the computed ones.
 The RPC thread then waits for the decode tier's acknowledgement and replies. A cancelled prompt
 leaves the queue (or the next step), aborts its sender and frees its blocks.
 """
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 
 from common.basics.errors import RateLimited, ResourceExhausted, Unavailable
 from common.basics.sampling import SamplingConfig
-from common.kv.block_manager import BlockManager, OutOfBlocks
+from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
 from common.kv.transport import KvSender
 from common.model.runner import ModelRunner, PrefillChunk
@@ -33,6 +38,8 @@ class PrefillJob:
     sampling: SamplingConfig
     sender: KvSender
     first_step: int = 0  # index of the token drawn among the request's new tokens (k when it resumes after k)
+    kv_skip: int = 0  # leading tokens the decode reservation holds already: not pushed
+    num_cached: int = 0  # leading tokens found in this tier's prefix cache: not computed
     block_table: list[int] | None = None
     num_computed: int = 0
     num_chunks: int = 0
@@ -54,6 +61,9 @@ class PrefillStatsSnapshot:
     max_batch_prompts: int
     num_blocks_free: int
     num_blocks_total: int
+    num_cached_blocks: int = 0
+    num_prefix_query_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
 
 
 class PrefillEngine:
@@ -104,7 +114,12 @@ class PrefillEngine:
             return False
 
         def push(index: int, layer: int, stored: KvRows) -> None:
-            batch[index].sender.send(layer, chunks[index].start, stored)
+            job, start = batch[index], chunks[index].start
+            if start + stored.num_tokens <= job.kv_skip:
+                return
+            if start < job.kv_skip:  # decode holds the chunk's first tokens already
+                stored, start = stored.rows(job.kv_skip - start, stored.num_tokens), job.kv_skip
+            job.sender.send(layer, start, stored)
 
         now = time.monotonic()
         for job in batch:
@@ -126,17 +141,31 @@ class PrefillEngine:
                     job.first_token = token
                     job.computed_at = time.monotonic()
                     job.sender.close()
+                    self.blocks.register(job.block_table, job.token_ids)
                     self._retire(job)
         return True
 
     def _admit(self) -> None:
         while self.queued:
             job = self.queued[0]
+            cached = self.blocks.match(job.token_ids, max_tokens=len(job.token_ids) - 1)
             try:
-                job.block_table = self.blocks.allocate(len(job.token_ids))
+                fresh = self.blocks.allocate_blocks(self.blocks.blocks_needed(len(job.token_ids)) - len(cached))
             except OutOfBlocks:
+                self.blocks.free(cached)
                 return
+            job.block_table = cached + fresh
+            job.num_cached = job.num_computed = len(cached) * self.blocks.block_size
+            self._push_cached(job)
             self.computing.append(self.queued.popleft())
+
+    def _push_cached(self, job: PrefillJob) -> None:
+        """Sends the cached KV decode lacks (positions kv_skip up to the cached prefix's end), layer by layer."""
+        if job.kv_skip >= job.num_cached:
+            return
+        for layer in range(self.runner.kv.num_layers):
+            job.sender.send(layer, job.kv_skip, self.runner.read_kv(layer, job.block_table, job.kv_skip,
+                                                                    job.num_cached))
 
     def _plan(self) -> tuple[list[PrefillJob], list[PrefillChunk]]:
         batch, chunks, budget = [], [], self.max_batch_tokens
@@ -200,4 +229,13 @@ class PrefillEngine:
                 max_batch_prompts=self._counts["max_batch"],
                 num_blocks_free=self.blocks.num_free,
                 num_blocks_total=self.blocks.num_blocks,
+                num_cached_blocks=self.blocks.num_cached,
+                num_prefix_query_tokens=self.blocks.prefix_counts.query_tokens,
+                num_prefix_hit_tokens=self.blocks.prefix_counts.hit_tokens,
             )
+
+    def cache_summary(self, known_version: int) -> PrefixSummary:
+        with self._cond:
+            jobs = (*self.queued, *self.computing)
+            return self.blocks.summary(known_version, num_requests=len(jobs),
+                                       num_queued_tokens=sum(len(j.token_ids) - j.num_computed for j in jobs))

@@ -18,7 +18,8 @@ def record_prefill(span: Span, metrics: PrefillMetrics, job: PrefillJob, sender:
     record_phase("prefill.queue", span, job.enqueued_at, job.started_at, clock, tracer_name=_TRACER)
     _record_chunks(span, job, sender, clock)
     span.set_attributes({"pdserve.prefill.chunks": job.num_chunks, "pdserve.kv.bytes": ack.num_bytes,
-                         "pdserve.kv.pages": ack.num_chunks, "gen_ai.usage.input_tokens": len(job.token_ids)})
+                         "pdserve.kv.pages": ack.num_chunks, "gen_ai.usage.input_tokens": len(job.token_ids),
+                         "pdserve.prefix.cached_tokens": job.num_cached, "pdserve.kv.skipped_tokens": job.kv_skip})
     metrics.queue_time.observe(job.started_at - job.enqueued_at)
     metrics.compute_time.observe(job.computed_at - job.started_at)
     metrics.prompt_tokens.inc(len(job.token_ids))

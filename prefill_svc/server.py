@@ -23,7 +23,7 @@ from common.basics.errors import (
 from common.basics.request_id import checked_request_id
 from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
-from common.edge.proto import compat_from_proto, compat_to_proto
+from common.edge.proto import cache_summary_to_proto, compat_from_proto, compat_to_proto
 from common.edge.server import (
     MESSAGE_MARGIN_BYTES,
     REQUEST_ID_KEY,
@@ -109,6 +109,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return stats_to_proto(self.engine.stats())
 
     @maps_errors
+    def GetCacheSummary(self, request, context):
+        return cache_summary_to_proto(self.engine.cache_summary(request.known_version), self.compat.fingerprint,
+                                      self.compat.block_size)
+
+    @maps_errors
     def Prefill(self, request, context):
         request_id = checked_request_id(request.request_id or metadata_value(context, REQUEST_ID_KEY) or "")
         with self._tracer.start_as_current_span("prefill", context=incoming_context(context), kind=SpanKind.SERVER,
@@ -127,7 +132,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         sender = GrpcKvSender(self.peers.stub_for(call.decode_address), handle=call.kv_handle,
                               fingerprint=self.compat.fingerprint, kv_dtype=self.compat.kv_dtype,
                               request_id=call.request_id, trace_parent=span, timeout_s=time_remaining_s(context))
-        job = PrefillJob(call.request_id, call.prompt_ids, call.sampling, sender, call.first_step)
+        job = PrefillJob(call.request_id, call.prompt_ids, call.sampling, sender, call.first_step, call.kv_skip)
         self.engine.submit(job)
         context.add_callback(lambda: self.engine.cancel(job))
         while not job.done.wait(_POLL_S):

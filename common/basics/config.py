@@ -15,6 +15,10 @@ KV_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
 # "dual": float32 weights on CPU also get a oneDNN-blocked copy for products of several rows (common/model/linear.py)
 CPU_WEIGHT_LAYOUTS = ("dual", "single")
 SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
+# How the decode tier holds KV for the tokens a sequence will generate: "lazy" grows it a block at a time
+# (preempting the most recently admitted sequence when the pool runs out), "upfront" reserves prompt +
+# max_new_tokens at once (fewer sequences fit; kept to measure the difference).
+KV_GROWTH = ("lazy", "upfront")
 # How a tier stores its weights; common/model/linear.py registers each (a unit test keeps the two equal).
 WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
                        "int4-awq", "int4-awq-g32", "int4-awq-g64", "int4-awq-g128")
@@ -23,6 +27,8 @@ WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4
 # code default to port 0 (a free one).
 DEFAULT_PORTS = {"gateway": 50051, "prefill": 50052, "decode": 50053}
 DEFAULT_GATEWAY_PORT = DEFAULT_PORTS["gateway"]
+# Conditional disaggregation's default threshold, measured (docs/benchmarks.md, "Conditional disaggregation").
+LOCAL_PREFILL_TOKENS = 32
 # On SIGTERM a tier stops taking work and lets what it holds finish for this long before it exits.
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
@@ -69,6 +75,11 @@ class TierConfig:
     kv_dtype: str = option("float32", "KV cache dtype (both tiers must agree); int8 and fp8 store per-row scales",
                            choices=KV_DTYPES)
     kv_memory_mb: int = option(1024, "memory budget of the KV pool")
+    kv_blocks: int = option(0, "KV pool size in blocks, overriding --kv-memory-mb (0: from --kv-memory-mb); for "
+                               "tests and capacity planning")
+    prefix_caching: bool = option(True, "keep full KV blocks after their request ends and reuse them for prompts "
+                                        "that start with the same tokens (evicted least recently used)",
+                                  negatable=True)
     threads: int = option(0, "torch threads (0: every core this process may use)")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     weights: str = option("fp32", "weight format (quantised formats are computed at the first start and saved "
@@ -92,6 +103,8 @@ class TierConfig:
             raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.kv_memory_mb < 1:
             raise ValueError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
+        if self.kv_blocks < 0:
+            raise ValueError(f"kv_blocks must be >= 0 (0: sized by kv_memory_mb), got {self.kv_blocks}")
         if self.cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
             raise ValueError(f"cpu_weight_layout must be one of {', '.join(CPU_WEIGHT_LAYOUTS)}, "
                              f"got {self.cpu_weight_layout!r}")
@@ -111,6 +124,9 @@ class DecodeConfig(TierConfig):
     speculative_adaptive: bool = option(
         True, "always propose --num-speculative-tokens (no adaptive k): to measure acceptance",
         flag="--speculative-fixed-k", inverse=True)
+    kv_growth: str = option("lazy", "lazy: KV blocks grow a block at a time as a sequence generates, and the most "
+                                    "recently admitted sequence is preempted (recomputed later) when the pool runs "
+                                    "out; upfront: prompt + max_new_tokens reserved at once", choices=KV_GROWTH)
     draft_model: Path | None = option(
         None, "with --speculative draft: a Llama-family checkpoint sharing the model's tokenizer "
               "(`pdserve distill-draft` trains one)")
@@ -125,6 +141,8 @@ class DecodeConfig(TierConfig):
             raise ValueError("--speculative draft and --draft-model PATH go together: the draft model is the proposer")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.kv_growth not in KV_GROWTH:
+            raise ValueError(f"kv_growth must be one of {KV_GROWTH}, got {self.kv_growth!r}")
         if not 1 <= self.lease_ms <= self.max_lease_ms:
             raise ValueError(f"lease_ms must be in [1, max_lease_ms {self.max_lease_ms}], got {self.lease_ms}")
 
@@ -164,6 +182,15 @@ class GatewayConfig:
     admission_factor: float = option(
         2.0, "requests admitted per decode batch slot in rotation (the decode instances report their batch size); "
              "beyond, RESOURCE_EXHAUSTED at once with a retry delay")
+    local_prefill_tokens: int = option(
+        LOCAL_PREFILL_TOKENS, "conditional disaggregation: a prompt whose part not cached on the chosen decode "
+                              "instance is at most this many tokens is prefilled by that instance itself, skipping "
+                              "the prefill tier and the KV transfer (0: always the prefill tier)")
+    prefix_weight: float = option(
+        1.0, "KV-aware routing: cost of one uncached prompt block against one block of load "
+             "(cost = weight x uncached blocks + load blocks); 0 routes by load alone")
+    cache_poll_ms: int = option(500, "how often the gateway asks each instance what its prefix cache holds and "
+                                     "its load")
     tls_cert: Path | None = option(None, "the gateway's certificate (PEM) for mutual TLS with the tiers")
     tls_key: Path | None = option(None, "its private key (PEM)")
     tls_ca: Path | None = option(None, "the CA that signs every tier's certificate")
@@ -181,6 +208,12 @@ class GatewayConfig:
             raise ValueError("the gateway needs at least one prefill and one decode address")
         if self.lease_ms < 1:
             raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
+        if self.local_prefill_tokens < 0:
+            raise ValueError(f"local_prefill_tokens must be >= 0, got {self.local_prefill_tokens}")
+        if self.prefix_weight < 0:
+            raise ValueError(f"prefix_weight must be >= 0, got {self.prefix_weight}")
+        if self.cache_poll_ms < 1:
+            raise ValueError(f"cache_poll_ms must be >= 1, got {self.cache_poll_ms}")
         if not self.admission_factor > 0:
             raise ValueError(f"admission_factor must be > 0, got {self.admission_factor}")
         if self.max_stop_strings < 0:

@@ -90,6 +90,12 @@ PREFILL_STATS: StatsFields = {
     "num_steps": ("pdserve_prefill_steps", "Prefill steps run", "counter"),
     "num_blocks_free": ("pdserve_kv_blocks_free", "Free KV blocks of this instance's pool", "gauge"),
     "num_blocks_total": ("pdserve_kv_blocks_total", "KV blocks of this instance's pool", "gauge"),
+    "num_cached_blocks": ("pdserve_prefix_cache_blocks", "Full KV blocks held in the prefix cache (in use or "
+                          "evictable)", "gauge"),
+    "num_prefix_query_tokens": ("pdserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                "counter"),
+    "num_prefix_hit_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                              "counter"),
 }
 DECODE_STATS: StatsFields = {
     "num_running": ("pdserve_decode_batch_size", "Sequences in the running decode batch", "gauge"),
@@ -104,6 +110,17 @@ DECODE_STATS: StatsFields = {
                           "counter"),
     "num_blocks_free": ("pdserve_kv_blocks_free", "Free KV blocks of this instance's pool", "gauge"),
     "num_blocks_total": ("pdserve_kv_blocks_total", "KV blocks of this instance's pool", "gauge"),
+    "num_cached_blocks": ("pdserve_prefix_cache_blocks", "Full KV blocks held in the prefix cache (in use or "
+                          "evictable)", "gauge"),
+    "num_prefix_query_tokens": ("pdserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                "counter"),
+    "num_prefix_hit_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
+                              "counter"),
+    "num_preemptions": ("pdserve_decode_preemptions", "Sequences preempted when the KV pool ran out (their KV "
+                        "recomputed when admitted again)", "counter"),
+    "num_preempted_waiting": ("pdserve_decode_preempted_waiting", "Preempted sequences waiting for room", "gauge"),
+    "num_local_prefills": ("pdserve_decode_local_prefills", "Requests this decode instance prefilled itself "
+                           "(conditional disaggregation)", "counter"),
 }
 
 
@@ -128,6 +145,11 @@ class StatsCollector(Collector):
             used = GaugeMetricFamily("pdserve_kv_blocks_used", "KV blocks in use or reserved", labels=["tier"])
             used.add_metric([self._tier], float(snapshot["num_blocks_total"] - snapshot["num_blocks_free"]))
             yield used
+        if snapshot.get("num_prefix_query_tokens"):
+            rate = GaugeMetricFamily("pdserve_prefix_cache_hit_rate", "Share of looked-up prompt tokens found in the "
+                                     "prefix cache since start", labels=["tier"])
+            rate.add_metric([self._tier], snapshot["num_prefix_hit_tokens"] / snapshot["num_prefix_query_tokens"])
+            yield rate
         if snapshot.get("expert_load"):  # mixture-of-experts models: (layers, experts) tokens routed
             yield self._expert_tokens(snapshot["expert_load"])
 

@@ -1,7 +1,9 @@
-"""Protobuf <-> domain objects shared by every tier: compatibility info, sampling, finish reasons."""
+"""Protobuf <-> domain objects shared by every tier: compatibility info, sampling, finish reasons, the prefix
+cache's summary."""
 
 from common.basics.compat import Compat
 from common.basics.sampling import SamplingConfig
+from common.kv.block_manager import PrefixSummary
 from pdserve.v1 import common_pb2
 
 FINISH_REASONS = {
@@ -49,3 +51,11 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingConfig:
 def sampling_to_proto(config: SamplingConfig) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                                      seed=config.seed)
+
+
+def cache_summary_to_proto(summary: PrefixSummary, fingerprint: str, block_size: int) -> common_pb2.CacheSummary:
+    return common_pb2.CacheSummary(
+        fingerprint=fingerprint, block_size=block_size, version=summary.version, unchanged=summary.hashes is None,
+        block_hashes=summary.hashes or [], num_blocks_total=summary.num_blocks_total,
+        num_blocks_free=summary.num_blocks_free, num_requests=summary.num_requests,
+        num_queued_tokens=summary.num_queued_tokens, prefix_caching=summary.prefix_caching)

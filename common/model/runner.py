@@ -106,6 +106,11 @@ class ModelRunner:
         self.kv.write_rows(layer, self.kv.slots(block_table, start, start + rows.num_tokens), rows)
 
     @torch.inference_mode()
+    def read_kv(self, layer: int, block_table: list[int], start: int, end: int) -> KvRows:
+        """The stored rows of positions [start, end), as the pool holds them (to push cached KV on)."""
+        return self.kv.read_rows(layer, self.kv.slots(block_table, start, end))
+
+    @torch.inference_mode()
     def run_decode(self, items: list[DecodeItem]) -> torch.Tensor:
         """Returns logits (sum of item.num_tokens, vocab): for each item's token and each draft token,
         in order, the distribution of the token after it."""

@@ -10,6 +10,7 @@ from common.basics.compat import Compat, compat_for
 from common.basics.config import TierConfig, resolve_threads
 from common.kv.block_manager import BlockManager
 from common.kv.pool import KvPool
+from common.kv.prefix import root_hash
 from common.kv.wire import DTYPES
 from common.model.llama import LlamaModel
 from common.model.runner import ModelRunner
@@ -52,12 +53,14 @@ def runtime_for(model: LlamaModel, config: TierConfig, compat: Compat) -> TierRu
     kv_dtype = DTYPES[config.kv_dtype]
     per_block = KvPool.bytes_per_block(num_layers=c.num_layers, block_size=config.block_size,
                                        num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype)
-    num_blocks = config.kv_memory_mb * 2**20 // per_block
+    num_blocks = config.kv_blocks or config.kv_memory_mb * 2**20 // per_block
     if num_blocks < 1:
         raise ValueError(f"kv_memory_mb {config.kv_memory_mb} holds no block of {per_block} bytes; raise it")
     kv = KvPool(num_layers=c.num_layers, num_blocks=num_blocks, block_size=config.block_size,
                 num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=kv_dtype, device=model.device)
-    return TierRuntime(ModelRunner(model, kv), BlockManager(num_blocks, config.block_size), compat)
+    blocks = BlockManager(num_blocks, config.block_size, prefix_root=root_hash(compat.fingerprint)
+                          if config.prefix_caching else None)
+    return TierRuntime(ModelRunner(model, kv), blocks, compat)
 
 
 def resolve_device(name: str) -> torch.device:

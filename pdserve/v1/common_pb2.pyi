@@ -1,6 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -47,3 +49,33 @@ class CompatInfo(_message.Message):
     head_dim: int
     fingerprint: str
     def __init__(self, model_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class CacheSummaryRequest(_message.Message):
+    __slots__ = ("known_version",)
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_version: int
+    def __init__(self, known_version: _Optional[int] = ...) -> None: ...
+
+class CacheSummary(_message.Message):
+    __slots__ = ("fingerprint", "block_size", "version", "unchanged", "block_hashes", "num_blocks_total", "num_blocks_free", "num_requests", "num_queued_tokens", "prefix_caching")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    block_size: int
+    version: int
+    unchanged: bool
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    num_blocks_total: int
+    num_blocks_free: int
+    num_requests: int
+    num_queued_tokens: int
+    prefix_caching: bool
+    def __init__(self, fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., version: _Optional[int] = ..., unchanged: _Optional[bool] = ..., block_hashes: _Optional[_Iterable[int]] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...

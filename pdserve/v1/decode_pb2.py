@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x10\n\x0eGetInfoRequest\"i\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"|\n\x0fReserveResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x1d\n\x15lease_expires_unix_ms\x18\x03 \x01(\x04\x12&\n\x06\x63ompat\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.CompatInfo\"\xd6\x01\n\x07KvChunk\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\x0b\n\x03key\x18\x08 \x01(\x0c\x12\r\n\x05value\x18\t \x01(\x0c\x12\r\n\x05\x63rc32\x18\n \x01(\r\x12\x11\n\tkey_scale\x18\x0b \x01(\x0c\x12\x13\n\x0bvalue_scale\x18\x0c \x01(\x0c\"K\n\x0ePushKvResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x12\x12\n\nreceive_ms\x18\x03 \x01(\x01\"\x8f\x02\n\rDecodeRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x18\n\x0bspeculative\x18\t \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nfirst_step\x18\n \x01(\rB\x0e\n\x0c_speculative\"s\n\x10SpeculationStats\x12\x14\n\x0cnum_proposed\x18\x01 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x18\n\x10num_verify_steps\x18\x03 \x01(\r\x12\x19\n\x11num_verify_tokens\x18\x04 \x01(\r\"\x99\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x31\n\x0bspeculation\x18\x04 \x01(\x0b\x32\x1c.pdserve.v1.SpeculationStats\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\x8f\x03\n\x0b\x44\x65\x63odeStats\x12\x18\n\x10num_blocks_total\x18\x01 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x02 \x01(\r\x12\x14\n\x0cnum_reserved\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x11\n\tnum_steps\x18\x05 \x01(\x04\x12\x1c\n\x14num_tokens_generated\x18\x06 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fmean_batch_size\x18\x08 \x01(\x01\x12\x1a\n\x12num_leases_expired\x18\t \x01(\x04\x12\x15\n\rnum_cancelled\x18\n \x01(\x04\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x19\n\x11num_spec_proposed\x18\x0c \x01(\x04\x12\x19\n\x11num_spec_accepted\x18\r \x01(\x04\x12+\n\x0b\x65xpert_load\x18\x0e \x03(\x0b\x32\x16.pdserve.v1.ExpertLoad\x12\x16\n\x0e\x62\x61tch_capacity\x18\x0f \x01(\r\"6\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\x32\x8b\x03\n\x06\x44\x65\x63ode\x12=\n\x07GetInfo\x12\x1a.pdserve.v1.GetInfoRequest\x1a\x16.pdserve.v1.CompatInfo\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12;\n\x06PushKv\x12\x13.pdserve.v1.KvChunk\x1a\x1a.pdserve.v1.PushKvResponse(\x01\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12:\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x17.pdserve.v1.DecodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\x10\n\x0eGetInfoRequest\"\x83\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\"\x97\x01\n\x0fReserveResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x1d\n\x15lease_expires_unix_ms\x18\x03 \x01(\x04\x12&\n\x06\x63ompat\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.CompatInfo\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\xd6\x01\n\x07KvChunk\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x13\n\x0btoken_start\x18\x04 \x01(\r\x12\x11\n\ttoken_end\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\r\x12\x0b\n\x03key\x18\x08 \x01(\x0c\x12\r\n\x05value\x18\t \x01(\x0c\x12\r\n\x05\x63rc32\x18\n \x01(\r\x12\x11\n\tkey_scale\x18\x0b \x01(\x0c\x12\x13\n\x0bvalue_scale\x18\x0c \x01(\x0c\"K\n\x0ePushKvResponse\x12\x12\n\nnum_chunks\x18\x01 \x01(\r\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x12\x12\n\nreceive_ms\x18\x03 \x01(\x01\"\xa8\x02\n\rDecodeRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x18\n\x0bspeculative\x18\t \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nfirst_step\x18\n \x01(\r\x12\x17\n\x0fprefill_locally\x18\x0b \x01(\x08\x42\x0e\n\x0c_speculative\"s\n\x10SpeculationStats\x12\x14\n\x0cnum_proposed\x18\x01 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x18\n\x10num_verify_steps\x18\x03 \x01(\r\x12\x19\n\x11num_verify_tokens\x18\x04 \x01(\r\"\xb3\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x31\n\x0bspeculation\x18\x04 \x01(\x0b\x32\x1c.pdserve.v1.SpeculationStats\x12\x18\n\x10local_prefill_ms\x18\x05 \x01(\x01\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xbe\x04\n\x0b\x44\x65\x63odeStats\x12\x18\n\x10num_blocks_total\x18\x01 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x02 \x01(\r\x12\x14\n\x0cnum_reserved\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x11\n\tnum_steps\x18\x05 \x01(\x04\x12\x1c\n\x14num_tokens_generated\x18\x06 \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12\x17\n\x0fmean_batch_size\x18\x08 \x01(\x01\x12\x1a\n\x12num_leases_expired\x18\t \x01(\x04\x12\x15\n\rnum_cancelled\x18\n \x01(\x04\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x19\n\x11num_spec_proposed\x18\x0c \x01(\x04\x12\x19\n\x11num_spec_accepted\x18\r \x01(\x04\x12+\n\x0b\x65xpert_load\x18\x0e \x03(\x0b\x32\x16.pdserve.v1.ExpertLoad\x12\x16\n\x0e\x62\x61tch_capacity\x18\x0f \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x10 \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\x11 \x01(\r\x12\x1f\n\x17num_prefix_query_tokens\x18\x12 \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\x13 \x01(\x04\x12\x1a\n\x12num_local_prefills\x18\x14 \x01(\x04\x12\x1d\n\x15num_preempted_waiting\x18\x15 \x01(\r\"6\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x04\x32\xd9\x03\n\x06\x44\x65\x63ode\x12=\n\x07GetInfo\x12\x1a.pdserve.v1.GetInfoRequest\x1a\x16.pdserve.v1.CompatInfo\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12;\n\x06PushKv\x12\x13.pdserve.v1.KvChunk\x1a\x1a.pdserve.v1.PushKvResponse(\x01\x12\x41\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x1a.pdserve.v1.DecodeResponse0\x01\x12\x42\n\x07Release\x12\x1a.pdserve.v1.ReleaseRequest\x1a\x1b.pdserve.v1.ReleaseResponse\x12:\n\x05Stats\x12\x18.pdserve.v1.StatsRequest\x1a\x17.pdserve.v1.DecodeStats\x12L\n\x0fGetCacheSummary\x12\x1f.pdserve.v1.CacheSummaryRequest\x1a\x18.pdserve.v1.CacheSummaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,30 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETINFOREQUEST']._serialized_start=64
   _globals['_GETINFOREQUEST']._serialized_end=80
-  _globals['_RESERVEREQUEST']._serialized_start=82
-  _globals['_RESERVEREQUEST']._serialized_end=187
-  _globals['_RESERVERESPONSE']._serialized_start=189
-  _globals['_RESERVERESPONSE']._serialized_end=313
-  _globals['_KVCHUNK']._serialized_start=316
-  _globals['_KVCHUNK']._serialized_end=530
-  _globals['_PUSHKVRESPONSE']._serialized_start=532
-  _globals['_PUSHKVRESPONSE']._serialized_end=607
-  _globals['_DECODEREQUEST']._serialized_start=610
-  _globals['_DECODEREQUEST']._serialized_end=881
-  _globals['_SPECULATIONSTATS']._serialized_start=883
-  _globals['_SPECULATIONSTATS']._serialized_end=998
-  _globals['_DECODERESPONSE']._serialized_start=1001
-  _globals['_DECODERESPONSE']._serialized_end=1154
-  _globals['_RELEASEREQUEST']._serialized_start=1156
-  _globals['_RELEASEREQUEST']._serialized_end=1188
-  _globals['_RELEASERESPONSE']._serialized_start=1190
-  _globals['_RELEASERESPONSE']._serialized_end=1225
-  _globals['_STATSREQUEST']._serialized_start=1227
-  _globals['_STATSREQUEST']._serialized_end=1241
-  _globals['_DECODESTATS']._serialized_start=1244
-  _globals['_DECODESTATS']._serialized_end=1643
-  _globals['_EXPERTLOAD']._serialized_start=1645
-  _globals['_EXPERTLOAD']._serialized_end=1699
-  _globals['_DECODE']._serialized_start=1702
-  _globals['_DECODE']._serialized_end=2097
+  _globals['_RESERVEREQUEST']._serialized_start=83
+  _globals['_RESERVEREQUEST']._serialized_end=214
+  _globals['_RESERVERESPONSE']._serialized_start=217
+  _globals['_RESERVERESPONSE']._serialized_end=368
+  _globals['_KVCHUNK']._serialized_start=371
+  _globals['_KVCHUNK']._serialized_end=585
+  _globals['_PUSHKVRESPONSE']._serialized_start=587
+  _globals['_PUSHKVRESPONSE']._serialized_end=662
+  _globals['_DECODEREQUEST']._serialized_start=665
+  _globals['_DECODEREQUEST']._serialized_end=961
+  _globals['_SPECULATIONSTATS']._serialized_start=963
+  _globals['_SPECULATIONSTATS']._serialized_end=1078
+  _globals['_DECODERESPONSE']._serialized_start=1081
+  _globals['_DECODERESPONSE']._serialized_end=1260
+  _globals['_RELEASEREQUEST']._serialized_start=1262
+  _globals['_RELEASEREQUEST']._serialized_end=1294
+  _globals['_RELEASERESPONSE']._serialized_start=1296
+  _globals['_RELEASERESPONSE']._serialized_end=1331
+  _globals['_STATSREQUEST']._serialized_start=1333
+  _globals['_STATSREQUEST']._serialized_end=1347
+  _globals['_DECODESTATS']._serialized_start=1350
+  _globals['_DECODESTATS']._serialized_end=1924
+  _globals['_EXPERTLOAD']._serialized_start=1926
+  _globals['_EXPERTLOAD']._serialized_end=1980
+  _globals['_DECODE']._serialized_start=1983
+  _globals['_DECODE']._serialized_end=2456
 # @@protoc_insertion_point(module_scope)

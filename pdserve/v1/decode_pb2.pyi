@@ -12,28 +12,32 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "num_prompt_tokens", "max_new_tokens", "lease_ms")
+    __slots__ = ("request_id", "num_prompt_tokens", "max_new_tokens", "lease_ms", "prompt_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_prompt_tokens: int
     max_new_tokens: int
     lease_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("handle", "num_blocks", "lease_expires_unix_ms", "compat")
+    __slots__ = ("handle", "num_blocks", "lease_expires_unix_ms", "compat", "num_cached_tokens")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     COMPAT_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     handle: str
     num_blocks: int
     lease_expires_unix_ms: int
     compat: _common_pb2.CompatInfo
-    def __init__(self, handle: _Optional[str] = ..., num_blocks: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., compat: _Optional[_Union[_common_pb2.CompatInfo, _Mapping]] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, handle: _Optional[str] = ..., num_blocks: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ..., compat: _Optional[_Union[_common_pb2.CompatInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("handle", "fingerprint", "layer", "token_start", "token_end", "dtype", "shape", "key", "value", "crc32", "key_scale", "value_scale")
@@ -74,7 +78,7 @@ class PushKvResponse(_message.Message):
     def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., receive_ms: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("handle", "request_id", "first_token_id", "max_new_tokens", "sampling", "stop_token_ids", "stop", "prompt_token_ids", "speculative", "first_step")
+    __slots__ = ("handle", "request_id", "first_token_id", "max_new_tokens", "sampling", "stop_token_ids", "stop", "prompt_token_ids", "speculative", "first_step", "prefill_locally")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +89,7 @@ class DecodeRequest(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LOCALLY_FIELD_NUMBER: _ClassVar[int]
     handle: str
     request_id: str
     first_token_id: int
@@ -95,7 +100,8 @@ class DecodeRequest(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     speculative: bool
     first_step: int
-    def __init__(self, handle: _Optional[str] = ..., request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., speculative: _Optional[bool] = ..., first_step: _Optional[int] = ...) -> None: ...
+    prefill_locally: bool
+    def __init__(self, handle: _Optional[str] = ..., request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., stop: _Optional[_Iterable[str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., speculative: _Optional[bool] = ..., first_step: _Optional[int] = ..., prefill_locally: _Optional[bool] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
     __slots__ = ("num_proposed", "num_accepted", "num_verify_steps", "num_verify_tokens")
@@ -110,16 +116,18 @@ class SpeculationStats(_message.Message):
     def __init__(self, num_proposed: _Optional[int] = ..., num_accepted: _Optional[int] = ..., num_verify_steps: _Optional[int] = ..., num_verify_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("token_ids", "finish_reason", "queue_ms", "speculation")
+    __slots__ = ("token_ids", "finish_reason", "queue_ms", "speculation", "local_prefill_ms")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _common_pb2.FinishReason
     queue_ms: float
     speculation: SpeculationStats
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., queue_ms: _Optional[float] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ...) -> None: ...
+    local_prefill_ms: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., queue_ms: _Optional[float] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ..., local_prefill_ms: _Optional[float] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("handle",)
@@ -138,7 +146,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("num_blocks_total", "num_blocks_free", "num_reserved", "num_running", "num_steps", "num_tokens_generated", "max_batch_size", "mean_batch_size", "num_leases_expired", "num_cancelled", "block_size", "num_spec_proposed", "num_spec_accepted", "expert_load", "batch_capacity")
+    __slots__ = ("num_blocks_total", "num_blocks_free", "num_reserved", "num_running", "num_steps", "num_tokens_generated", "max_batch_size", "mean_batch_size", "num_leases_expired", "num_cancelled", "block_size", "num_spec_proposed", "num_spec_accepted", "expert_load", "batch_capacity", "num_preemptions", "num_cached_blocks", "num_prefix_query_tokens", "num_prefix_hit_tokens", "num_local_prefills", "num_preempted_waiting")
     NUM_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     NUM_RESERVED_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +162,12 @@ class DecodeStats(_message.Message):
     NUM_SPEC_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
     BATCH_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTED_WAITING_FIELD_NUMBER: _ClassVar[int]
     num_blocks_total: int
     num_blocks_free: int
     num_reserved: int
@@ -169,7 +183,13 @@ class DecodeStats(_message.Message):
     num_spec_accepted: int
     expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     batch_capacity: int
-    def __init__(self, num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens_generated: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_leases_expired: _Optional[int] = ..., num_cancelled: _Optional[int] = ..., block_size: _Optional[int] = ..., num_spec_proposed: _Optional[int] = ..., num_spec_accepted: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., batch_capacity: _Optional[int] = ...) -> None: ...
+    num_preemptions: int
+    num_cached_blocks: int
+    num_prefix_query_tokens: int
+    num_prefix_hit_tokens: int
+    num_local_prefills: int
+    num_preempted_waiting: int
+    def __init__(self, num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens_generated: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_leases_expired: _Optional[int] = ..., num_cancelled: _Optional[int] = ..., block_size: _Optional[int] = ..., num_spec_proposed: _Optional[int] = ..., num_spec_accepted: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., batch_capacity: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_prefix_query_tokens: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_preempted_waiting: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "tokens_per_expert")

@@ -68,6 +68,11 @@ class DecodeStub:
                 request_serializer=pdserve_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_decode__pb2.DecodeStats.FromString,
                 _registered_method=True)
+        self.GetCacheSummary = channel.unary_unary(
+                '/pdserve.v1.Decode/GetCacheSummary',
+                request_serializer=pdserve_dot_v1_dot_common__pb2.CacheSummaryRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_common__pb2.CacheSummary.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -120,6 +125,13 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCacheSummary(self, request, context):
+        """The blocks held in the prefix cache and the load, for KV-aware routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +164,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_decode__pb2.StatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_decode__pb2.DecodeStats.SerializeToString,
+            ),
+            'GetCacheSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCacheSummary,
+                    request_deserializer=pdserve_dot_v1_dot_common__pb2.CacheSummaryRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_common__pb2.CacheSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +336,33 @@ class Decode:
             '/pdserve.v1.Decode/Stats',
             pdserve_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
             pdserve_dot_v1_dot_decode__pb2.DecodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCacheSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Decode/GetCacheSummary',
+            pdserve_dot_v1_dot_common__pb2.CacheSummaryRequest.SerializeToString,
+            pdserve_dot_v1_dot_common__pb2.CacheSummary.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,11 @@ class PrefillStub:
                 request_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStats.FromString,
                 _registered_method=True)
+        self.GetCacheSummary = channel.unary_unary(
+                '/pdserve.v1.Prefill/GetCacheSummary',
+                request_serializer=pdserve_dot_v1_dot_common__pb2.CacheSummaryRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_common__pb2.CacheSummary.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -80,6 +85,13 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCacheSummary(self, request, context):
+        """The blocks held in the prefix cache and the load, for KV-aware routing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +109,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStats.SerializeToString,
+            ),
+            'GetCacheSummary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCacheSummary,
+                    request_deserializer=pdserve_dot_v1_dot_common__pb2.CacheSummaryRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_common__pb2.CacheSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +199,33 @@ class Prefill:
             '/pdserve.v1.Prefill/Stats',
             pdserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
             pdserve_dot_v1_dot_prefill__pb2.PrefillStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCacheSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Prefill/GetCacheSummary',
+            pdserve_dot_v1_dot_common__pb2.CacheSummaryRequest.SerializeToString,
+            pdserve_dot_v1_dot_common__pb2.CacheSummary.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,12 +36,12 @@ def engines(model, model_dir):
 
 def _start(prefill, decode, prompt_ids: list[int], max_new: int = MAX_NEW):
     """Reserve on decode, prefill into the reservation over the in-process transport, start decoding."""
-    handle, _, _ = decode.reserve(len(prompt_ids), max_new)
+    handle = decode.reserve(len(prompt_ids), max_new, prompt_ids=prompt_ids).handle
     job = prefill.submit(PrefillJob("r", prompt_ids, SamplingConfig(), InProcessKvSender(decode, handle)))
     assert job.done.wait(120)
     job.sender.wait()
     eos = frozenset(decode.runner.model.config.eos_token_ids)
-    return decode.start_decode(handle, job.first_token, max_new, SamplingConfig(), eos)
+    return decode.start_decode(handle, job.first_token, max_new, SamplingConfig(), eos, (), prompt_ids)
 
 
 def _tokens(seq) -> list[int]:
@@ -75,7 +75,8 @@ def test_cancel_mid_decode_and_an_expired_lease_give_the_blocks_back(engines, mo
         time.sleep(0.01)
     assert decode.stats().num_cancelled == 1
     short_lease = decode_engine(model, model_dir, lease_s=0.05)
-    handle, num_blocks, _ = short_lease.reserve(40, 10)
+    reserved = short_lease.reserve(40, 10)
+    handle, num_blocks = reserved.handle, reserved.num_blocks
     assert short_lease.blocks.num_free == short_lease.blocks.num_blocks - num_blocks
     time.sleep(0.1)  # the lease is over: the next step (or idle check) frees it
     short_lease.step()
@@ -89,7 +90,7 @@ def test_cancel_mid_decode_and_an_expired_lease_give_the_blocks_back(engines, mo
 
 def test_kv_out_of_order_or_past_the_prompt_is_refused(engines, model):
     _, decode = engines
-    handle, _, _ = decode.reserve(8, 4)
+    handle = decode.reserve(8, 4).handle
     c = model.config
     rows = KvRows(torch.zeros(4, c.num_kv_heads, c.head_dim), torch.zeros(4, c.num_kv_heads, c.head_dim))
     with pytest.raises(InvalidArgument, match="expected 0"):

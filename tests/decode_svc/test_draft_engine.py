@@ -44,7 +44,7 @@ def _engine(runtime, model_dir, draft_dir, adaptive: bool = False) -> DecodeEngi
 def _submit(engine: DecodeEngine, prompt_ids: list[int], speculate: bool | None = None,
             sampling: SamplingConfig = SamplingConfig()):
     """Reserve, prefill into the reserved blocks in place of the prefill tier, start decoding."""
-    handle, _, _ = engine.reserve(len(prompt_ids), MAX_NEW_TOKENS)
+    handle = engine.reserve(len(prompt_ids), MAX_NEW_TOKENS).handle
     transfer = engine.transfers[handle]
     logits = engine.runner.run_prefill([PrefillChunk(prompt_ids, 0, transfer.block_ids)])  # (1, vocab)
     transfer.received = [len(prompt_ids)] * len(transfer.received)

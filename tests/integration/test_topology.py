@@ -39,8 +39,9 @@ def mismatched_tiers(model_dir):
     decode = start_decode(DecodeConfig(model_dir=model_dir, kv_dtype="float16", kv_memory_mb=64))
     prefill = start_prefill(PrefillConfig(model_dir=model_dir, kv_memory_mb=64,
                                           decode_addresses=(f"127.0.0.1:{decode.port}",)))
+    # every prompt through the prefill tier: a short one would otherwise be prefilled on decode, never meeting it
     gateway = start_gateway(GatewayConfig(model_dir=model_dir, port=0, prefill_addresses=(f"127.0.0.1:{prefill.port}",),
-                                          decode_addresses=(f"127.0.0.1:{decode.port}",)))
+                                          decode_addresses=(f"127.0.0.1:{decode.port}",), local_prefill_tokens=0))
     yield gateway, decode
     for server in (gateway, prefill, decode):
         server.stop()

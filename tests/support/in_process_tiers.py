@@ -14,35 +14,44 @@ from common.basics.tokenizer import TextTokenizer
 from common.edge.errors import status_of
 from common.kv.block_manager import BlockManager
 from common.kv.pool import KvPool
+from common.kv.prefix import root_hash
 from common.kv.transport import InProcessKvSender
 from common.model.runner import ModelRunner
 from decode_svc.engine import FINISH_SHUTDOWN, DecodeEngine
 from decode_svc.scheduler import Scheduler
 from gateway.tiers import (
+    CacheSummary,
     CallContext,
     DecodeArgs,
     DecodeChunk,
     PrefillResult,
+    Reservation,
     SpeculationCounts,
 )
 from prefill_svc.engine import PrefillEngine, PrefillJob
 
+PREFIX_ROOT = root_hash("in-process tests")
 
-def runner_over(model, num_blocks: int, block_size: int = 16) -> tuple[ModelRunner, BlockManager]:
+
+def runner_over(model, num_blocks: int, block_size: int = 16,
+                prefix_caching: bool = True) -> tuple[ModelRunner, BlockManager]:
     c = model.config
     kv = KvPool(num_layers=c.num_layers, num_blocks=num_blocks, block_size=block_size,
                 num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=torch.float32)
-    return ModelRunner(model, kv), BlockManager(num_blocks, block_size)
+    return ModelRunner(model, kv), BlockManager(num_blocks, block_size,
+                                                prefix_root=PREFIX_ROOT if prefix_caching else None)
 
 
-def prefill_engine(model, num_blocks: int = 64, chunk_size: int = 32) -> PrefillEngine:
-    runner, blocks = runner_over(model, num_blocks)
+def prefill_engine(model, num_blocks: int = 64, chunk_size: int = 32, prefix_caching: bool = True) -> PrefillEngine:
+    runner, blocks = runner_over(model, num_blocks, prefix_caching=prefix_caching)
     return PrefillEngine(runner, blocks, chunk_size=chunk_size, max_batch_tokens=4 * chunk_size)
 
 
-def decode_engine(model, model_dir, num_blocks: int = 64, lease_s: float = 30.0) -> DecodeEngine:
-    runner, blocks = runner_over(model, num_blocks)
-    return DecodeEngine(runner, blocks, Scheduler(DecodeConfig.max_batch_size), lease_s, TextTokenizer(model_dir))
+def decode_engine(model, model_dir, num_blocks: int = 64, lease_s: float = 30.0, prefix_caching: bool = True,
+                  kv_growth: str = "lazy", max_batch_size: int = DecodeConfig.max_batch_size) -> DecodeEngine:
+    runner, blocks = runner_over(model, num_blocks, prefix_caching=prefix_caching)
+    return DecodeEngine(runner, blocks, Scheduler(max_batch_size), lease_s, TextTokenizer(model_dir),
+                        kv_growth=kv_growth)
 
 
 def _typed(error: PdserveError) -> PdserveError:
@@ -82,7 +91,8 @@ class _PrefillCall:
             raise _typed(error) from None
         job = self.job
         return PrefillResult(job.first_token, (job.started_at - job.enqueued_at) * 1000,
-                             (job.computed_at - job.started_at) * 1000, 0.0, ack.num_bytes, job.num_chunks)
+                             (job.computed_at - job.started_at) * 1000, 0.0, ack.num_bytes, job.num_chunks,
+                             job.num_cached)
 
     def cancel(self) -> None:
         self.engine.cancel(self.job)
@@ -101,7 +111,7 @@ class _DecodeStream:
             spec = event.spec
             counts = None if spec is None else SpeculationCounts(spec.num_proposed, spec.num_accepted,
                                                                  spec.num_verify_steps, spec.num_verify_tokens)
-            yield DecodeChunk(list(event.token_ids), event.finish_reason, counts)
+            yield DecodeChunk(list(event.token_ids), event.finish_reason, counts, event.local_prefill_ms)
             if event.finish_reason:
                 return
 
@@ -125,18 +135,19 @@ class InProcessTiers:
             for engine in engines:
                 engine.stop()
 
-    def reserve(self, address: str, num_prompt_tokens: int, max_new_tokens: int, lease_ms: int,
+    def reserve(self, address: str, prompt_ids: list[int], max_new_tokens: int, lease_ms: int,
                 ctx: CallContext) -> _Done:
         try:
-            handle, _, _ = self.decode_engines[address].reserve(num_prompt_tokens, max_new_tokens, lease_ms / 1000)
+            reserved = self.decode_engines[address].reserve(len(prompt_ids), max_new_tokens, lease_ms / 1000,
+                                                            list(prompt_ids))
         except PdserveError as error:
             return _Done(error=_typed(error))
-        return _Done(handle)
+        return _Done(Reservation(reserved.handle, reserved.num_cached_tokens))
 
     def prefill(self, address: str, prompt_ids: list[int], sampling: SamplingConfig, decode_address: str,
-                handle: str, ctx: CallContext, first_step: int = 0) -> _PrefillCall:
+                handle: str, ctx: CallContext, first_step: int = 0, kv_skip_tokens: int = 0) -> _PrefillCall:
         sender = InProcessKvSender(self.decode_engines[decode_address], handle)
-        job = PrefillJob(ctx.request_id, list(prompt_ids), sampling, sender, first_step)
+        job = PrefillJob(ctx.request_id, list(prompt_ids), sampling, sender, first_step, kv_skip_tokens)
         return _PrefillCall(self.prefill_engines[address], self.prefill_engines[address].submit(job), sender)
 
     def decode(self, address: str, args: DecodeArgs, ctx: CallContext) -> _DecodeStream:
@@ -144,7 +155,7 @@ class InProcessTiers:
         try:
             seq = engine.start_decode(args.handle, args.first_token, args.max_new_tokens, args.sampling,
                                       args.stop_token_ids, args.stop, args.prompt_ids, args.speculative,
-                                      args.first_step)
+                                      args.first_step, args.prefill_locally)
         except PdserveError as error:
             raise _typed(error) from None
         return _DecodeStream(engine, seq)
@@ -157,4 +168,11 @@ class InProcessTiers:
 
     def decode_slots(self, address: str) -> int | None:
         return self.decode_engines[address].scheduler.max_batch_size
+
+    def cache_summary(self, address: str, known_version: int) -> CacheSummary | None:
+        engine = self.prefill_engines.get(address) or self.decode_engines[address]
+        s = engine.cache_summary(known_version)
+        return CacheSummary("in-process tests", engine.blocks.block_size, s.version,
+                            None if s.hashes is None else frozenset(s.hashes), s.num_blocks_total, s.num_blocks_free,
+                            s.num_requests, s.num_queued_tokens, s.prefix_caching)
 

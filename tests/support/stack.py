@@ -74,7 +74,10 @@ def launch_stack(model_dir: Path, *extra: str, env: dict[str, str] | None = None
     """`pdserve up` on free ports. Metrics are off unless `extra` passes --metrics-port, so stacks run side by
     side and never take the default metrics ports; `env` replaces the environment (e.g. OTEL_* variables).
     Returns the launcher and each instance's address: "gateway", "prefill-i", "decode-i", and "prefill" and
-    "decode" for replica 0."""
+    "decode" for replica 0. Every prompt takes the prefill tier (--local-prefill-tokens 0), as the tests of the
+    disaggregated path expect, unless `extra` sets the threshold (tests/integration/test_prefix_caching.py)."""
+    if "--local-prefill-tokens" not in extra:
+        extra = ("--local-prefill-tokens", "0", *extra)
     ports = {"gateway": free_port("127.0.0.1"), "prefill": free_port_run("127.0.0.1", prefill_replicas),
              "decode": free_port_run("127.0.0.1", decode_replicas)}
     command = [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir),
