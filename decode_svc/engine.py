@@ -504,4 +504,4 @@ class DecodeEngine:
     def cache_summary(self, known_version: int) -> PrefixSummary:
         with self._cond:
             return self.blocks.summary(known_version, num_requests=len(self.waiting) + len(self.running),
-                                       num_queued_tokens=sum(len(s.block_ids) for s in self.running))
+                                       num_queued_tokens=self.blocks.num_blocks - self.blocks.num_free)

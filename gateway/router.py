@@ -9,10 +9,13 @@ KV-aware (a PrefixIndex given and the prompt's token ids passed): the cost of an
     prefix_weight x (prompt blocks it does not hold) + its load in blocks,
 
 where it holds the prompt's leading full blocks its last CacheSummary names (gateway/kv_index.py), and its load
-is, for decode, the blocks its running sequences hold (what each decode step reads), for prefill, the prompt
-tokens it has still to compute, in blocks. The cost is computed only from what the instances reported, never
-from this gateway's own traffic, so gateways that read the same summaries make the same choices (and one that
-restarts makes the same choices as before). prefix_weight 0 routes by reported load alone.
+is, for decode, the blocks its requests hold (running, waiting and reserved: a burst of reservations shows at
+the next poll, before their KV lands), for prefill, the prompt tokens it has still to compute, in blocks. The
+cost is computed only from what the instances reported, never from this gateway's own traffic, so gateways that
+read the same summaries make the same choices (and one that restarts makes the same choices as before). Equal
+costs (an idle fleet, a fresh prompt) are broken by a hash of the prompt, not by configured order: different
+prompts spread over the instances, the same prompt goes to the same one, on every gateway. prefix_weight 0
+routes by reported load alone.
 
 Otherwise (no index, no prompt, or an instance in rotation that has not reported: just started, not answering,
 or too old to be asked) the order is by the load this gateway sent: decode by the requests in flight on each,
@@ -21,6 +24,8 @@ this never sends all the traffic to, or none to, an instance because nothing is 
 """
 
 import threading
+import zlib
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -31,7 +36,7 @@ from gateway.tiers import CacheSummary
 
 
 def decode_load_blocks(summary: CacheSummary) -> float:
-    """A decode instance's load: blocks held by its running sequences."""
+    """A decode instance's load: blocks held by its requests (running, waiting, reserved)."""
     return summary.num_queued_tokens
 
 
@@ -56,7 +61,7 @@ class Router:
         live = self._live("decode", self._decode_requests, avoid)
         costs = self._costs(live, prompt_ids, decode_load_blocks)
         if costs is not None:
-            return sorted(live, key=costs.__getitem__)
+            return sorted(live, key=costs.__getitem__)  # costs carry the prompt's tie-break
         with self._lock:
             return sorted(live, key=self._decode_requests.__getitem__)
 
@@ -67,7 +72,7 @@ class Router:
             raise Unavailable("no prefill instance is serving now; try again shortly")
         costs = self._costs(live, prompt_ids, prefill_load_blocks)
         if costs is not None:
-            return min(live, key=costs.__getitem__)
+            return min(live, key=costs.__getitem__)  # costs carry the prompt's tie-break
         with self._lock:
             return min(live, key=self._prefill_tokens.__getitem__)
 
@@ -80,18 +85,19 @@ class Router:
         return True if self.membership is None else self.membership.recheck(address)
 
     def _costs(self, live: list[str], prompt_ids: Sequence[int] | None,
-               load_blocks: Callable[[CacheSummary], float]) -> dict[str, float] | None:
-        """Each live instance's cost from its last summary; None (route by own load) when KV-aware routing is
-        off for this choice: no index, no prompt, or a live instance without a summary."""
+               load_blocks: Callable[[CacheSummary], float]) -> dict[str, tuple[float, int]] | None:
+        """Each live instance's (cost, tie-break) from its last summary; None (route by own load) when KV-aware
+        routing is off for this choice: no index, no prompt, or a live instance without a summary."""
         if self.index is None or prompt_ids is None:
             return None
         prompt, costs = PromptBlocks(prompt_ids), {}
-        for address in live:
+        turn = zlib.crc32(array("I", prompt_ids).tobytes())  # the same on every gateway
+        for position, address in enumerate(live):
             summary = self.index.summary(address)
             if summary is None:
                 return None
             uncached = prompt.num_blocks(summary.block_size) - num_cached_blocks(summary, prompt)
-            costs[address] = self.prefix_weight * uncached + load_blocks(summary)
+            costs[address] = (self.prefix_weight * uncached + load_blocks(summary), (position + turn) % len(live))
         return costs
 
     def _live(self, tier: str, known: dict[str, int], avoid: frozenset[str]) -> list[str]:

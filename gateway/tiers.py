@@ -66,7 +66,7 @@ class CacheSummary:
     num_blocks_total: int
     num_blocks_free: int  # free or evictable
     num_requests: int  # decode: sequences running or waiting; prefill: prompts queued or computing
-    num_queued_tokens: int  # prefill: prompt tokens still to compute; decode: blocks held by sequences
+    num_queued_tokens: int  # prefill: prompt tokens still to compute; decode: blocks held by its requests
     prefix_caching: bool
 
 

@@ -189,7 +189,7 @@ class GatewayConfig:
     prefix_weight: float = option(
         1.0, "KV-aware routing: cost of one uncached prompt block against one block of load "
              "(cost = weight x uncached blocks + load blocks); 0 routes by load alone")
-    cache_poll_ms: int = option(500, "how often the gateway asks each instance what its prefix cache holds and "
+    cache_poll_ms: int = option(250, "how often the gateway asks each instance what its prefix cache holds and "
                                      "its load")
     tls_cert: Path | None = option(None, "the gateway's certificate (PEM) for mutual TLS with the tiers")
     tls_key: Path | None = option(None, "its private key (PEM)")

@@ -186,3 +186,16 @@ def test_gateways_that_read_the_same_summaries_route_alike_whatever_each_has_in_
             assert one.pick_prefill(prompt_ids=prompt) == other.pick_prefill(prompt_ids=prompt)
         if in_flight:  # by their own loads they would differ: what they share is only the summaries
             assert one.pick_prefill() != other.pick_prefill()
+
+
+def test_equal_costs_spread_different_prompts_and_keep_one_prompt_in_one_place():
+    """An idle fleet and fresh prompts: every instance costs the same; the prompt's hash breaks the tie, so a burst
+    of different prompts does not all go to the first instance, and a prompt goes where it went before."""
+    reports = {"p1": report(), "p2": report(), "d1": report(), "d2": report()}
+    router, other_gateway = kv_router(reports), kv_router(reports)
+    prompts = [[1000 + i, 2000 + i, 3000 + i, 4000 + i, 5000 + i] for i in range(40)]
+    firsts = [router.decode_order(prompt_ids=p)[0] for p in prompts]
+    assert 10 <= firsts.count("d1") <= 30
+    assert 10 <= [router.pick_prefill(prompt_ids=p) for p in prompts].count("p1") <= 30
+    assert firsts == [other_gateway.decode_order(prompt_ids=p)[0] for p in prompts]
+    assert firsts == [router.decode_order(prompt_ids=p)[0] for p in prompts]
