@@ -51,6 +51,7 @@ from common.model.sampling import sample
 from common.runtime.engine_loop import EngineLoop
 from decode_svc.calibration import measure_step_costs
 from decode_svc.draft import DraftProposer
+from decode_svc.kv_memory import KvMemory
 from decode_svc.scheduler import Scheduler, SeqView
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
 from decode_svc.speculation import (
@@ -101,9 +102,11 @@ class DecodeEngine:
         self._loop = EngineLoop("decode-engine", self._cond, step=self.step, has_work=self._has_work,
                                 on_idle=self._expire_leases, on_error=self._fail_running)
         self._counts = {"steps": 0, "tokens": 0, "batch_sum": 0, "batch_max": 0, "expired": 0, "cancelled": 0,
-                        "proposed": 0, "accepted": 0, "preemptions": 0, "local_prefills": 0}
+                        "proposed": 0, "accepted": 0, "local_prefills": 0}
         self._handle_ids = itertools.count()
         self._admissions = itertools.count()
+        spare = speculation.num_tokens if speculation.method != "none" else 0
+        self.memory = KvMemory(blocks, lazy=self.lazy, spare_tokens=spare, draft=draft)
         self.draining = False  # set on SIGTERM: no new reservation; what is held finishes
 
     # Reservation and KV arrival (RPC threads).
@@ -250,7 +253,7 @@ class DecodeEngine:
             )
             for handle in plan.drop:
                 self._finish(by_handle[handle], FINISH_CANCELLED, [])
-            admitted = [by_handle[h] for h in plan.admit if self._give_blocks(by_handle[h])]
+            admitted = [by_handle[h] for h in plan.admit if self.memory.readmit(by_handle[h], len(self.running))]
             now = time.monotonic()
             for seq in admitted:
                 seq.admitted_at = seq.admitted_at or now
@@ -258,7 +261,8 @@ class DecodeEngine:
             taken = {s.handle for s in admitted} | set(plan.drop)
             self.waiting = deque(s for s in self.waiting if s.handle not in taken)
             self.running = [by_handle[h] for h in plan.run if h in taken or h not in plan.admit]
-            self._grow(self.running)
+            for seq in self.memory.grow(self.running):
+                self._requeue(seq)
             computing = [s for s in self.running if s.pending_kv_from is not None]
             batch = [s for s in self.running if s.pending_kv_from is None]
         if computing:
@@ -281,67 +285,7 @@ class DecodeEngine:
             self.running = [s for s in self.running if not s.finished]
         return True
 
-    # KV memory: lazy growth, preemption, KV computed on this tier. Callers hold the lock.
-
-    def _give_blocks(self, seq: Sequence) -> bool:
-        """Blocks for a preempted sequence being admitted again: its KV's leading full blocks from the prefix
-        cache, fresh ones for the rest, with a block to spare per running sequence (each may grow by one this
-        step: without the margin it would be preempted again at once). False leaves it waiting."""
-        if seq.block_ids or seq.pending_kv_from is None:
-            return True  # its blocks are held already (KV pushed, or a local prefill's reservation)
-        tokens = seq.context[:seq.kv_target]
-        cached = self.blocks.match(tokens)
-        needed = self.blocks.blocks_needed(seq.kv_target + 1) - len(cached)
-        if self.blocks.num_free - needed < len(self.running):
-            self.blocks.free(cached)
-            return False
-        seq.block_ids[:] = cached + self.blocks.allocate_blocks(needed)
-        seq.pending_kv_from = len(cached) * self.blocks.block_size
-        if seq.spec is not None and self.draft is not None:
-            self.draft.attach(seq)
-        return True
-
-    def _grow(self, running: list[Sequence]) -> None:
-        """Gives each running sequence, oldest admitted first, the blocks this step writes (its next token and
-        the most it may speculate); preempts the most recently admitted sequence while the pool is short."""
-        if not self.lazy:
-            return
-        spare = self.speculation.num_tokens if self.speculation.method != "none" else 0
-        for seq in sorted(running, key=lambda s: s.admit_order):
-            if seq not in self.running:
-                continue  # preempted for an older sequence's growth
-            budget = seq.transfer.num_prompt_tokens + seq.max_new_tokens
-            needed = self.blocks.blocks_needed(min(seq.kv_target + 1 + spare, budget))
-            while len(seq.block_ids) < needed:
-                try:
-                    seq.block_ids.extend(self.blocks.allocate_blocks(needed - len(seq.block_ids)))
-                except OutOfBlocks:
-                    victim = max(self.running, key=lambda s: s.admit_order)
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Frees the sequence's blocks (its full ones stay cached) and queues it, oldest admitted first, ahead of
-        every sequence that was never admitted."""
-        self._cache(seq, seq.kv_len)
-        self.blocks.free(seq.block_ids)
-        seq.block_ids.clear()
-        if self.draft is not None:
-            self.draft.release(seq)
-        seq.pending_kv_from = 0
-        seq.num_preemptions += 1
-        self._counts["preemptions"] += 1
-        self.running.remove(seq)
-        preempted = sorted([s for s in self.waiting if s.num_preemptions and s.pending_kv_from is not None]
-                           + [seq], key=lambda s: s.admit_order)
-        self.waiting = deque(preempted + [s for s in self.waiting if s not in preempted])
-
-    def _cache(self, seq: Sequence, length: int) -> None:
-        """Puts the full blocks of the sequence's first `length` positions in the prefix cache: only when its
-        reservation named the prompt's ids (what the KV pushed to it was computed from)."""
-        if seq.transfer.prompt_ids:
-            self.blocks.register(seq.block_ids, seq.context[:length])
+    # KV computed on this tier (a local prefill, or a preempted sequence's recompute).
 
     def _compute_kv(self, seqs: list[Sequence]) -> None:
         """Computes each sequence's missing KV here (the loop thread, outside the lock), a chunk at a time; a
@@ -368,7 +312,7 @@ class DecodeEngine:
             if local else []
         for seq in seqs:
             seq.pending_kv_from = None
-            self._cache(seq, seq.kv_target)
+            self.memory.cache(seq, seq.kv_target)
         for i, token in zip(local, firsts):
             seq = seqs[i]
             self._counts["local_prefills"] += 1
@@ -379,6 +323,14 @@ class DecodeEngine:
             else:
                 seq.outbox.put(DecodeEvent([token], local_prefill_ms=(time.monotonic() - started) * 1000))
         self.running = [s for s in self.running if not s.finished]
+
+    def _requeue(self, seq: Sequence) -> None:
+        """A preempted sequence waits again: the preempted, oldest admitted first, ahead of every sequence never
+        admitted."""
+        self.running.remove(seq)
+        preempted = sorted([s for s in self.waiting if s.num_preemptions and s.pending_kv_from is not None]
+                           + [seq], key=lambda s: s.admit_order)
+        self.waiting = deque(preempted + [s for s in self.waiting if s not in preempted])
 
     def _propose(self, batch: list[Sequence]) -> list[Proposal]:
         """Draft tokens per sequence (none for those not speculating this step)."""
@@ -417,10 +369,7 @@ class DecodeEngine:
         if seq.finished:
             return
         seq.finished = True
-        if reason != FINISH_ERROR:  # a failed step may have left its KV half written
-            self._cache(seq, seq.kv_len)
-        self.blocks.free(seq.block_ids)
-        seq.block_ids.clear()
+        self.memory.release(seq, keep_kv=reason != FINISH_ERROR)  # a failed step may have left its KV half written
         if self.draft is not None:
             self.draft.release(seq)
         if reason == FINISH_CANCELLED:
@@ -493,7 +442,7 @@ class DecodeEngine:
                 num_spec_accepted=c["accepted"],
                 batch_capacity=self.scheduler.max_batch_size,
                 expert_load=self.runner.expert_load_counts(),
-                num_preemptions=c["preemptions"],
+                num_preemptions=self.memory.num_preemptions,
                 num_cached_blocks=self.blocks.num_cached,
                 num_prefix_query_tokens=self.blocks.prefix_counts.query_tokens,
                 num_prefix_hit_tokens=self.blocks.prefix_counts.hit_tokens,
