@@ -10,8 +10,10 @@ from pdserve.affinity import cpus_arg
 from pdserve.command import Command
 from pdserve.distill.cli import default_draft_dir
 
-PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft", "llama.cpp")
-WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "smoke")
+PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft",
+              "pdserve-no-prefix-cache", "pdserve-no-local-prefill", "pdserve-upfront", "llama.cpp")
+WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "long-budget", "multi-turn-chat",
+                  "document-qa", "smoke")
 
 
 def _float_list(text: str) -> list[float]:
@@ -59,6 +61,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser, model_dir: Path) -> None
     bench.add_argument("--concurrency", type=lambda t: [int(v) for v in _float_list(t)], default=[],
                        help="closed loop: client counts, e.g. 1,8")
     bench.add_argument("--max-duration-s", type=float, default=180.0, help="hard cap of each run")
+    bench.add_argument("--retry-refused", action="store_true",
+                       help="send a request the server refuses for room (RESOURCE_EXHAUSTED) again after the delay it "
+                            "asks for, instead of counting it failed; its latency counts from the first attempt")
     bench.add_argument("--warmup", type=int, default=2, help="unmeasured requests before a target's runs")
     bench.add_argument("--batch1-probe", type=int, default=0, help="requests of a one-client batch-1 probe run")
     bench.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput objective for TTFT")
@@ -70,6 +75,11 @@ def add_bench_arguments(bench: argparse.ArgumentParser, model_dir: Path) -> None
     bench.add_argument("--max-batch-size", type=int, default=32, help="decode batch limit of every peer")
     bench.add_argument("--pdserve-weights", default="fp32", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT",
                        help="weight format of both tiers of every pdserve peer (pdserve-fp16 is always fp16)")
+    bench.add_argument("--kv-blocks", type=int, default=0, metavar="N",
+                       help="KV pool of every pdserve peer's tiers, in blocks (`pdserve up --kv-blocks`): the same "
+                            "pool for pdserve and pdserve-upfront; 0: each tier's --kv-memory-mb default")
+    bench.add_argument("--max-new-tokens", type=int, metavar="N",
+                       help="every request's max_new_tokens, replacing the workload's")
     bench.add_argument("--draft-model", type=Path, default=default_draft_dir(model_dir),
                        help="pdserve-draft's draft checkpoint (default: `pdserve distill-draft`'s output)")
     bench.add_argument("--fixed-k", action="store_true",
@@ -84,6 +94,9 @@ def run_bench(args, default_model: Path) -> int:
 
     if args.num_requests < 1 or args.max_duration_s <= 0:
         print("pdserve bench: --num-requests must be >= 1 and --max-duration-s > 0", file=sys.stderr)
+        return 2
+    if args.kv_blocks < 0 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        print("pdserve bench: --kv-blocks must be >= 0 and --max-new-tokens >= 1", file=sys.stderr)
         return 2
     if args.peers and args.model == default_model:
         from pdserve.prepare.default_model import prepare_default_model

@@ -2,8 +2,16 @@
 given rate, whatever the server's pace) or closed loop (a fixed number of clients, each sending its next
 request when the previous one ends), and times every streamed message on the client side.
 
+Requests of one session (BenchRequest.session: a conversation's turns, a document's questions) go in order,
+each once the one before it has ended, its prompt built from the previous turn's prompt and reply
+(BenchRequest.prompt_after); a session ends early when one of its requests fails. Open loop, sessions arrive
+at the Poisson rate (a request outside any session is a session of one); closed loop, a client takes the
+next session and sends its requests one after another.
+
 Every run is bounded: at most len(requests) requests, and a hard deadline after which calls still open are
-cut off by their gRPC deadline and recorded as failed.
+cut off by their gRPC deadline and recorded as failed. A request the server refuses for room
+(RESOURCE_EXHAUSTED) fails, or with LoadSpec.retry_refused is sent again after the delay the server asks for
+(grpc-retry-pushback-ms), as a client that honours it would, its times counted from the first attempt.
 """
 
 import threading
@@ -14,17 +22,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.edge.server import Tls, make_channel
+from common.edge.errors import RETRY_PUSHBACK_KEY
 from pdserve.bench.workloads import BenchRequest, poisson_offsets_s
-from pdserve.v1 import (
-    common_pb2,
-    decode_pb2,
-    decode_pb2_grpc,
-    gateway_pb2,
-    gateway_pb2_grpc,
-)
+from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_DEFAULT_RETRY_S = 0.1  # a refusal that asks for no delay is retried after this
+_MAX_RETRY_S = 5.0
 
 
 @dataclass
@@ -40,6 +44,15 @@ class RequestResult:
     completion_tokens: int = 0  # as the server's usage reported
     prefill_ms: float = 0.0
     kv_transfer_ms: float = 0.0
+    # From the last response: prompt tokens whose KV came from a prefix cache, KV bytes pushed prefill ->
+    # decode, and where the prompt was prefilled ("prefill-tier" or "decode-local"; empty if not reported).
+    cached_tokens: int = 0
+    kv_bytes: int = 0
+    prefill_path: str = ""
+    session: int | None = None
+    token_ids: list[int] = field(default_factory=list)  # the reply: a later turn's prompt holds it
+    retry_after_s: float = 0.0  # a refusal's asked delay (grpc-retry-pushback-ms)
+    num_refused: int = 0  # attempts the server refused for room before this one (with retry_refused)
     # From the last response's `speculation` (absent when the request did not speculate).
     speculated: bool = False
     spec_proposed: int = 0
@@ -62,6 +75,7 @@ class LoadSpec:
     value: float  # requests/s (poisson) or clients (closed)
     max_duration_s: float
     seed: int = 0
+    retry_refused: bool = False  # send a request refused for room (RESOURCE_EXHAUSTED) again after the delay
 
     @property
     def label(self) -> str:
@@ -70,30 +84,36 @@ class LoadSpec:
         return f"closed, {int(self.value)} client{'s' if int(self.value) != 1 else ''}"
 
 
-def _to_proto(request: BenchRequest) -> gateway_pb2.GenerateRequest:
+def _to_proto(request: BenchRequest, prompt_ids: tuple[int, ...] | None = None) -> gateway_pb2.GenerateRequest:
+    """prompt_ids: what a later turn sends (BenchRequest.prompt_after); the request's own when None."""
     proto = gateway_pb2.GenerateRequest(max_new_tokens=request.max_new_tokens, request_id=f"bench-{request.index}",
                                         sampling=common_pb2.SamplingParams(temperature=0.0))
     if request.text:
         proto.messages.messages.add(role="user", content=request.text)
     else:
-        proto.prompt_token_ids.ids.extend(request.prompt_ids)
+        proto.prompt_token_ids.ids.extend(request.prompt_ids if prompt_ids is None else prompt_ids)
     return proto
 
 
 def send_one(stub: gateway_pb2_grpc.GatewayStub, request: BenchRequest, run_started: float,
-             deadline: float) -> RequestResult:
+             deadline: float, prompt_ids: tuple[int, ...] | None = None) -> RequestResult:
     sent = time.monotonic()
-    result = RequestResult(request.index, request.kind, len(request.prompt_ids), request.max_new_tokens,
-                           sent_s=sent - run_started)
+    proto = _to_proto(request, prompt_ids)
+    result = RequestResult(request.index, request.kind, len(proto.prompt_token_ids.ids), request.max_new_tokens,
+                           sent_s=sent - run_started, session=request.session)
     try:
-        for reply in stub.Generate(_to_proto(request), timeout=max(deadline - sent, 0.001)):
+        for reply in stub.Generate(proto, timeout=max(deadline - sent, 0.001)):
             now = time.monotonic() - sent
             result.token_times_s.extend([now] * len(reply.token_ids))
+            result.token_ids.extend(reply.token_ids)
             if reply.finish_reason:
                 result.finish_reason = common_pb2.FinishReason.Name(reply.finish_reason)
                 result.completion_tokens = reply.usage.completion_tokens
+                result.cached_tokens = reply.usage.cached_tokens
                 result.prefill_ms = reply.timings.prefill_ms
                 result.kv_transfer_ms = reply.timings.kv_transfer_ms
+                result.kv_bytes = reply.timings.kv_bytes
+                result.prefill_path = reply.timings.prefill_path
                 if request.text:
                     result.prompt_tokens = reply.usage.prompt_tokens
             if reply.HasField("speculation"):
@@ -104,6 +124,33 @@ def send_one(stub: gateway_pb2_grpc.GatewayStub, request: BenchRequest, run_star
                 result.spec_tokens_per_verify_step = s.tokens_per_verify_step
     except grpc.RpcError as error:
         result.error = error.code().name
+        result.retry_after_s = _pushback_s(error)
+    return result
+
+
+def _pushback_s(error: grpc.RpcError) -> float:
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    asked = [int(value) / 1000 for key, value in trailing or () if key == RETRY_PUSHBACK_KEY]
+    return min(asked[0], _MAX_RETRY_S) if asked else _DEFAULT_RETRY_S
+
+
+def send_admitted(stub, request: BenchRequest, run_started: float, deadline: float,
+                  prompt_ids: tuple[int, ...] | None = None, retry_refused: bool = False) -> RequestResult:
+    """send_one; with retry_refused, sent again while the server refuses it for room, after the delay it asks
+    for, until the deadline. The result's times then count from the first attempt."""
+    first_sent_s = time.monotonic() - run_started
+    num_refused = 0
+    while True:
+        result = send_one(stub, request, run_started, deadline, prompt_ids)
+        if (not retry_refused or result.error != "RESOURCE_EXHAUSTED"
+                or time.monotonic() + result.retry_after_s >= deadline):
+            break
+        num_refused += 1
+        time.sleep(result.retry_after_s)
+    if num_refused:
+        waited_s = result.sent_s - first_sent_s
+        result.sent_s, result.num_refused = first_sent_s, num_refused
+        result.token_times_s = [t + waited_s for t in result.token_times_s]
     return result
 
 
@@ -118,7 +165,7 @@ def run_load(address: str, requests: list[BenchRequest], load: LoadSpec,
         if load.mode == "poisson":
             results = _open_loop(stub, requests, load, started, deadline, on_done)
         elif load.mode == "closed":
-            results = _closed_loop(stub, requests, int(load.value), started, deadline, on_done)
+            results = _closed_loop(stub, requests, int(load.value), started, deadline, on_done, load.retry_refused)
         else:
             raise ValueError(f"load mode must be poisson or closed, got {load.mode!r}")
     finally:
@@ -126,26 +173,55 @@ def run_load(address: str, requests: list[BenchRequest], load: LoadSpec,
     return sorted(results, key=lambda r: r.index), time.monotonic() - started
 
 
+def sessions(requests: list[BenchRequest]) -> list[list[BenchRequest]]:
+    """The requests grouped by session, each in index order, sessions in the order of their first request; a
+    request outside any session is a session of one."""
+    grouped: dict[object, list[BenchRequest]] = {}
+    for request in sorted(requests, key=lambda r: r.index):
+        key = ("session", request.session) if request.session is not None else ("alone", request.index)
+        grouped.setdefault(key, []).append(request)
+    return list(grouped.values())
+
+
+def run_session(stub, session: list[BenchRequest], started: float, deadline: float, on_done,
+                retry_refused: bool = False) -> list[RequestResult]:
+    """Sends a session's requests one after another, each once the one before it has ended; stops at the
+    deadline or at the first failure (a later turn needs the reply)."""
+    results: list[RequestResult] = []
+    prompt: tuple[int, ...] = ()
+    for request in session:
+        if time.monotonic() >= deadline:
+            break
+        previous_reply = tuple(results[-1].token_ids) if results else ()
+        prompt = request.prompt_after(prompt, previous_reply)
+        result = send_admitted(stub, request, started, deadline, prompt, retry_refused)
+        on_done(result)
+        results.append(result)
+        if not result.ok:
+            break
+    return results
+
+
 def _open_loop(stub, requests, load: LoadSpec, started: float, deadline: float, on_done) -> list[RequestResult]:
-    offsets = poisson_offsets_s(len(requests), load.value, load.seed)
-    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+    grouped = sessions(requests)
+    offsets = poisson_offsets_s(len(grouped), load.value, load.seed)
+    with ThreadPoolExecutor(max_workers=len(grouped)) as pool:
         futures = []
-        for request, offset in zip(requests, offsets):
+        for session, offset in zip(grouped, offsets):
             delay = started + offset - time.monotonic()
             if started + offset >= deadline:
                 break  # arrivals past the deadline are never sent
             if delay > 0:
                 time.sleep(delay)
-            future = pool.submit(send_one, stub, request, started, deadline)
-            future.add_done_callback(lambda f: on_done(f.result()))
-            futures.append(future)
-        return [f.result() for f in futures]
+            futures.append(pool.submit(run_session, stub, session, started, deadline, on_done, load.retry_refused))
+        return [result for f in futures for result in f.result()]
 
 
-def _closed_loop(stub, requests, num_clients: int, started: float, deadline: float, on_done) -> list[RequestResult]:
+def _closed_loop(stub, requests, num_clients: int, started: float, deadline: float, on_done,
+                 retry_refused: bool = False) -> list[RequestResult]:
     if num_clients < 1:
         raise ValueError(f"closed loop needs >= 1 client, got {num_clients}")
-    pending = list(reversed(requests))
+    pending = list(reversed(sessions(requests)))
     results: list[RequestResult] = []
     lock = threading.Lock()
 
@@ -154,11 +230,10 @@ def _closed_loop(stub, requests, num_clients: int, started: float, deadline: flo
             with lock:
                 if not pending:
                     return
-                request = pending.pop()
-            result = send_one(stub, request, started, deadline)
-            on_done(result)
+                session = pending.pop()
+            done = run_session(stub, session, started, deadline, on_done, retry_refused)
             with lock:
-                results.append(result)
+                results.extend(done)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(num_clients)]
     for thread in threads:
@@ -166,42 +241,3 @@ def _closed_loop(stub, requests, num_clients: int, started: float, deadline: flo
     for thread in threads:
         thread.join()
     return results
-
-
-class StatsPoller:
-    """Samples a decode instance's Stats (running batch size, steps, tokens) every interval_s in a thread."""
-
-    def __init__(self, address: str | None, tls: Tls | None = None, interval_s: float = 0.25) -> None:
-        self.address = address
-        self.tls = tls
-        self.interval_s = interval_s
-        # (seconds since start, running, steps, tokens, steps x mean batch size = sequences stepped)
-        self.samples: list[tuple[float, int, int, int, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> "StatsPoller":
-        if self.address:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _poll(self) -> None:
-        started = time.monotonic()
-        with make_channel(self.address, self.tls) as channel:
-            stub = decode_pb2_grpc.DecodeStub(channel)
-            while True:
-                stopping = self._stop.is_set()
-                try:
-                    s = stub.Stats(decode_pb2.StatsRequest(), timeout=2.0)
-                    self.samples.append((time.monotonic() - started, s.num_running, s.num_steps,
-                                         s.num_tokens_generated, s.mean_batch_size * s.num_steps))
-                except grpc.RpcError:
-                    pass  # a busy or absent stats endpoint leaves a gap, not a failed run
-                if stopping:
-                    return  # that was the closing sample
-                self._stop.wait(self.interval_s)

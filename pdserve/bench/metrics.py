@@ -5,6 +5,9 @@
 - e2e: from sending to the last token.
 - output tokens/s: tokens received by all requests / the run's wall time.
 - goodput: requests per second that completed with TTFT <= its objective AND TPOT <= its objective.
+- prefix reuse, per request, from the last response: prompt tokens found in a prefix cache
+  (usage.cached_tokens), KV bytes pushed prefill -> decode (timings.kv_bytes) and the prefill path
+  (timings.prefill_path); and over the run, from the decode instance's Stats: preemptions, the largest batch.
 Percentiles are numpy's (linear interpolation) over the requests that completed.
 """
 
@@ -13,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.bench.loadgen import RequestResult
+from pdserve.bench.stats_poller import StatsSample
 
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 95, 99)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ def summarize(results: list[RequestResult], duration_s: float, slo: Slo) -> dict
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         "slo_attainment": round(sum(meets(r, slo) for r in results) / len(results), 4) if results else 0.0,
         "by_kind": {kind: latency_block([r for r in results if r.kind == kind]) for kind in kinds},
+        "answer_tokens": answer_lengths(results),
+        "num_refused_retried": sum(r.num_refused for r in results),
+        **({"prefix": prefix} if (prefix := prefix_reuse(results)) else {}),
         **({"speculation": spec} if (spec := speculation(results)) else {}),
     }
 
@@ -134,18 +141,71 @@ def speculation(results: list[RequestResult]) -> dict | None:
     }
 
 
-def kv_transfer(results: list[RequestResult], kv_bytes_per_token: int | None) -> dict | None:
-    """KV bytes pushed prefill -> decode (every prompt token's K and V in every layer) and the rate over the
-    window the push takes: it starts with prefill compute (pages leave layer by layer) and ends at decode's
-    acknowledgement, so bytes / (prefill_ms + kv_transfer_ms). kv_transfer_ms alone is the tail that was not
-    hidden behind compute."""
-    moved = [r for r in results if r.ok and (r.prefill_ms or r.kv_transfer_ms)]
-    if kv_bytes_per_token is None or not moved:
+def answer_lengths(results: list[RequestResult]) -> dict:
+    """How long the completed requests' answers were and how they ended: a long max_new_tokens budget means
+    little when answers end by end-of-sequence far sooner."""
+    done = [r for r in results if r.ok]
+    reasons = sorted({r.finish_reason for r in done if r.finish_reason})
+    return {"tokens": percentiles([r.num_tokens for r in done]),
+            "finish_reasons": {reason: sum(r.finish_reason == reason for r in done) for reason in reasons}}
+
+
+def _reports_prefix(r: RequestResult) -> bool:
+    return bool(r.prefill_path or r.cached_tokens or r.kv_bytes)
+
+
+def prefix_reuse(results: list[RequestResult]) -> dict | None:
+    """Per completed request: prompt tokens whose KV a prefix cache held, KV bytes pushed prefill -> decode,
+    and the share of requests on each prefill path. None when no response reports them (a peer without the
+    fields)."""
+    done = [r for r in results if r.ok]
+    if not any(_reports_prefix(r) for r in done):
         return None
-    total_bytes = sum(r.prompt_tokens * kv_bytes_per_token for r in moved)
+    prompt_tokens, cached_tokens = sum(r.prompt_tokens for r in done), sum(r.cached_tokens for r in done)
+    paths = sorted({r.prefill_path or "unreported" for r in done})
+    return {
+        "mean_cached_tokens": round(cached_tokens / len(done), 1),
+        "cached_share_of_prompt": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else None,
+        "mean_kv_bytes": round(float(np.mean([r.kv_bytes for r in done]))),
+        "prefill_paths": {p: round(sum((r.prefill_path or "unreported") == p for r in done) / len(done), 4)
+                          for p in paths},
+    }
+
+
+def decode_kv(samples: list[StatsSample]) -> dict | None:
+    """The decode instance's KV pool over a run, from its Stats: preemptions (during the run), the most
+    sequences waiting after one, the largest batch a step has run (since the instance started: the warm-up
+    and earlier runs count), prefix-cache tokens found / looked up and local prefills (during the run)."""
+    if len(samples) < 2:
+        return None
+    first, last = samples[0], samples[-1]
+    queried = last.num_prefix_query_tokens - first.num_prefix_query_tokens
+    return {
+        "num_preemptions": last.num_preemptions - first.num_preemptions,
+        "max_preempted_waiting": max(s.num_preempted_waiting for s in samples),
+        "max_batch_size_since_start": last.max_batch_size,
+        "num_cached_blocks_end": last.num_cached_blocks,
+        "prefix_hit_rate": round((last.num_prefix_hit_tokens - first.num_prefix_hit_tokens) / queried, 4)
+        if queried else None,
+        "num_local_prefills": last.num_local_prefills - first.num_local_prefills,
+    }
+
+
+def kv_transfer(results: list[RequestResult], kv_bytes_per_token: int | None) -> dict | None:
+    """KV bytes pushed prefill -> decode and the rate over the window the push takes: it starts with prefill
+    compute (pages leave layer by layer) and ends at decode's acknowledgement, so bytes / (prefill_ms +
+    kv_transfer_ms). kv_transfer_ms alone is the tail that was not hidden behind compute. The bytes are the
+    responses' timings.kv_bytes where the gateway reports them (`measured`), else every prompt token's K and V
+    in every layer."""
+    moved = [r for r in results if r.ok and (r.prefill_ms or r.kv_transfer_ms)]
+    measured = any(_reports_prefix(r) for r in results)
+    if not moved or (kv_bytes_per_token is None and not measured):
+        return None
+    total_bytes = sum(r.kv_bytes if measured else r.prompt_tokens * kv_bytes_per_token for r in moved)
     window_s = sum(r.prefill_ms + r.kv_transfer_ms for r in moved) / 1000
     return {
         "bytes": total_bytes,
+        "measured": measured,
         "bytes_per_token": kv_bytes_per_token,
         "mb_per_s": round(total_bytes / 1e6 / window_s, 2) if window_s else None,
         "tail_ms": percentiles([r.kv_transfer_ms for r in moved]),

@@ -6,9 +6,14 @@
   pdserve-fp16       `pdserve up --prefill-weights fp16 --decode-weights fp16`: the same stack on fp16 weights
   pdserve-spec       `pdserve up --speculative prompt-lookup`: the same stack, speculating by prompt lookup
   pdserve-draft      `pdserve up --speculative draft --draft-model DIR`: the same stack, speculating with a draft
+  pdserve-no-prefix-cache   `pdserve up --no-prefix-caching`: the same stack, no KV reused across requests
+  pdserve-no-local-prefill  `pdserve up --local-prefill-tokens 0`: every prompt prefilled by the prefill tier
+  pdserve-upfront    `pdserve up --kv-growth upfront`: decode reserves prompt + max_new_tokens of KV at once
   llama.cpp          llama-cpp-python on the GGUF file itself (pdserve/bench/llama_cpp_peer.py), when installed
 Each runs as child processes pinned to the cores given (prefill and decode cores apart for pdserve; their
 union for the single-process peers, so every peer gets the same cores in total) and is stopped after its runs.
+Every pdserve stack gets the same KV pool size when one is given (`--kv-blocks`), so pdserve and pdserve-upfront
+differ only in how decode grows a sequence's KV.
 """
 
 import dataclasses
@@ -35,7 +40,8 @@ class PeerUnavailable(Exception):
 
 
 # pdserve peers whose decode tier runs apart, on the decode cores alone.
-DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft"})
+DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft", "pdserve-no-prefix-cache",
+                           "pdserve-no-local-prefill", "pdserve-upfront"})
 
 # Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
 TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp"})
@@ -54,6 +60,7 @@ class PeerOptions:
     draft_model: Path | None = None  # pdserve-draft's draft (`pdserve distill-draft` writes one)
     fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
     weights: str = "fp32"  # every pdserve peer's weight format, both tiers (pdserve-fp16 excepted: always fp16)
+    kv_blocks: int = 0  # every pdserve stack's KV pool in blocks, both tiers (`pdserve up --kv-blocks`); 0: default
 
     @property
     def engine_cpus(self) -> frozenset[int] | None:
@@ -124,6 +131,7 @@ def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
             "--metrics-port", "0",  # no fixed metrics ports: stacks run side by side
             *(["--certs-dir", str(options.certs_dir)] if options.certs_dir else ["--insecure"]),
             "--prefill-weights", options.weights, "--decode-weights", options.weights,
+            *(["--kv-blocks", str(options.kv_blocks)] if options.kv_blocks else []),
             *(["--colocated"] if colocated else []), *_cpu_flags(options, colocated), *extra]
 
 
@@ -173,6 +181,24 @@ def start_pdserve_draft(options: PeerOptions) -> RunningPeer:
                        extra=("--speculative", "draft", "--draft-model", str(draft), *_fixed_k(options)))
 
 
+# What each issue-16 peer changes from pdserve: prefix caching, conditional disaggregation, lazy KV growth.
+NO_PREFIX_CACHE_FLAGS = ("--no-prefix-caching",)
+NO_LOCAL_PREFILL_FLAGS = ("--local-prefill-tokens", "0")
+UPFRONT_FLAGS = ("--kv-growth", "upfront")
+
+
+def start_pdserve_no_prefix_cache(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-no-prefix-cache", options, colocated=False, extra=NO_PREFIX_CACHE_FLAGS)
+
+
+def start_pdserve_no_local_prefill(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-no-local-prefill", options, colocated=False, extra=NO_LOCAL_PREFILL_FLAGS)
+
+
+def start_pdserve_upfront(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-upfront", options, colocated=False, extra=UPFRONT_FLAGS)
+
+
 def start_colocated(options: PeerOptions) -> RunningPeer:
     return start_stack("pdserve-colocated", options, colocated=True)
 
@@ -209,5 +235,8 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "pdserve-fp16": start_pdserve_fp16,
     "pdserve-spec": start_pdserve_spec,
     "pdserve-draft": start_pdserve_draft,
+    "pdserve-no-prefix-cache": start_pdserve_no_prefix_cache,
+    "pdserve-no-local-prefill": start_pdserve_no_local_prefill,
+    "pdserve-upfront": start_pdserve_upfront,
     "llama.cpp": start_llama_cpp,
 }

@@ -12,6 +12,7 @@ def write_requests(path: Path, run_index: int, name: str, results: list[RequestR
     with open(path, "a") as f:
         for r in results:
             record = asdict(r) | {"run": run_index, "name": name, "num_tokens": r.num_tokens}
+            del record["token_ids"]  # the reply's ids fed a later turn; num_tokens counts them
             record["token_times_s"] = [round(t, 6) for t in r.token_times_s]
             f.write(json.dumps(record) + "\n")
 
@@ -78,6 +79,56 @@ def by_kind_table(runs: list[dict]) -> str:
             lines.append(f"| {run['name']} | {run['workload']} | {run['load']} | {kind} "
                          f"| {_p(ttft, 'p50')} / {_p(ttft, 'p99')} | {_p(tpot, 'p50')} / {_p(tpot, 'p99')} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _share(paths: dict[str, float]) -> str:
+    return ", ".join(f"{path} {100 * share:.0f}%" for path, share in paths.items()) or "-"
+
+
+def _prefix_cells(run: dict) -> str:
+    """cached tokens / request (share of the prompt) | KV pushed / request | prefill paths."""
+    prefix = run.get("prefix")
+    if not prefix:
+        return "- | - | -"
+    share = prefix["cached_share_of_prompt"]
+    cached = f"{prefix['mean_cached_tokens']:.0f}" + (f" ({100 * share:.0f}%)" if share is not None else "")
+    return f"{cached} | {prefix['mean_kv_bytes'] / 1e6:.2f} MB | {_share(prefix['prefill_paths'])}"
+
+
+def _decode_kv_cells(run: dict) -> str:
+    """batch max (sampled in the run / any step since start) / mean per step | preemptions (most waiting)."""
+    batch, kv = run.get("decode_batch") or {}, run.get("decode_kv") or {}
+    peak = kv.get("max_batch_size_since_start")
+    sizes = (f"{batch.get('max_running', '-')} / {'-' if peak is None else peak} / "
+             f"{'-' if batch.get('mean_per_step') is None else format(batch['mean_per_step'], '.1f')}")
+    preempted = f"{kv['num_preemptions']} ({kv['max_preempted_waiting']})" if kv else "-"
+    return f"{sizes} | {preempted}"
+
+
+def _answers(run: dict) -> str:
+    answers = run.get("answer_tokens")
+    if not answers:
+        return "-"
+    ended = answers["finish_reasons"]
+    done = sum(ended.values())
+    by_eos = f", {100 * ended.get('FINISH_REASON_STOP', 0) / done:.0f}% by EOS" if done else ""
+    return f"{_p(answers['tokens'], 'p50')} / {_p(answers['tokens'], 'mean')}{by_eos}"
+
+
+def kv_table(runs: list[dict]) -> str:
+    """Prefix reuse, KV pushed and the decode pool, per run (shown when a run reports them)."""
+    if not any(run.get("prefix") or run.get("decode_kv") for run in runs):
+        return ""
+    lines = [("| run | workload | load | out tok/s | TTFT ms p50 / p95 | cached tokens/req (of prompt) "
+              "| KV pushed/req | prefill path | decode batch max sampled / max since start / mean "
+              "| preemptions (most waiting) | refused, retried | answer tokens p50 / mean |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        ttft = run["ttft_ms"]
+        lines.append(f"| {run['name']} | {run['workload']} | {run['load']} | {run['output_tokens_per_s']:.1f} "
+                     f"| {_p(ttft, 'p50')} / {_p(ttft, 'p95')} | {_prefix_cells(run)} | {_decode_kv_cells(run)} "
+                     f"| {run.get('num_refused_retried', '-')} | {_answers(run)} |")
+    return "\n".join(lines)
 
 
 def _ratio(value: float | None) -> str:
@@ -149,6 +200,18 @@ def write_markdown(out_dir: Path, summary: dict) -> Path:
              "TTFT, TPOT and e2e are measured at the client. done/planned: completed within the run's time cap / "
              "requests planned. KV pushed: prompt KV bytes sent prefill -> decode; MB/s over the push window (prefill compute plus the transfer tail, since pages leave layer by layer as they are computed); tail: transfer time left after compute ended. load avg: the machine's 1-minute load average as the run started (other work "
              "competing for the cores when it exceeds their number).", ""]
+    kv = kv_table(summary["runs"])
+    if kv:
+        parts += ["## Prefix reuse and the KV pool", "", kv, "",
+                  ("Per completed request, from the gateway's last response: cached tokens (usage.cached_tokens: "
+                   "prompt tokens whose KV a prefix cache held; in brackets, their share of all prompt tokens sent), "
+                   "KV pushed prefill -> decode (timings.kv_bytes), prefill path (timings.prefill_path). From the "
+                   "decode instance's Stats: the largest running batch sampled during the run, the largest batch any "
+                   "step has run since the instance started (warm-up and earlier runs included), the mean batch per "
+                   "step in the run; preemptions during the run (the most sequences waiting after one at a time). "
+                   "Refused, retried: refusals for room sent again (`--retry-refused`). Answer tokens: tokens "
+                   "received per completed request, and the share ended by end-of-sequence (the bench sends no stop "
+                   "strings)."), ""]
     kinds = by_kind_table(summary["runs"])
     if kinds:
         parts += ["Per request class:", "", kinds, ""]

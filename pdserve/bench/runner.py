@@ -17,10 +17,11 @@ from common.basics.config import DecodeConfig
 from common.edge.server import Tls, make_channel
 from common.runtime.machine import describe_machine, machine_facts
 from pdserve.bench import plots, report
-from pdserve.bench.loadgen import LoadSpec, StatsPoller, run_load
+from pdserve.bench.loadgen import LoadSpec, run_load
 from pdserve.bench.metrics import (
     Slo,
     decode_batch,
+    decode_kv,
     e2e_ms,
     kv_transfer,
     summarize,
@@ -35,13 +36,15 @@ from pdserve.bench.peers import (
     PeerUnavailable,
     weights_of,
 )
+from pdserve.bench.request import BenchRequest
 from pdserve.bench.roofline import (
     count_parameters,
     roofline,
     served_weight_bytes,
     verify_step_costs,
 )
-from pdserve.bench.workloads import WORKLOADS, BenchRequest, make_requests
+from pdserve.bench.stats_poller import StatsPoller
+from pdserve.bench.workloads import WORKLOADS, make_requests, workload_requests
 from pdserve.certs import gateway_identity
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -99,7 +102,7 @@ def run_one(target, workload: str, requests: list[BenchRequest], load: LoadSpec,
     run = {"name": target.name, "workload": workload, "load": load.label, "mode": load.mode,
            **({"rate_rps": load.value} if load.mode == "poisson" else {"concurrency": int(load.value)}),
            **summarize(results, duration_s, slo), "num_not_sent": len(requests) - len(results),
-           "decode_batch": decode_batch(poller.samples),
+           "decode_batch": decode_batch(poller.samples), "decode_kv": decode_kv(poller.samples),
            "kv_transfer": kv_transfer(results, kv_bpt), "load_average_1m_at_start": round(load_average, 2)}
     return run, results
 
@@ -230,9 +233,10 @@ def machine_description() -> str:
 
 
 def _loads(args) -> list[LoadSpec]:
-    loads = [LoadSpec("poisson", rate, args.max_duration_s, args.seed) for rate in args.rates]
-    loads += [LoadSpec("closed", clients, args.max_duration_s, args.seed) for clients in args.concurrency]
-    return loads or [LoadSpec("poisson", 1.0, args.max_duration_s, args.seed)]
+    retry = getattr(args, "retry_refused", False)
+    loads = [LoadSpec("poisson", rate, args.max_duration_s, args.seed, retry) for rate in args.rates]
+    loads += [LoadSpec("closed", clients, args.max_duration_s, args.seed, retry) for clients in args.concurrency]
+    return loads or [LoadSpec("poisson", 1.0, args.max_duration_s, args.seed, retry)]
 
 
 def execute(args) -> dict:
@@ -241,14 +245,16 @@ def execute(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "requests.jsonl").unlink(missing_ok=True)
     workloads = [WORKLOADS[name] for name in args.workload]
-    requests = {w.name: make_requests(w, args.num_requests, args.seed) for w in workloads}
+    requests = workload_requests(workloads, args.num_requests, args.seed, args.model,
+                                 getattr(args, "max_new_tokens", None))
     text_workloads = [w.name for w in workloads if any(c.text for c in w.classes)]
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     options = PeerOptions(model_dir=args.model, log_dir=out_dir / "logs", certs_dir=args.certs_dir,
                           prefill_cpus=args.prefill_cpus,
                           decode_cpus=args.decode_cpus, gateway_cpus=args.gateway_cpus,
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
-                          fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"))
+                          fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"),
+                          kv_blocks=getattr(args, "kv_blocks", 0))
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
                "machine": machine_description(), "machine_facts": machine_facts(), "command": args.command_line,
                "workload": {"name": ",".join(w.name for w in workloads),
@@ -257,6 +263,7 @@ def execute(args) -> dict:
                             "num_requests": args.num_requests, "seed": args.seed},
                "workloads": [{"name": w.name, "description": w.description} for w in workloads],
                "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}, "pdserve_weights": options.weights,
+               "kv_blocks": options.kv_blocks or None,
                "peers": [], "skipped": []}
     collected = Collected([], [])
     for name, start in _targets(args, options):

@@ -10,13 +10,22 @@ Random ids never repeat, so a proposer that looks the next tokens up in the prom
 prompt lookup) finds nothing in them. The text workloads send real English instead, as one user chat turn
 (the model's chat template applied by the gateway; an instruct model given raw text often ends at once):
 `extractive` asks to repeat, quote, edit, correct or answer from a passage given in the prompt, and
-`open-chat` asks open questions whose answers are not in the prompt.
+`open-chat` asks open questions whose answers are not in the prompt. `long-budget` asks open questions for a
+short answer with max_new_tokens 512: the model ends most answers by end-of-sequence long before the budget,
+the case where a decode tier that reserves KV for the whole budget up front admits fewer sequences.
+
+`multi-turn-chat` and `document-qa` share prompt prefixes, for prefix caching: sessions of token ids built
+with the model's chat template (pdserve/bench/sessions.py tells how).
 """
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+from common.basics.tokenizer import TextTokenizer
+from pdserve.bench.request import BenchRequest
+from pdserve.bench.sessions import document_qa, multi_turn_chat
 from pdserve.bench.texts import OPEN_CHAT_PROMPTS, PASSAGES, Passage
 
 # Ordinary BPE tokens of the default model's vocabulary (ids below ~20 are ChatML and other control tokens).
@@ -33,20 +42,20 @@ class RequestClass:
     text: Callable[[random.Random], str] | None = None  # builds a text prompt (one user chat turn)
 
 
+# Builds a workload's requests itself: (num_requests, seeded rng, the model's tokenizer) -> requests.
+Builder = Callable[[int, random.Random, TextTokenizer], list[BenchRequest]]
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     description: str
-    classes: tuple[RequestClass, ...]
+    classes: tuple[RequestClass, ...] = ()
+    build: Builder | None = None  # instead of classes: sessions of token ids from the chat template
 
-
-@dataclass(frozen=True)
-class BenchRequest:
-    index: int
-    kind: str
-    prompt_ids: tuple[int, ...]  # empty for a text request
-    max_new_tokens: int
-    text: str = ""  # a text request: sent as one user chat turn (the gateway tokenizes it)
+    @property
+    def needs_tokenizer(self) -> bool:
+        return self.build is not None
 
 
 # -- Text workloads: prompts built from the passages and questions of pdserve/bench/texts.py.
@@ -97,6 +106,16 @@ def _extractive(instruction: Callable[[random.Random, Passage], str]) -> Callabl
     return lambda rng: instruction(rng, rng.choice(PASSAGES))
 
 
+# Questions that want an explanation, asked for a short one. Creative requests (a poem, a story, a message) are
+# left out: greedy decoding often loops on them until the budget runs out.
+_SHORT_ANSWER_QUESTIONS = tuple(p for p in OPEN_CHAT_PROMPTS if not p.startswith(("Write", "Tell me a", "Describe")))
+_SHORT_ANSWER = ("Keep it short: one paragraph.", "Answer in two or three sentences.", "Answer in about 80 words.")
+
+
+def _short_answer(rng: random.Random) -> str:
+    return f"{rng.choice(_SHORT_ANSWER_QUESTIONS)} {rng.choice(_SHORT_ANSWER)}"
+
+
 _EXTRACTIVE_OUTPUT = (64, 128)
 
 
@@ -120,17 +139,32 @@ WORKLOADS: dict[str, Workload] = {
         Workload("open-chat", "real text: open questions and requests (one user turn) whose answers are not in "
                  "the prompt, 64-128 output tokens",
                  (RequestClass("open-chat", 1.0, None, _EXTRACTIVE_OUTPUT, _open_chat),)),
+        Workload("long-budget", "real text: open questions asking for a short answer (one user turn), "
+                 "max_new_tokens 512; most answers end by end-of-sequence far sooner",
+                 (RequestClass("short-answer", 1.0, None, (512, 512), _short_answer),)),
+        Workload("multi-turn-chat", "token ids: conversations of 4-8 turns sharing one ~500-token system prompt, "
+                 "each turn resending the history with the replies it got, 32-64 output tokens; a conversation's "
+                 "turns in order", build=multi_turn_chat),
+        Workload("document-qa", "token ids: 4-6 questions on each ~1,500-token document, one request each "
+                 "(document + question), 32-64 output tokens; a document's questions in order", build=document_qa),
         Workload("smoke", "tiny: 8-24 prompt tokens, 4-8 output tokens (tests)",
                  (RequestClass("smoke", 1.0, (8, 24), (4, 8)),)),
     )
 }
 
 
-def make_requests(workload: Workload, num_requests: int, seed: int) -> list[BenchRequest]:
-    """num_requests requests of workload, the same for the same (workload, num_requests, seed)."""
+def make_requests(workload: Workload, num_requests: int, seed: int,
+                  tokenizer: TextTokenizer | None = None) -> list[BenchRequest]:
+    """num_requests requests of workload, the same for the same (workload, num_requests, seed); a session
+    workload needs the model's tokenizer."""
     if num_requests < 1:
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
     rng = random.Random(f"{workload.name}:{seed}")
+    if workload.build is not None:
+        if tokenizer is None:
+            raise ValueError(f"workload {workload.name} builds token ids with the model's chat template: "
+                             "pass its tokenizer")
+        return workload.build(num_requests, rng, tokenizer)
     kinds = _class_sequence(workload, num_requests, rng)
     requests = []
     for index, cls in enumerate(kinds):
@@ -141,6 +175,17 @@ def make_requests(workload: Workload, num_requests: int, seed: int) -> list[Benc
         num_prompt = rng.randint(*cls.prompt_tokens)
         prompt = tuple(rng.randrange(_FIRST_ORDINARY_ID, _LAST_ORDINARY_ID) for _ in range(num_prompt))
         requests.append(BenchRequest(index, cls.kind, prompt, rng.randint(*cls.output_tokens)))
+    return requests
+
+
+def workload_requests(workloads: list[Workload], num_requests: int, seed: int, model_dir: Path,
+                      max_new_tokens: int | None = None) -> dict[str, list[BenchRequest]]:
+    """Each workload's requests (a session workload's token ids from model_dir's tokenizer); max_new_tokens,
+    when given, replaces every request's."""
+    tokenizer = TextTokenizer(model_dir) if any(w.needs_tokenizer for w in workloads) else None
+    requests = {w.name: make_requests(w, num_requests, seed, tokenizer) for w in workloads}
+    if max_new_tokens is not None:
+        requests = {name: [replace(r, max_new_tokens=max_new_tokens) for r in reqs] for name, reqs in requests.items()}
     return requests
 
 
