@@ -67,6 +67,7 @@ class PrefixIndex:
         self._polling = {address: threading.Lock() for address in self.addresses}  # one poll of each at a time
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._warned: set[tuple[str, str]] = set()  # (address, fingerprint) whose layout mismatch was logged
 
     def summary(self, address: str) -> CacheSummary | None:
         """The instance's last answer, its set of block names filled in; None while it does not answer."""
@@ -116,6 +117,19 @@ class PrefixIndex:
                     self._held[address] = merged
         if (held is None) != (merged is None):
             _log.info("%s %s its prefix cache", address, "reports" if merged is not None else "no longer reports")
+        if merged is not None:
+            self._check_layout(address, merged.fingerprint)
+
+    def _check_layout(self, address: str, fingerprint: str) -> None:
+        """Logs, once, an instance whose KV layout differs from another's: a short prompt prefilled on decode never
+        meets the prefill tier's own check, so the misconfiguration would show only on longer prompts."""
+        with self._lock:
+            others = {a: s.fingerprint for a, s in self._held.items() if a != address and s.fingerprint != fingerprint}
+            if not others or (address, fingerprint) in self._warned:
+                return
+            self._warned.add((address, fingerprint))
+        _log.warning("%s has another KV layout (fingerprint %s...) than %s: prefill and decode must run the same "
+                     "model, --kv-dtype and --block-size", address, fingerprint[:12], ", ".join(sorted(others)))
 
 
 def _merged(held: CacheSummary | None, reply: CacheSummary | None) -> CacheSummary | None:
