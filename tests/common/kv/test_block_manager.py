@@ -163,3 +163,72 @@ def test_progress_renews_a_lease_for_a_full_term_and_never_shortens_it():
     blocks.renew("a", now=1.0)  # a late-recorded progress never pulls the end back
     assert blocks.get("a").expires_at == 18.0
     assert [r.handle for r in blocks.expire(now=18.0)] == ["a"] and blocks.num_free == 4
+
+
+# The prefix cache.
+
+ROOT = 12345
+
+
+def _cache(num_blocks: int = 8, **kwargs) -> BlockManager:
+    return BlockManager(num_blocks, 4, prefix_root=ROOT, **kwargs)
+
+
+def test_a_registered_prefix_is_found_by_its_tokens_shared_and_kept_after_its_request():
+    blocks = _cache()
+    prompt = list(range(100, 110))  # two full blocks and two tokens
+    table = blocks.allocate(len(prompt))
+    blocks.register(table, prompt)
+    assert blocks.num_cached == 2
+    blocks.free(table)
+    assert blocks.num_free == 8  # cached but unreferenced: evictable, so free to allocate
+    hit = blocks.match(prompt + [7, 7])  # the same prefix, another ending
+    assert hit == table[:2] and blocks.num_free == 6
+    assert blocks.match(prompt[:5] + [0, 0, 0]) == table[:1]  # diverges in the second block
+    assert blocks.match([1] + prompt[1:]) == []  # diverges in the first: nothing after it counts
+    assert blocks.match(prompt, max_tokens=7) == table[:1]  # at most 7 tokens: one whole block
+    blocks.free(hit + table[:1] + table[:1])
+    assert blocks.num_free == 8 and blocks.prefix_counts.hit_tokens == 8 + 4 + 4
+
+
+def test_cached_blocks_are_evicted_least_recently_used_and_only_when_no_free_block_is_left():
+    blocks = _cache(num_blocks=4)
+    a, b = list(range(4)), list(range(10, 14))
+    table_a, table_b = blocks.allocate(4), blocks.allocate(4)
+    blocks.register(table_a, a)
+    blocks.register(table_b, b)
+    blocks.free(table_a)
+    blocks.free(table_b)
+    blocks.free(blocks.match(a))  # a used again: b is now the least recently used
+    assert blocks.allocate(8) == [2, 3]  # the two never-cached blocks first
+    taken = blocks.allocate(4)
+    assert taken == table_b and blocks.match(b) == [] and blocks.match(a) == table_a
+    with pytest.raises(OutOfBlocks):
+        blocks.allocate(4)  # a is referenced now: not evictable
+
+
+def test_a_hash_collision_is_counted_and_not_served():
+    blocks = _cache(hash_fn=lambda parent, tokens: 99)  # every block has the same name
+    table = blocks.allocate(4)
+    blocks.register(table, [1, 2, 3, 4])
+    assert blocks.match([5, 6, 7, 8]) == [] and blocks.prefix_counts.collisions == 1
+    assert blocks.match([1, 2, 3, 4]) == table
+
+
+def test_the_summary_names_every_cached_block_and_says_unchanged_until_the_set_changes():
+    blocks = _cache()
+    first = blocks.summary(0, num_requests=0, num_queued_tokens=0)
+    assert first.hashes == [] and first.prefix_caching
+    assert blocks.summary(first.version, num_requests=0, num_queued_tokens=0).hashes is None
+    table = blocks.allocate(8)
+    blocks.register(table, list(range(8)))
+    second = blocks.summary(first.version, num_requests=1, num_queued_tokens=2)
+    assert second.version != first.version and sorted(second.hashes) == sorted(blocks.prefix_hashes(list(range(8))))
+
+
+def test_without_a_prefix_root_nothing_is_cached():
+    blocks = BlockManager(8, 4)
+    table = blocks.allocate(8)
+    blocks.register(table, list(range(8)))
+    blocks.free(table)
+    assert blocks.num_cached == 0 and blocks.match(list(range(8))) == [] and blocks.num_free == 8
