@@ -50,7 +50,9 @@ def test_a_repeated_prefix_goes_to_the_instances_that_hold_it_and_is_not_recompu
     full_bytes = last.timings.kv_bytes
     prefill_holder, decode_holder = _holders(stack, stack.prefills), _holders(stack, stack.decodes)
     assert len(prefill_holder) == 1 and len(decode_holder) == 1
-    time.sleep(5 * POLL_MS / 1000)  # the gateway's index has polled the instances since
+    # The one timing condition here: the gateway's index polls every 100 ms (a reply takes about a millisecond);
+    # 2 s is 20 polls. No outside view of the index exists to wait on instead.
+    time.sleep(20 * POLL_MS / 1000)
     before = {a: stack.decode_stats(a).num_prefix_query_tokens for a in stack.decodes}
 
     # A longer uncached part: the prefill tier computes only it and pushes only what decode lacks.
