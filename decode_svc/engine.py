@@ -144,7 +144,7 @@ class DecodeEngine:
                                         "retry later")
             try:
                 reservation = self.blocks.reserve(handle, num_tokens, lease_s=lease, now=time.monotonic(),
-                                                  prompt_ids=prompt_ids[:-1])
+                                                  prompt_ids=prompt_ids, max_cached_tokens=num_prompt_tokens - 1)
             except OutOfBlocks as error:
                 raise ResourceExhausted(f"decode KV pool is full: {error}; retry later") from None
             cached = reservation.num_cached_tokens

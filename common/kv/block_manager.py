@@ -218,12 +218,12 @@ class BlockManager:
             self.cache_version += 1
 
     def reserve(self, handle: str, num_tokens: int, *, lease_s: float, now: float,
-                prompt_ids: Sequence[int] = ()) -> Reservation:
-        """Blocks for num_tokens tokens; the leading full blocks of prompt_ids come from the prefix cache where it
-        holds them (their KV is there already: reservation.num_cached_tokens)."""
+                prompt_ids: Sequence[int] = (), max_cached_tokens: int | None = None) -> Reservation:
+        """Blocks for num_tokens tokens; the leading full blocks of prompt_ids (at most max_cached_tokens tokens)
+        come from the prefix cache where it holds them (their KV is there already: reservation.num_cached_tokens)."""
         if handle in self._reservations:
             raise ValueError(f"reservation {handle!r} exists already")
-        cached = self.match(prompt_ids) if prompt_ids else []
+        cached = self.match(prompt_ids, max_cached_tokens) if prompt_ids else []
         try:
             rest = self.allocate_blocks(self.blocks_needed(num_tokens) - len(cached), f"{num_tokens} tokens")
         except OutOfBlocks:

@@ -168,7 +168,7 @@ def test_int8_prefill_refuses_an_fp8_decode_instance(model_dir):
                                                decode_addresses=(fp8_address,)))
     gateway = start_gateway(GatewayConfig(model_dir=model_dir, port=0,
                                           prefill_addresses=(f"127.0.0.1:{int8_prefill.port}",),
-                                          decode_addresses=(fp8_address,)))
+                                          decode_addresses=(fp8_address,), local_prefill_tokens=0))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             with pytest.raises(grpc.RpcError) as raised:

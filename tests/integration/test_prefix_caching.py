@@ -89,6 +89,7 @@ def test_a_short_fresh_prompt_is_prefilled_on_decode_and_a_long_one_on_the_prefi
     stack.assert_no_blocks_held()
 
 
+@pytest.mark.slow  # its own stack; tests/gateway/test_prefix_reuse.py preempts over the same engines in make test
 def test_a_decode_pool_too_small_for_the_final_lengths_serves_every_request_by_preemption(model_dir, hf_model):
     """--kv-blocks 12: four requests of 20 + 40 tokens need 16 blocks at their end; all are accepted, the most
     recently admitted is preempted when the pool runs out, and each output is transformers' (its solo run)."""

@@ -18,7 +18,7 @@ import torch
 from helpers import request
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from prometheus_client.parser import text_string_to_metric_families
-from stack import STACK_CHUNK_SIZE, launch_stack, stop_stack
+from stack import STACK_BLOCK_SIZE, STACK_CHUNK_SIZE, launch_stack, stop_stack
 from stack_probes import free_port_run, tier_pids
 
 from pdserve.v1 import gateway_pb2_grpc
@@ -221,6 +221,20 @@ def test_prefill_metrics_count_every_prompt_and_kv_byte(traffic, model_dir):
         == num_prompt * kv_bytes_per_token(model_dir)
     assert value(families, "pdserve_prefill_queue_depth", "pdserve_prefill_queue_depth") == 0
     assert value(families, "pdserve_kv_blocks_used", "pdserve_kv_blocks_used", tier="prefill") == 0
+    _assert_prefix_cache_metrics(families, traffic.replies, "prefill")
+
+
+def _assert_prefix_cache_metrics(families: dict, replies, tier: str) -> None:
+    """Every prompt was looked up in the tier's prefix cache; the prompts share no full block, so none hit, and
+    their full blocks stay cached after them."""
+    queried = sum(r.usage.prompt_tokens for r in replies)
+    assert value(families, "pdserve_prefix_cache_query_tokens", "pdserve_prefix_cache_query_tokens_total",
+                 tier=tier) == queried
+    assert value(families, "pdserve_prefix_cache_hit_tokens", "pdserve_prefix_cache_hit_tokens_total",
+                 tier=tier) == 0
+    assert value(families, "pdserve_prefix_cache_hit_rate", "pdserve_prefix_cache_hit_rate", tier=tier) == 0
+    assert value(families, "pdserve_prefix_cache_blocks", "pdserve_prefix_cache_blocks", tier=tier) \
+        >= sum(r.usage.prompt_tokens // STACK_BLOCK_SIZE for r in replies)
 
 
 def test_decode_metrics_count_every_decoded_request(traffic, model_dir):
@@ -236,6 +250,9 @@ def test_decode_metrics_count_every_decoded_request(traffic, model_dir):
         == sum(r.usage.prompt_tokens for r in traffic.replies) * kv_bytes_per_token(model_dir)
     assert value(families, "pdserve_decode_batch_size", "pdserve_decode_batch_size") == 0
     assert value(families, "pdserve_kv_blocks_used", "pdserve_kv_blocks_used", tier="decode") == 0
+    _assert_prefix_cache_metrics(families, traffic.replies, "decode")
+    assert value(families, "pdserve_decode_preemptions", "pdserve_decode_preemptions_total") == 0
+    assert value(families, "pdserve_decode_local_prefills", "pdserve_decode_local_prefills_total") == 0
 
 
 def test_gpu_metrics_appear_only_with_a_gpu(traffic):
