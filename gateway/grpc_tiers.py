@@ -7,6 +7,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.basics.errors import Cancelled
 from common.basics.sampling import SamplingConfig
+from common.edge.discovery import Instance
 from common.edge.errors import upstream
 from common.edge.server import Tls, make_channel
 from common.edge.tracing import outgoing_metadata
@@ -54,10 +55,24 @@ class _DecodeStream:
 class GrpcTiers:
     def __init__(self, prefill_addresses: tuple[str, ...], decode_addresses: tuple[str, ...],
                  tls: Tls | None = None) -> None:
-        channels = {a: make_channel(a, tls) for a in (*prefill_addresses, *decode_addresses)}
-        self._prefill = {a: prefill_pb2_grpc.PrefillStub(channels[a]) for a in prefill_addresses}
-        self._decode = {a: decode_pb2_grpc.DecodeStub(channels[a]) for a in decode_addresses}
-        self._health = {a: health_pb2_grpc.HealthStub(channel) for a, channel in channels.items()}
+        self._tls = tls
+        self._prefill: dict[str, prefill_pb2_grpc.PrefillStub] = {}
+        self._decode: dict[str, decode_pb2_grpc.DecodeStub] = {}
+        self._health: dict[str, health_pb2_grpc.HealthStub] = {}
+        for tier, addresses in (("prefill", prefill_addresses), ("decode", decode_addresses)):
+            for address in addresses:
+                self.add(tier, Instance(address))
+
+    def add(self, tier: str, instance: Instance) -> None:
+        """Stubs for an instance (kept when it goes: calls in flight to it finish on its channel)."""
+        if instance.address in self._health:
+            return
+        channel = make_channel(instance.address, self._tls, instance.tls_name)
+        if tier == "prefill":
+            self._prefill[instance.address] = prefill_pb2_grpc.PrefillStub(channel)
+        else:
+            self._decode[instance.address] = decode_pb2_grpc.DecodeStub(channel)
+        self._health[instance.address] = health_pb2_grpc.HealthStub(channel)
 
     def reserve(self, address: str, prompt_ids: list[int], max_new_tokens: int, lease_ms: int,
                 ctx: CallContext) -> _Pending:

@@ -68,6 +68,7 @@ class PrefixIndex:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._warned: set[tuple[str, str]] = set()  # (address, fingerprint) whose layout mismatch was logged
+        self._started = False
 
     def summary(self, address: str) -> CacheSummary | None:
         """The instance's last answer, its set of block names filled in; None while it does not answer."""
@@ -88,21 +89,44 @@ class PrefixIndex:
 
     def start(self) -> None:
         """One round at once (so the first requests already see the caches), then one thread per instance."""
-        if not self.addresses:
-            return
-        self.refresh()
+        if self.addresses:
+            self.refresh()
+        self._started = True
         for address in self.addresses:
-            threading.Thread(target=self._watch, args=(address,), name=f"prefix index {address}", daemon=True).start()
+            self._follow(address)
 
     def stop(self) -> None:
         self._stop.set()
 
+    def add(self, address: str) -> None:
+        """A new instance (found by a DNS name): polled from now on."""
+        with self._lock:
+            if address in self._polling:
+                return
+            self._polling[address] = threading.Lock()
+            self.addresses = (*self.addresses, address)
+        if self._started:
+            self._follow(address)
+
+    def remove(self, address: str) -> None:
+        """An instance gone: what it held is forgotten, and it is polled no more."""
+        with self._lock:
+            self._polling.pop(address, None)
+            self._held.pop(address, None)
+            self.addresses = tuple(a for a in self.addresses if a != address)
+
+    def _follow(self, address: str) -> None:
+        threading.Thread(target=self._watch, args=(address,), name=f"prefix index {address}", daemon=True).start()
+
     def _watch(self, address: str) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._stop.wait(self._interval_s) and address in self._polling:
             self._poll(address)
 
     def _poll(self, address: str) -> None:
-        with self._polling[address]:
+        polling = self._polling.get(address)
+        if polling is None:
+            return  # removed
+        with polling:
             held = self.summary(address)
             try:
                 reply = self._summarize(address, held.version if held is not None else 0)
@@ -111,6 +135,8 @@ class PrefixIndex:
                 reply = None
             merged = _merged(held, reply)
             with self._lock:
+                if address not in self._polling:
+                    return
                 if merged is None:
                     self._held.pop(address, None)
                 else:

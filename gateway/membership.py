@@ -34,11 +34,12 @@ class Membership:
         self._decode_slots: dict[str, int] = {}  # each decode instance's batch size, asked once it is up
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._started = False
 
     def up(self, tier: str) -> list[str]:
-        """The tier's instances in rotation, in configured order."""
+        """The tier's instances in rotation, in configured order (then in order found)."""
         with self._lock:
-            return [address for address in self.tiers[tier] if self._up[address]]
+            return [address for address in self.tiers[tier] if self._up.get(address)]
 
     def decode_slots(self) -> int:
         """Batch slots of the decode instances in rotation (what the gateway admits against)."""
@@ -65,14 +66,40 @@ class Membership:
         """One round of checks at once (so a gateway starts knowing its tiers), then one thread per instance."""
         self.refresh(tuple(self._up))
         self._on_change(self.can_serve())
-        for address in self._up:
-            threading.Thread(target=self._watch, args=(address,), name=f"health {address}", daemon=True).start()
+        self._started = True
+        for address in list(self._up):
+            self._follow(address)
 
     def stop(self) -> None:
         self._stop.set()
 
+    def add(self, tier: str, address: str) -> None:
+        """A new instance (found by a DNS name): out of rotation until it answers SERVING, checked from now on."""
+        with self._lock:
+            if address in self._up:
+                return
+            self.tiers[tier] = (*self.tiers[tier], address)
+            self._up[address], self._misses[address] = False, 0
+        self._on_instance(address, False)
+        if self._started:
+            self._follow(address)
+
+    def remove(self, address: str) -> None:
+        """An instance gone from its name's records: out of rotation at once, no longer checked."""
+        with self._lock:
+            was_up = self._up.pop(address, False)
+            self._misses.pop(address, None)
+            self._decode_slots.pop(address, None)
+            self.tiers = {tier: tuple(a for a in addresses if a != address) for tier, addresses in self.tiers.items()}
+        if was_up:
+            self._on_instance(address, False)
+            self._on_change(self.can_serve())
+
+    def _follow(self, address: str) -> None:
+        threading.Thread(target=self._watch, args=(address,), name=f"health {address}", daemon=True).start()
+
     def _watch(self, address: str) -> None:
-        while not self._stop.wait(self._interval_s):
+        while not self._stop.wait(self._interval_s) and address in self._up:
             self._record(address, self._check(address))
 
     def _record(self, address: str, serving: bool | None) -> None:
@@ -82,6 +109,8 @@ class Membership:
             if slots:
                 self._decode_slots[address] = slots
         with self._lock:
+            if address not in self._up:
+                return  # removed meanwhile
             self._misses[address] = self._misses[address] + 1 if serving is None else 0
             up = serving if serving is not None else self._up[address] and self._misses[address] < MISSES_OUT
             changed = self._up[address] != up

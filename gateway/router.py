@@ -76,6 +76,11 @@ class Router:
         with self._lock:
             return min(live, key=self._prefill_tokens.__getitem__)
 
+    def add(self, tier: str, address: str) -> None:
+        """A new instance (found by a DNS name); it is picked once Membership has it in rotation."""
+        with self._lock:
+            (self._prefill_tokens if tier == "prefill" else self._decode_requests).setdefault(address, 0)
+
     def expected_cached_blocks(self, address: str, prompt_ids: Sequence[int]) -> int:
         """Leading full blocks of the prompt the instance holds, as its last summary says (0 without an index)."""
         return 0 if self.index is None else self.index.num_cached_blocks(address, prompt_ids)

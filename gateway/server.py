@@ -15,6 +15,7 @@ from common.basics.errors import PdserveError, RateLimited, Unavailable
 from common.basics.model_config import ModelConfig
 from common.basics.tokenizer import TextTokenizer
 from common.edge.auth import ApiKeys, authorization_of
+from common.edge.discovery import Instance
 from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import GatewayMetrics
 from common.edge.server import (
@@ -32,6 +33,7 @@ from common.edge.server import (
 )
 from common.edge.tracing import child_span, incoming_context
 from gateway.convert import last_reply, spec_from_request, token_reply
+from gateway.fleet import Fleet
 from gateway.generation import Generation
 from gateway.grpc_tiers import GrpcTiers
 from gateway.kv_index import PrefixIndex
@@ -61,8 +63,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.tokenizer = tokenizer
         self.model = model
         self.tiers = tiers
-        self.router = Router(config.prefill_addresses, config.decode_addresses, membership, index,
-                             config.prefix_weight)
+        # the instances found behind the tier lists (gateway/fleet.py) when Membership follows them
+        prefill, decode = (membership.tiers["prefill"], membership.tiers["decode"]) if membership else \
+            (config.prefill_addresses, config.decode_addresses)
+        self.router = Router(prefill, decode, membership, index, config.prefix_weight)
         self.metrics = metrics
         self.draining = False  # set on SIGTERM: new requests are turned away, those in flight finish
         self.in_flight = 0
@@ -161,6 +165,7 @@ class RunningGateway:
     health: health.HealthServicer
     membership: Membership
     index: PrefixIndex
+    fleet: Fleet
 
     def drain(self, timeout_s: float) -> bool:
         """NOT_SERVING at once, new requests turned away, those in flight finish (up to timeout_s)."""
@@ -168,6 +173,7 @@ class RunningGateway:
         return drain(self.health, [SERVICE_NAME], lambda: self.servicer.in_flight > 0, timeout_s)
 
     def stop(self, grace_s: float = 2.0) -> None:
+        self.fleet.stop()
         self.membership.stop()
         self.index.stop()
         self.server.stop(grace_s).wait()
@@ -175,8 +181,14 @@ class RunningGateway:
 
 def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = None) -> RunningGateway:
     """Serves the gateway; its metrics go to `registry` (a private one when None: nothing serves it)."""
-    tiers = GrpcTiers(config.prefill_addresses, config.decode_addresses,
-                      Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca))
+    # Static addresses and DNS names (dns:///NAME:PORT), resolved now and followed from then on.
+    fleet = Fleet({"prefill": config.prefill_addresses, "decode": config.decode_addresses}, config.resolve_interval_s)
+    fleet.resolve_now()
+    prefill_addresses, decode_addresses = fleet.addresses("prefill"), fleet.addresses("decode")
+    tiers = GrpcTiers((), (), Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca))
+    for tier in ("prefill", "decode"):
+        for instance in fleet.instances[tier].values():
+            tiers.add(tier, instance)
     tokenizer, model = TextTokenizer(config.model_dir), ModelConfig.from_dir(config.model_dir)
     keys = ApiKeys.load(config.api_keys_file) if config.api_keys_file else ApiKeys.disabled()
     # The largest valid request: a whole context of the longest tokens, with room for the other fields.
@@ -194,13 +206,12 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
         health.set(instance_service(address), health_pb2.HealthCheckResponse.SERVING if up
                    else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    membership = Membership(config.prefill_addresses, config.decode_addresses, tiers.serving, report,
+    membership = Membership(prefill_addresses, decode_addresses, tiers.serving, report,
                             slots=tiers.decode_slots, on_instance=report_instance)
-    for address in (*config.prefill_addresses, *config.decode_addresses):
+    for address in (*prefill_addresses, *decode_addresses):
         report_instance(address, False)
     # What each instance's prefix cache holds and its load, for KV-aware routing (gateway/router.py).
-    index = PrefixIndex((*config.prefill_addresses, *config.decode_addresses), tiers.cache_summary,
-                        config.cache_poll_ms / 1000)
+    index = PrefixIndex((*prefill_addresses, *decode_addresses), tiers.cache_summary, config.cache_poll_ms / 1000)
     servicer = GatewayServicer(config, tokenizer, model, tiers, GatewayMetrics(registry or CollectorRegistry()), keys,
                                membership, index)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -216,4 +227,17 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
     server.start()
     membership.start()
     index.start()
-    return RunningGateway(server, port, servicer, health, membership, index)
+
+    def found(tier: str, instance: Instance) -> None:
+        tiers.add(tier, instance)
+        servicer.router.add(tier, instance.address)
+        index.add(instance.address)
+        membership.add(tier, instance.address)  # in rotation once it answers SERVING
+
+    def gone(tier: str, address: str) -> None:
+        membership.remove(address)
+        index.remove(address)
+
+    fleet.on_add, fleet.on_remove = found, gone
+    fleet.start()
+    return RunningGateway(server, port, servicer, health, membership, index, fleet)

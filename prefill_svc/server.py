@@ -21,6 +21,7 @@ from common.basics.errors import (
     Unavailable,
 )
 from common.basics.request_id import checked_request_id
+from common.edge.discovery import Instance, parse_target, resolve
 from common.edge.errors import maps_errors, status_of
 from common.edge.metrics import PREFILL_STATS, PrefillMetrics, StatsCollector
 from common.edge.proto import cache_summary_to_proto, compat_from_proto, compat_to_proto
@@ -53,29 +54,36 @@ from prefill_svc.observe import record_prefill
 SERVICE_NAME = "pdserve.v1.Prefill"
 _POLL_S = 0.25
 _INFO_TIMEOUT_S = 5.0
+_RESOLVE_AGAIN_S = 1.0  # a request naming an unknown decode address re-resolves the dns: names at most this often
 
 
 class DecodePeers:
     """Channels to decode instances, each checked once for a compatible KV layout; mutual TLS when this tier
-    has an identity."""
+    has an identity. Only instances on the --decode list get KV: a listed host:port, or an address a listed
+    dns: name resolves to (resolved again when a request names an address not seen yet, at most once a second;
+    the certificate is then checked against the name)."""
 
     def __init__(self, compat: Compat, allowed: tuple[str, ...], tls: Tls | None = None) -> None:
         self.compat = compat
-        self.allowed = frozenset(allowed)
+        self.targets = [parse_target(t) for t in allowed]
+        self.allowed = frozenset(t.text for t in self.targets if not t.resolved)
         self.tls = tls
         self._stubs: dict[str, decode_pb2_grpc.DecodeStub] = {}
+        self._named: dict[str, dict[str, Instance]] = {}  # dns target -> address -> instance, as last resolved
+        self._resolved_at = float("-inf")
         self._lock = threading.Lock()
 
     def stub_for(self, address: str) -> decode_pb2_grpc.DecodeStub:
-        if address not in self.allowed:
-            known = ", ".join(sorted(self.allowed)) or "none: start it with --decode HOST:PORT"
+        instance = self._instance(address)
+        if instance is None:
+            known = ", ".join(t.text for t in self.targets) or "none: start it with --decode HOST:PORT"
             raise PermissionDenied(f"decode instance {address!r} is not one this prefill tier pushes KV to "
                                    f"(its --decode list: {known})")
         with self._lock:
             stub = self._stubs.get(address)
         if stub is not None:
             return stub
-        stub = decode_pb2_grpc.DecodeStub(make_channel(address, self.tls))
+        stub = decode_pb2_grpc.DecodeStub(make_channel(address, self.tls, instance.tls_name))
         try:
             theirs = compat_from_proto(stub.GetInfo(decode_pb2.GetInfoRequest(), timeout=_INFO_TIMEOUT_S))
         except grpc.RpcError as error:
@@ -88,6 +96,23 @@ class DecodePeers:
         with self._lock:
             self._stubs[address] = stub
         return stub
+
+    def _instance(self, address: str) -> Instance | None:
+        if address in self.allowed:
+            return Instance(address)
+        with self._lock:
+            found = self._find(address)
+            if found is None and time.monotonic() - self._resolved_at >= _RESOLVE_AGAIN_S:
+                self._resolved_at = time.monotonic()
+                for target in (t for t in self.targets if t.resolved):
+                    instances = resolve(target)
+                    if instances is not None:  # a failed lookup keeps what the name had
+                        self._named[target.text] = {i.address: i for i in instances}
+                found = self._find(address)
+            return found
+
+    def _find(self, address: str) -> Instance | None:
+        return next((named[address] for named in self._named.values() if address in named), None)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.basics.targets import parse_target
+
 # KV cache element types the tiers can store and exchange (common/kv/wire.py maps them to torch).
 # int8 and fp8 (float8 e4m3fn) are quantised: codes plus a float32 scale per token and KV head
 # (common/kv/quant.py). Kept here, torch-free, so the CLI can set up the process before torch loads.
@@ -53,6 +55,12 @@ def default_certs_dir(cache_home: str | None, home: str) -> Path:
 def _check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in [0, 65535], got {port}")
+
+
+def _check_targets(targets: tuple[str, ...]) -> None:
+    """Each a host:port or a dns: name; raises ValueError naming a bad one."""
+    for target in targets:
+        parse_target(target)
 
 
 def _check_threads(threads: int) -> None:
@@ -151,8 +159,9 @@ class DecodeConfig(TierConfig):
 class PrefillConfig(TierConfig):
     kv_memory_mb: int = option(512, "memory budget of the KV pool")
     decode_addresses: tuple[str, ...] = option(
-        (), "a decode instance this tier may push KV to, host:port (repeatable): KV goes to no address a request "
-            "names unless it is listed here", flag="--decode")
+        (), "a decode instance this tier may push KV to, host:port, or dns:///NAME:PORT for every address the name "
+            "resolves to (repeatable): KV goes to no address a request names unless it is listed here",
+        flag="--decode")
     chunk_size: int = option(256, "most prompt tokens of one prompt per step (chunked prefill)")
     max_batch_tokens: int = option(512, "most prompt tokens per step in all")
     max_queued_prompts: int = option(256, "most prompts waiting or computing; beyond, RESOURCE_EXHAUSTED with a "
@@ -162,6 +171,7 @@ class PrefillConfig(TierConfig):
         super().__post_init__()
         if self.max_queued_prompts < 1:
             raise ValueError(f"max_queued_prompts must be >= 1, got {self.max_queued_prompts}")
+        _check_targets(self.decode_addresses)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.max_batch_tokens < self.chunk_size:
@@ -171,8 +181,11 @@ class PrefillConfig(TierConfig):
 @dataclass(frozen=True)
 class GatewayConfig:
     model_dir: Path = field(metadata={"flag": "--model", "help": "Hugging Face Llama checkpoint directory"})
-    prefill_addresses: tuple[str, ...] = option((), "prefill address host:port (repeatable)", flag="--prefill")
-    decode_addresses: tuple[str, ...] = option((), "decode address host:port (repeatable)", flag="--decode")
+    prefill_addresses: tuple[str, ...] = option(
+        (), "prefill instances: host:port, or dns:///NAME:PORT (every address the name resolves to, followed as "
+            "instances come and go; dns://SERVER/NAME:PORT asks that DNS server) (repeatable)", flag="--prefill")
+    decode_addresses: tuple[str, ...] = option((), "decode instances, as --prefill (repeatable)", flag="--decode")
+    resolve_interval_s: float = option(5.0, "how often DNS names in --prefill / --decode are resolved again")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = option(DEFAULT_GATEWAY_PORT, "port to listen on (0 picks a free one)")
     default_max_new_tokens: int = option(256, "max_new_tokens of a request that sets none")
@@ -206,6 +219,9 @@ class GatewayConfig:
             raise ValueError("--public-tls-cert and --public-tls-key go together")
         if not self.prefill_addresses or not self.decode_addresses:
             raise ValueError("the gateway needs at least one prefill and one decode address")
+        _check_targets((*self.prefill_addresses, *self.decode_addresses))
+        if not self.resolve_interval_s > 0:
+            raise ValueError(f"resolve_interval_s must be > 0, got {self.resolve_interval_s}")
         if self.lease_ms < 1:
             raise ValueError(f"lease_ms must be >= 1, got {self.lease_ms}")
         if self.local_prefill_tokens < 0:

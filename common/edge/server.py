@@ -59,12 +59,14 @@ _RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_rec
                       ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def make_channel(address: str, tls: Tls | None = None) -> grpc.Channel:
+def make_channel(address: str, tls: Tls | None = None, tls_name: str | None = None) -> grpc.Channel:
     """A channel to another tier: mutual TLS when this tier has an identity, plaintext otherwise; reconnecting
-    within a second once the other side is back."""
+    within a second once the other side is back. tls_name: the name the peer's certificate must carry when it
+    is not the address's host (an instance found by a DNS name: common/edge/discovery.py)."""
     if tls is None:
         return grpc.insecure_channel(address, options=_RECONNECT_OPTIONS)
-    return grpc.secure_channel(address, tls.channel_credentials(), options=_RECONNECT_OPTIONS)
+    options = [*_RECONNECT_OPTIONS, *([("grpc.ssl_target_name_override", tls_name)] if tls_name else [])]
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
 
 
 def add_health(server: grpc.Server) -> health.HealthServicer:
@@ -99,18 +101,19 @@ def drain(health_servicer: health.HealthServicer, service_names: list[str], busy
     return True
 
 
-def health_status(address: str, timeout_s: float = 1.0, tls: Tls | None = None, service: str = "") -> int | None:
+def health_status(address: str, timeout_s: float = 1.0, tls: Tls | None = None, service: str = "",
+                  tls_name: str | None = None) -> int | None:
     """The server's grpc.health.v1 status (overall, or of `service`), or None when it does not answer."""
     try:
-        with make_channel(address, tls) as channel:
+        with make_channel(address, tls, tls_name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s).status
     except grpc.RpcError:
         return None
 
 
-def is_serving(address: str, timeout_s: float = 1.0, tls: Tls | None = None) -> bool:
-    return health_status(address, timeout_s, tls) == health_pb2.HealthCheckResponse.SERVING
+def is_serving(address: str, timeout_s: float = 1.0, tls: Tls | None = None, tls_name: str | None = None) -> bool:
+    return health_status(address, timeout_s, tls, tls_name=tls_name) == health_pb2.HealthCheckResponse.SERVING
 
 
 def time_remaining_s(context: grpc.ServicerContext) -> float | None:
