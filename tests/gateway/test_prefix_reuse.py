@@ -145,20 +145,20 @@ def test_a_forced_hash_collision_is_detected_and_not_served(model, model_dir, pr
 
 
 def test_preemption_completes_every_request_as_it_would_alone(model, model_dir, hf_model):
-    """Four requests whose final lengths need 16 blocks on a 10-block decode pool: lazy growth admits them all,
-    preempts the most recently admitted when the pool runs out, recomputes its KV later; each output equals its
-    solo run (and transformers'), and every block comes back."""
+    """Four requests whose final lengths (20 + 28 tokens) need 12 blocks on a 9-block decode pool: lazy growth
+    admits them all (2 blocks each), preempts the most recently admitted when the pool runs out, recomputes its KV
+    later; each output equals its solo run (and transformers'), and every block comes back."""
     eos = frozenset(model.config.eos_token_ids)
     rng = random.Random(7)
     prompts = [_ids(rng, 20) for _ in range(4)]
-    max_new = 40
+    max_new = 28
     solo = {}
     with _tiers(model, model_dir, caching=False).running() as tiers:
         for prompt in prompts:
             solo[tuple(prompt)] = _run(tiers, prompt, eos, max_new=max_new)[0]
     for prompt in prompts[:2]:
         assert_greedy_matches(hf_model, prompt, solo[tuple(prompt)], hf_greedy(hf_model, prompt, max_new))
-    with _tiers(model, model_dir, caching=True, decode_blocks=10).running() as tiers:
+    with _tiers(model, model_dir, caching=True, decode_blocks=9).running() as tiers:
         outputs: dict[int, list[int]] = {}
         threads = [threading.Thread(target=lambda i=i, p=p: outputs.__setitem__(i, _run(tiers, p, eos,
                                                                                        max_new=max_new)[0]))
