@@ -9,6 +9,8 @@
   pdserve-no-prefix-cache   `pdserve up --no-prefix-caching`: the same stack, no KV reused across requests
   pdserve-no-local-prefill  `pdserve up --local-prefill-tokens 0`: every prompt prefilled by the prefill tier
   pdserve-upfront    `pdserve up --kv-growth upfront`: decode reserves prompt + max_new_tokens of KV at once
+  pdserve-1p2d       `pdserve up --decode-replicas 2`: one prefill and two decode instances (decode cores shared)
+  pdserve-2p1d       `pdserve up --prefill-replicas 2`: two prefill instances (prefill cores shared), one decode
   llama.cpp          llama-cpp-python on the GGUF file itself (pdserve/bench/llama_cpp_peer.py), when installed
 Each runs as child processes pinned to the cores given (prefill and decode cores apart for pdserve; their
 union for the single-process peers, so every peer gets the same cores in total) and is stopped after its runs.
@@ -41,7 +43,7 @@ class PeerUnavailable(Exception):
 
 # pdserve peers whose decode tier runs apart, on the decode cores alone.
 DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft", "pdserve-no-prefix-cache",
-                           "pdserve-no-local-prefill", "pdserve-upfront"})
+                           "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d"})
 
 # Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
 TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp"})
@@ -185,6 +187,8 @@ def start_pdserve_draft(options: PeerOptions) -> RunningPeer:
 NO_PREFIX_CACHE_FLAGS = ("--no-prefix-caching",)
 NO_LOCAL_PREFILL_FLAGS = ("--local-prefill-tokens", "0")
 UPFRONT_FLAGS = ("--kv-growth", "upfront")
+# The prefill:decode ratio: every replica of a tier on that tier's cores (--prefill-cpus / --decode-cpus).
+RATIO_FLAGS = {"pdserve-1p2d": ("--decode-replicas", "2"), "pdserve-2p1d": ("--prefill-replicas", "2")}
 
 
 def start_pdserve_no_prefix_cache(options: PeerOptions) -> RunningPeer:
@@ -197,6 +201,10 @@ def start_pdserve_no_local_prefill(options: PeerOptions) -> RunningPeer:
 
 def start_pdserve_upfront(options: PeerOptions) -> RunningPeer:
     return start_stack("pdserve-upfront", options, colocated=False, extra=UPFRONT_FLAGS)
+
+
+def start_ratio(name: str) -> Callable[[PeerOptions], RunningPeer]:
+    return lambda options: start_stack(name, options, colocated=False, extra=RATIO_FLAGS[name])
 
 
 def start_colocated(options: PeerOptions) -> RunningPeer:
@@ -238,5 +246,7 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "pdserve-no-prefix-cache": start_pdserve_no_prefix_cache,
     "pdserve-no-local-prefill": start_pdserve_no_local_prefill,
     "pdserve-upfront": start_pdserve_upfront,
+    "pdserve-1p2d": start_ratio("pdserve-1p2d"),
+    "pdserve-2p1d": start_ratio("pdserve-2p1d"),
     "llama.cpp": start_llama_cpp,
 }
