@@ -84,10 +84,8 @@ class DecodeMetrics:
 
 # stats() field -> (metric name, help, kind). Only fields the snapshot has are exported.
 StatsFields = dict[str, tuple[str, str, str]]
-PREFILL_STATS: StatsFields = {
-    "num_queued": ("pdserve_prefill_queue_depth", "Prompts queued or computing", "gauge"),
-    "num_queued_tokens": ("pdserve_prefill_queued_tokens", "Prompt tokens not yet computed", "gauge"),
-    "num_steps": ("pdserve_prefill_steps", "Prefill steps run", "counter"),
+# Both model tiers' KV pool and prefix cache (labelled by tier).
+KV_POOL_STATS: StatsFields = {
     "num_blocks_free": ("pdserve_kv_blocks_free", "Free KV blocks of this instance's pool", "gauge"),
     "num_blocks_total": ("pdserve_kv_blocks_total", "KV blocks of this instance's pool", "gauge"),
     "num_cached_blocks": ("pdserve_prefix_cache_blocks", "Full KV blocks held in the prefix cache (in use or "
@@ -96,6 +94,12 @@ PREFILL_STATS: StatsFields = {
                                 "counter"),
     "num_prefix_hit_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
                               "counter"),
+}
+PREFILL_STATS: StatsFields = {
+    "num_queued": ("pdserve_prefill_queue_depth", "Prompts queued or computing", "gauge"),
+    "num_queued_tokens": ("pdserve_prefill_queued_tokens", "Prompt tokens not yet computed", "gauge"),
+    "num_steps": ("pdserve_prefill_steps", "Prefill steps run", "counter"),
+    **KV_POOL_STATS,
 }
 DECODE_STATS: StatsFields = {
     "num_running": ("pdserve_decode_batch_size", "Sequences in the running decode batch", "gauge"),
@@ -108,14 +112,7 @@ DECODE_STATS: StatsFields = {
                           "counter"),
     "num_spec_accepted": ("pdserve_decode_spec_accepted_tokens", "Draft tokens the target model accepted",
                           "counter"),
-    "num_blocks_free": ("pdserve_kv_blocks_free", "Free KV blocks of this instance's pool", "gauge"),
-    "num_blocks_total": ("pdserve_kv_blocks_total", "KV blocks of this instance's pool", "gauge"),
-    "num_cached_blocks": ("pdserve_prefix_cache_blocks", "Full KV blocks held in the prefix cache (in use or "
-                          "evictable)", "gauge"),
-    "num_prefix_query_tokens": ("pdserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
-                                "counter"),
-    "num_prefix_hit_tokens": ("pdserve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache",
-                              "counter"),
+    **KV_POOL_STATS,
     "num_preemptions": ("pdserve_decode_preemptions", "Sequences preempted when the KV pool ran out (their KV "
                         "recomputed when admitted again)", "counter"),
     "num_preempted_waiting": ("pdserve_decode_preempted_waiting", "Preempted sequences waiting for room", "gauge"),
