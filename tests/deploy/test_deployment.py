@@ -1,17 +1,19 @@
 """Deployment acceptance, what an operator runs on a GPU host: builds the image with the Docker SDK, brings
-compose.yaml up, waits for every container through the SDK, then sends requests through the published
+compose.yaml with compose.gpu.yaml and the observability profile up, waits for every container through the SDK, then sends requests through the published
 gateway and checks the whole path: tokens come back, Jaeger holds one trace per request across the three
 tiers, Prometheus counts the requests, Grafana serves the dashboard, and `pdserve trace-report` reads the
 collector's trace file. Tears everything down (volumes included) at the end.
 
     .venv/bin/pytest tests/deploy -q -rs
 
-It needs a Docker engine with the compose plugin and the NVIDIA container toolkit, and the host ports
-50051, 16686, 9090 and 3000 free. Where no Docker engine answers (as on CI) every test skips with that reason.
+It needs a Docker engine with the compose plugin and the NVIDIA container toolkit, the wheels (`make
+docker-wheels`), and the host ports 50051, 16686, 9090 and 3000 free. Where any of these is missing (as on CI)
+every test skips with that reason. The CPU file is run for real by `make test-deploy` (test_compose_run.py).
 """
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +29,7 @@ from pathlib import Path
 import docker
 import grpc
 import pytest
+import yaml
 from helpers import request
 
 from pdserve.trace_report.report import read_spans
@@ -51,15 +54,21 @@ def engine():
         client.ping()
     except docker.errors.DockerException as error:
         pytest.skip(f"no Docker engine answers ({error})")
-    if shutil.which("docker") is None:
-        pytest.skip("a Docker engine answers, but the docker CLI (compose plugin) is not installed")
+    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
+                                                          capture_output=True).returncode != 0:
+        pytest.skip("a Docker engine answers, but the docker CLI's compose plugin is not installed")
+    if "nvidia" not in client.info().get("Runtimes", {}):
+        pytest.skip("the Docker engine has no NVIDIA runtime (container toolkit): compose.gpu.yaml needs a GPU host")
     yield client
     client.close()
 
 
 def compose(*args: str, timeout_s: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", "compose", "-f", str(ROOT / "compose.yaml"), "-p", PROJECT, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout_s)
+    """The GPU file over compose.yaml, with the observability profile and the tiers' spans sent to its collector."""
+    files = ["-f", str(ROOT / "compose.yaml"), "-f", str(ROOT / "compose.gpu.yaml")]
+    environ = {**os.environ, "PDSERVE_OTLP_ENDPOINT": "http://otel-collector:4317"}
+    return subprocess.run(["docker", "compose", *files, "--profile", "observability", "-p", PROJECT, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, env=environ)
 
 
 def containers(client) -> dict:
@@ -89,7 +98,8 @@ def wait_ready(client) -> None:
 
 @pytest.fixture(scope="module")
 def deployment(engine):
-    image, _ = engine.images.build(path=str(ROOT), tag=f"{PROJECT}:accept", rm=True)
+    gpu_base = yaml.safe_load((ROOT / "compose.gpu.yaml").read_text())["services"]["decode"]["build"]["args"]
+    image, _ = engine.images.build(path=str(ROOT), tag=f"{PROJECT}:accept", rm=True, buildargs=gpu_base)
     try:
         up = compose("up", "--detach", "--build", timeout_s=START_TIMEOUT_S)
         assert up.returncode == 0, f"docker compose up failed:\n{up.stderr[-4000:]}"
