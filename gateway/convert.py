@@ -54,6 +54,8 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
         sampling=_sampling(request),
         stop=_stop_strings(request, config),
         speculative=request.speculative if request.HasField("speculative") else None,
+        stop_token_ids=_stop_token_ids(request, tokenizer, config),
+        ignore_eos=request.ignore_eos,
     )
 
 
@@ -115,6 +117,17 @@ def _sampling(request: gateway_pb2.GenerateRequest) -> SamplingConfig:
     if request.sampling.HasField("seed"):
         return config
     return SamplingConfig(config.temperature, config.top_p, config.top_k, secrets.randbits(63))
+
+
+def _stop_token_ids(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer,
+                    config: GatewayConfig) -> frozenset[int]:
+    if len(request.stop_token_ids) > config.max_stop_strings:
+        raise InvalidArgument(f"{len(request.stop_token_ids)} stop_token_ids; at most {config.max_stop_strings} "
+                              "are allowed")
+    bad = [i for i in request.stop_token_ids if i >= tokenizer.vocab_size]
+    if bad:
+        raise InvalidArgument(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
+    return frozenset(request.stop_token_ids)
 
 
 def _stop_strings(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -> tuple[str, ...]:

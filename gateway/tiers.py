@@ -26,6 +26,12 @@ class GenerationSpec:
     sampling: SamplingConfig
     stop: tuple[str, ...]
     speculative: bool | None = None  # None: the deployment's setting
+    stop_token_ids: frozenset[int] = frozenset()  # besides the model's EOS tokens
+    ignore_eos: bool = False  # the model's EOS tokens do not end the stream
+
+    def stopping_token_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
+        """The token ids that end this request's stream."""
+        return (frozenset() if self.ignore_eos else eos_token_ids) | self.stop_token_ids
 
 
 @dataclass(frozen=True)

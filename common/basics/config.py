@@ -190,7 +190,7 @@ class GatewayConfig:
     port: int = option(DEFAULT_GATEWAY_PORT, "port to listen on (0 picks a free one)")
     default_max_new_tokens: int = option(256, "max_new_tokens of a request that sets none")
     max_new_tokens_limit: int = option(4096, "largest max_new_tokens a request may ask for")
-    max_stop_strings: int = option(16, "most stop strings per request")
+    max_stop_strings: int = option(16, "most stop strings (and most stop token ids) per request")
     lease_ms: int = option(30_000, "how long decode holds an unclaimed reservation")
     admission_factor: float = option(
         2.0, "requests admitted per decode batch slot in rotation (the decode instances report their batch size); "

@@ -29,6 +29,8 @@ BAD_REQUESTS = {
     "empty messages": (request(messages=[]), "set one of prompt"),
     "token id outside vocabulary": (request(token_ids=[1, 2, 49152]), "outside the vocabulary"),
     "empty stop string": (request("Hi", stop=[""]), "stop strings must not be empty"),
+    "stop token id outside vocabulary": (request("Hi", stop_token_ids=[2, 49152]), "outside the vocabulary"),
+    "too many stop token ids": (request("Hi", stop_token_ids=list(range(17))), "at most 16 are allowed"),
     "request id with a newline": (request("Hi", request_id="req\n42"), "request_id must be 1 to 128 printable ASCII"),
     "request id not ASCII": (request("Hi", request_id="req-é"), "request_id must be 1 to 128 printable ASCII"),
     # 700,000 bytes: at least 8,642 tokens of at most 81 bytes each, beyond the context, known before tokenizing
