@@ -41,9 +41,10 @@ _POLL_S = 0.25
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: DecodeEngine, compat, metrics: DecodeMetrics) -> None:
+    def __init__(self, engine: DecodeEngine, compat, metrics: DecodeMetrics, weight_format: str = "") -> None:
         self.engine = engine
         self.compat = compat
+        self.weight_format = weight_format  # reported in cache summaries
         self.metrics = metrics
         self._tracer = tracer("pdserve.decode")
 
@@ -118,8 +119,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @maps_errors
     def GetCacheSummary(self, request, context):
-        return cache_summary_to_proto(self.engine.cache_summary(request.known_version), self.compat.fingerprint,
-                                      self.compat.block_size)
+        return cache_summary_to_proto(self.engine.cache_summary(request.known_version), self.compat,
+                                      self.weight_format)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: Tie
                           max_lease_s=config.max_lease_ms / 1000, kv_growth=config.kv_growth)
     registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
     context = runtime.runner.model.config.max_position_embeddings
-    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry)),
+    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry), config.weights),
                          max_push_message_bytes(runtime.compat, context))
 
 

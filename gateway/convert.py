@@ -59,6 +59,35 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
     )
 
 
+def tokenized(request: gateway_pb2.TokenizeRequest, tokenizer: TextTokenizer,
+              max_context: int) -> gateway_pb2.TokenizeResponse:
+    if request.WhichOneof("input") is None:
+        raise InvalidArgument("set one of prompt or messages")
+    _check_text_size(request, tokenizer, max_context)
+    return gateway_pb2.TokenizeResponse(token_ids=_prompt_ids(request, tokenizer), max_context=max_context)
+
+
+def detokenized(request: gateway_pb2.DetokenizeRequest, tokenizer: TextTokenizer,
+                max_context: int) -> gateway_pb2.DetokenizeResponse:
+    if len(request.token_ids) > max_context:
+        raise InvalidArgument(f"{len(request.token_ids)} token ids; at most the model's context of {max_context}")
+    bad = [i for i in request.token_ids if i >= tokenizer.vocab_size]
+    if bad:
+        raise InvalidArgument(f"token_ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
+    text = tokenizer.decode(list(request.token_ids), skip_special_tokens=not request.keep_special_tokens)
+    return gateway_pb2.DetokenizeResponse(text=text)
+
+
+def completed(replies: list[gateway_pb2.GenerateResponse]) -> gateway_pb2.GenerateResponse:
+    """Generate's stream as one reply: every token id and the whole text, with the last message's fields."""
+    whole = gateway_pb2.GenerateResponse()
+    whole.CopyFrom(replies[-1])
+    whole.ClearField("token_ids")
+    whole.token_ids.extend(i for reply in replies for i in reply.token_ids)
+    whole.text = "".join(reply.text for reply in replies)
+    return whole
+
+
 def _request_id(given: str | None) -> str:
     """The caller's id (checked: it travels in metadata and traces), or one is made."""
     return checked_request_id(given) if given else uuid.uuid4().hex
@@ -165,7 +194,8 @@ def prefill_result(reply: prefill_pb2.PrefillResponse) -> PrefillResult:
 def cache_summary(reply: common_pb2.CacheSummary) -> CacheSummary:
     return CacheSummary(reply.fingerprint, reply.block_size, reply.version,
                         None if reply.unchanged else frozenset(reply.block_hashes), reply.num_blocks_total,
-                        reply.num_blocks_free, reply.num_requests, reply.num_queued_tokens, reply.prefix_caching)
+                        reply.num_blocks_free, reply.num_requests, reply.num_queued_tokens, reply.prefix_caching,
+                        reply.weight_format, reply.kv_dtype)
 
 
 def decode_request(request_id: str, args: DecodeArgs) -> decode_pb2.DecodeRequest:

@@ -32,7 +32,14 @@ from common.edge.server import (
     time_remaining_s,
 )
 from common.edge.tracing import child_span, incoming_context
-from gateway.convert import last_reply, spec_from_request, token_reply
+from gateway.convert import (
+    completed,
+    detokenized,
+    last_reply,
+    spec_from_request,
+    token_reply,
+    tokenized,
+)
 from gateway.fleet import Fleet
 from gateway.generation import Generation
 from gateway.grpc_tiers import GrpcTiers
@@ -87,6 +94,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             with self._lock:
                 self.in_flight -= 1
                 self._mean_duration_s += 0.1 * (time.monotonic() - started - self._mean_duration_s)
+
+    @maps_errors
+    def Complete(self, request, context):
+        return completed(list(self.Generate(request, context)))
+
+    @maps_errors
+    def Tokenize(self, request, context):
+        self.keys.authenticate(authorization_of(context.invocation_metadata() or ()))
+        return tokenized(request, self.tokenizer, self.model.max_position_embeddings)
+
+    @maps_errors
+    def Detokenize(self, request, context):
+        self.keys.authenticate(authorization_of(context.invocation_metadata() or ()))
+        return detokenized(request, self.tokenizer, self.model.max_position_embeddings)
+
+    @maps_errors
+    def GetModelInfo(self, request, context):
+        self.keys.authenticate(authorization_of(context.invocation_metadata() or ()))
+        return gateway_pb2.ModelInfo(
+            model_id=self.config.model_dir.name, context_length=self.model.max_position_embeddings,
+            vocab_size=self.tokenizer.vocab_size, eos_token_ids=self.model.eos_token_ids,
+            max_new_tokens_limit=self.config.max_new_tokens_limit,
+            default_max_new_tokens=self.config.default_max_new_tokens,
+            max_stop_strings=self.config.max_stop_strings, instances=self._instances())
+
+    def _instances(self) -> list[gateway_pb2.TierInstance]:
+        membership, index = self.router.membership, self.router.index
+        found = []
+        for tier in ("prefill", "decode"):
+            addresses = membership.tiers[tier] if membership else getattr(self.config, f"{tier}_addresses")
+            up = set(membership.up(tier)) if membership else set(addresses)
+            for address in addresses:
+                summary = index.summary(address) if index else None
+                found.append(gateway_pb2.TierInstance(
+                    tier=tier, address=address, in_rotation=address in up,
+                    weight_format=summary.weight_format if summary else "",
+                    kv_dtype=summary.kv_dtype if summary else "", block_size=summary.block_size if summary else 0))
+        return found
 
     def _admit(self) -> None:
         """Admission control, under the lock: at most admission_factor requests per decode batch slot in

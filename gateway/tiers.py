@@ -74,6 +74,8 @@ class CacheSummary:
     num_requests: int  # decode: sequences running or waiting; prefill: prompts queued or computing
     num_queued_tokens: int  # prefill: prompt tokens still to compute; decode: blocks held by its requests
     prefix_caching: bool
+    weight_format: str = ""  # the instance's --weights
+    kv_dtype: str = ""
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,9 @@ class DecodePeers:
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, engine: PrefillEngine, compat: Compat, vocab_size: int, metrics: PrefillMetrics,
-                 decode_addresses: tuple[str, ...], tls: Tls | None = None) -> None:
+                 decode_addresses: tuple[str, ...], tls: Tls | None = None, weight_format: str = "") -> None:
         self.engine = engine
+        self.weight_format = weight_format  # reported in cache summaries
         self.metrics = metrics
         self.compat = compat
         self.vocab_size = vocab_size
@@ -135,8 +136,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @maps_errors
     def GetCacheSummary(self, request, context):
-        return cache_summary_to_proto(self.engine.cache_summary(request.known_version), self.compat.fingerprint,
-                                      self.compat.block_size)
+        return cache_summary_to_proto(self.engine.cache_summary(request.known_version), self.compat,
+                                      self.weight_format)
 
     @maps_errors
     def Prefill(self, request, context):
@@ -196,7 +197,7 @@ def build_prefill(config: PrefillConfig, registry: CollectorRegistry,
     model = runtime.runner.model.config
     tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
     servicer = PrefillServicer(engine, runtime.compat, model.vocab_size, PrefillMetrics(registry),
-                               config.decode_addresses, tls)
+                               config.decode_addresses, tls, config.weights)
     # token ids are varints of at most 5 bytes
     return PrefillService(engine, servicer, 5 * model.max_position_embeddings + MESSAGE_MARGIN_BYTES)
 

@@ -40,8 +40,8 @@ class TextTokenizer:
         text = self._template.render(messages=messages, add_generation_prompt=True, **self._special)
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 def _jinja_environment() -> ImmutableSandboxedEnvironment:

@@ -53,8 +53,10 @@ def sampling_to_proto(config: SamplingConfig) -> common_pb2.SamplingParams:
                                      seed=config.seed)
 
 
-def cache_summary_to_proto(summary: PrefixSummary, fingerprint: str, block_size: int) -> common_pb2.CacheSummary:
-    return common_pb2.CacheSummary(
+def cache_summary_to_proto(summary: PrefixSummary, compat: Compat, weight_format: str) -> common_pb2.CacheSummary:
+    """The summary an instance reports, with its KV layout (`compat`: common/kv) and weight format."""
+    fingerprint, block_size = compat.fingerprint, compat.block_size
+    return common_pb2.CacheSummary(weight_format=weight_format, kv_dtype=compat.kv_dtype,
         fingerprint=fingerprint, block_size=block_size, version=summary.version, unchanged=summary.hashes is None,
         block_hashes=summary.hashes or [], num_blocks_total=summary.num_blocks_total,
         num_blocks_free=summary.num_blocks_free, num_requests=summary.num_requests,

@@ -57,7 +57,7 @@ class CacheSummaryRequest(_message.Message):
     def __init__(self, known_version: _Optional[int] = ...) -> None: ...
 
 class CacheSummary(_message.Message):
-    __slots__ = ("fingerprint", "block_size", "version", "unchanged", "block_hashes", "num_blocks_total", "num_blocks_free", "num_requests", "num_queued_tokens", "prefix_caching")
+    __slots__ = ("fingerprint", "block_size", "version", "unchanged", "block_hashes", "num_blocks_total", "num_blocks_free", "num_requests", "num_queued_tokens", "prefix_caching", "weight_format", "kv_dtype")
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,8 @@ class CacheSummary(_message.Message):
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     fingerprint: str
     block_size: int
     version: int
@@ -78,4 +80,6 @@ class CacheSummary(_message.Message):
     num_requests: int
     num_queued_tokens: int
     prefix_caching: bool
-    def __init__(self, fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., version: _Optional[int] = ..., unchanged: _Optional[bool] = ..., block_hashes: _Optional[_Iterable[int]] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
+    weight_format: str
+    kv_dtype: str
+    def __init__(self, fingerprint: _Optional[str] = ..., block_size: _Optional[int] = ..., version: _Optional[int] = ..., unchanged: _Optional[bool] = ..., block_hashes: _Optional[_Iterable[int]] = ..., num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., weight_format: _Optional[str] = ..., kv_dtype: _Optional[str] = ...) -> None: ...

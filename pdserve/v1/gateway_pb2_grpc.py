@@ -40,6 +40,26 @@ class GatewayStub:
                 request_serializer=pdserve_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/pdserve.v1.Gateway/Complete',
+                request_serializer=pdserve_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/pdserve.v1.Gateway/Tokenize',
+                request_serializer=pdserve_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/pdserve.v1.Gateway/Detokenize',
+                request_serializer=pdserve_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/pdserve.v1.Gateway/GetModelInfo',
+                request_serializer=pdserve_dot_v1_dot_gateway__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -54,6 +74,35 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """Generate without streaming: one reply holding every token id and the whole text, with the
+        finish reason, usage and timings of Generate's last message. Same validation and statuses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """The token ids a prompt (or chat, through the model's chat template) becomes: what Generate prefills.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids, as Generate's streamed text would read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """The model served, its limits and the instances behind this gateway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +110,26 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=pdserve_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=pdserve_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=pdserve_dot_v1_dot_gateway__pb2.TokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_gateway__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=pdserve_dot_v1_dot_gateway__pb2.DetokenizeRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_gateway__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=pdserve_dot_v1_dot_gateway__pb2.ModelInfoRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_gateway__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +160,114 @@ class Gateway:
             '/pdserve.v1.Gateway/Generate',
             pdserve_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
             pdserve_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Gateway/Complete',
+            pdserve_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+            pdserve_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Gateway/Tokenize',
+            pdserve_dot_v1_dot_gateway__pb2.TokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_gateway__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Gateway/Detokenize',
+            pdserve_dot_v1_dot_gateway__pb2.DetokenizeRequest.SerializeToString,
+            pdserve_dot_v1_dot_gateway__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Gateway/GetModelInfo',
+            pdserve_dot_v1_dot_gateway__pb2.ModelInfoRequest.SerializeToString,
+            pdserve_dot_v1_dot_gateway__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,7 +17,7 @@ from common.edge.server import Tls, make_channel
 from gateway.server import start_gateway
 from pdserve.certs import ensure_certs, make_certs
 from pdserve.keys import add_key
-from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2_grpc
+from pdserve.v1 import decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 
 def _stats(channel: grpc.Channel):
@@ -72,6 +72,17 @@ def test_api_keys_let_in_only_known_keys_and_never_show_them(keyed_gateway, capl
     replies = list(stub.Generate(request("Hi", max_new_tokens=2), timeout=60, metadata=_as(secrets["open"])))
     assert replies[-1].usage.completion_tokens == 2
     assert all(secret not in caplog.text for secret in secrets.values())
+
+
+def test_every_gateway_call_asks_for_a_key(keyed_gateway):
+    stub, secrets, _ = keyed_gateway
+    calls = {"Complete": request("Hi", max_new_tokens=2), "Tokenize": gateway_pb2.TokenizeRequest(prompt="Hi"),
+             "Detokenize": gateway_pb2.DetokenizeRequest(token_ids=[1]), "GetModelInfo": gateway_pb2.ModelInfoRequest()}
+    for name, message in calls.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            getattr(stub, name)(message, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+        assert getattr(stub, name)(message, timeout=60, metadata=_as(secrets["open"])), name
 
 
 def test_a_keys_concurrency_limit_refuses_the_second_request(keyed_gateway):
