@@ -308,8 +308,8 @@ class DecodeEngine:
         """The sequences' KV is whole again: their full blocks are cached; those prefilled here draw their first
         token from the logits of their prompt's last position."""
         local = [i for i, s in enumerate(seqs) if not s.tokens]
-        firsts = sample(logits[local], [seqs[i].sampling for i in local], [seqs[i].next_step for i in local]) \
-            if local else []
+        firsts = sample(logits[local], [seqs[i].sampling for i in local], [seqs[i].next_step for i in local],
+                        [seqs[i].context for i in local]) if local else []
         for seq in seqs:
             seq.pending_kv_from = None
             self.memory.cache(seq, seq.kv_target)

@@ -16,7 +16,7 @@ import torch
 
 from common.basics.config import SPECULATIVE_METHODS
 from common.basics.sampling import SamplingConfig
-from common.model.sampling import draw, probabilities, sample, uniform
+from common.model.sampling import draw, probabilities, sample, shape, uniform
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def expected_tokens(rate: float, k: int) -> float:
 
 
 def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first_step: int,
-           draft_probs: torch.Tensor | None = None) -> list[int]:
+           draft_probs: torch.Tensor | None = None, context: list[int] | None = None) -> list[int]:
     """logits: (len(draft) + 1, vocab), row i scoring the token after draft[:i]. Returns the accepted
     draft prefix plus one token from the target: len(result) - 1 drafts were accepted.
 
@@ -129,8 +129,13 @@ def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first
     None for a deterministic proposer (a point mass on each draft token). Sampling accepts draft token d
     with probability min(1, p(d) / q(d)) and, on rejection, draws from max(0, p - q) renormalised, so the
     output follows p exactly. `first_step` is the index of the token the first row produces (for the
-    per-request generator).
+    per-request generator). `context`: every token before the first row's (prompt and output), which the
+    request's penalties and minimum length read; row i sees it followed by draft[:i].
     """
+    if config.shapes_logits:
+        context = context or []
+        logits = torch.stack([shape(logits[i], config, context + draft[:i], first_step + i)
+                              for i in range(len(draft) + 1)])
     if config.greedy:
         targets = logits.argmax(dim=-1).tolist()
         accepted = 0
@@ -172,11 +177,12 @@ def choose(batch: list, proposals: list[Proposal], logits: torch.Tensor) -> list
     if plain:
         last_rows = logits[[rows[i] for i in plain]]
         for i, token in zip(plain, sample(last_rows, [batch[i].sampling for i in plain],
-                                          [batch[i].next_step for i in plain])):
+                                          [batch[i].next_step for i in plain], [batch[i].context for i in plain])):
             chosen[i] = [token]
     for i, draft in enumerate(drafts):
         if draft:
             seq = batch[i]
-            chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, seq.next_step, proposals[i].probs)
+            chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, seq.next_step, proposals[i].probs,
+                               seq.context)
             seq.spec.record(len(draft), len(chosen[i]) - 1)
     return chosen

@@ -4,6 +4,7 @@ replies, and the GenerateResponse messages streamed back."""
 
 import secrets
 import uuid
+from dataclasses import replace
 
 from common.basics.config import GatewayConfig
 from common.basics.errors import InvalidArgument
@@ -47,11 +48,15 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
                                   f"model's context of {max_context} tokens; shorten the prompt or lower max_new_tokens")
     else:
         max_new = min(config.default_max_new_tokens, room)
+    sampling = _sampling(request)
+    if sampling.min_new_tokens > max_new:
+        raise InvalidArgument(f"sampling.min_new_tokens {sampling.min_new_tokens} exceeds max_new_tokens {max_new}; "
+                              "lower it")
     return GenerationSpec(
         request_id=request_id,
         prompt_ids=prompt_ids,
         max_new_tokens=max_new,
-        sampling=_sampling(request),
+        sampling=sampling,
         stop=_stop_strings(request, config),
         speculative=request.speculative if request.HasField("speculative") else None,
         stop_token_ids=_stop_token_ids(request, tokenizer, config),
@@ -143,9 +148,10 @@ def _sampling(request: gateway_pb2.GenerateRequest) -> SamplingConfig:
         config = sampling_from_proto(request.sampling)
     except ValueError as error:
         raise InvalidArgument(f"sampling: {error}") from None
+    config = replace(config, suppress_token_ids=frozenset())  # the gateway's to set (GenerationSpec.with_stops)
     if request.sampling.HasField("seed"):
         return config
-    return SamplingConfig(config.temperature, config.top_p, config.top_k, secrets.randbits(63))
+    return replace(config, seed=secrets.randbits(63))
 
 
 def _stop_token_ids(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer,

@@ -170,8 +170,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _serve(self, spec, context, observer: RequestObserver):
         remaining = time_remaining_s(context)
+        eos = frozenset(self.model.eos_token_ids)
+        spec = spec.with_stops(eos)
         generation = Generation(
-            spec, self.router, self.tiers, eos_token_ids=spec.stopping_token_ids(frozenset(self.model.eos_token_ids)),
+            spec, self.router, self.tiers, eos_token_ids=spec.stopping_token_ids(eos),
             lease_ms=self.config.lease_ms, deadline=observer.arrived + remaining if remaining is not None else None,
             trace_parent=observer.span, local_prefill_tokens=self.config.local_prefill_tokens,
         )

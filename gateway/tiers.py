@@ -8,7 +8,7 @@ errors.Upstream with the tier's status; a cancelled call as errors.Cancelled.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from opentelemetry.trace import Span
@@ -32,6 +32,12 @@ class GenerationSpec:
     def stopping_token_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
         """The token ids that end this request's stream."""
         return (frozenset() if self.ignore_eos else eos_token_ids) | self.stop_token_ids
+
+    def with_stops(self, eos_token_ids: frozenset[int]) -> "GenerationSpec":
+        """This spec with its stop tokens in the sampling config, held back until min_new_tokens were generated."""
+        if not self.sampling.min_new_tokens:
+            return self
+        return replace(self, sampling=replace(self.sampling, suppress_token_ids=self.stopping_token_ids(eos_token_ids)))
 
 
 @dataclass(frozen=True)

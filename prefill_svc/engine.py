@@ -136,7 +136,7 @@ class PrefillEngine:
                     finished.append((row, job))
             if finished:
                 firsts = sample(logits[[row for row, _ in finished]], [j.sampling for _, j in finished],
-                                [j.first_step for _, j in finished])
+                                [j.first_step for _, j in finished], [j.token_ids for _, j in finished])
                 for (_, job), token in zip(finished, firsts):
                     job.first_token = token
                     job.computed_at = time.monotonic()

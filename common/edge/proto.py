@@ -45,18 +45,27 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingConfig:
         top_p=params.top_p if params.HasField("top_p") else 1.0,
         top_k=params.top_k if params.HasField("top_k") else 0,
         seed=params.seed if params.HasField("seed") else 0,
+        repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
+        presence_penalty=params.presence_penalty if params.HasField("presence_penalty") else 0.0,
+        frequency_penalty=params.frequency_penalty if params.HasField("frequency_penalty") else 0.0,
+        min_new_tokens=params.min_new_tokens if params.HasField("min_new_tokens") else 0,
+        suppress_token_ids=frozenset(params.suppress_token_ids),
     )
 
 
 def sampling_to_proto(config: SamplingConfig) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                                     seed=config.seed)
+                                     seed=config.seed, repetition_penalty=config.repetition_penalty,
+                                     presence_penalty=config.presence_penalty,
+                                     frequency_penalty=config.frequency_penalty, min_new_tokens=config.min_new_tokens,
+                                     suppress_token_ids=sorted(config.suppress_token_ids))
 
 
 def cache_summary_to_proto(summary: PrefixSummary, compat: Compat, weight_format: str) -> common_pb2.CacheSummary:
     """The summary an instance reports, with its KV layout (`compat`: common/kv) and weight format."""
     fingerprint, block_size = compat.fingerprint, compat.block_size
-    return common_pb2.CacheSummary(weight_format=weight_format, kv_dtype=compat.kv_dtype,
+    return common_pb2.CacheSummary(
+        weight_format=weight_format, kv_dtype=compat.kv_dtype,
         fingerprint=fingerprint, block_size=block_size, version=summary.version, unchanged=summary.hashes is None,
         block_hashes=summary.hashes or [], num_blocks_total=summary.num_blocks_total,
         num_blocks_free=summary.num_blocks_free, num_requests=summary.num_requests,

@@ -13,13 +13,46 @@ from common.basics.sampling import SamplingConfig
 _SEED_MIX = 1_000_003
 
 
-def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Sequence[int]) -> list[int]:
-    """logits: (batch, vocab); steps[i] is the index of the token being drawn for row i."""
+def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Sequence[int],
+           contexts: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """logits: (batch, vocab); steps[i] is the index of the token being drawn for row i (how many tokens the
+    request generated before it) and contexts[i] every token before it, prompt and output: required when a
+    config has penalties or a minimum length (SamplingConfig.shapes_logits)."""
+    shaped = [row for row, config in enumerate(configs) if config.shapes_logits]
+    if shaped:
+        if contexts is None:
+            raise ValueError("penalties and min_new_tokens need each row's context")
+        logits = logits.clone()
+        for row in shaped:
+            logits[row] = shape(logits[row], configs[row], contexts[row], steps[row])
     tokens = logits.argmax(dim=-1).tolist()
     for row, (config, step) in enumerate(zip(configs, steps)):
         if not config.greedy:
             tokens[row] = _sample_row(logits[row], config, step)
     return tokens
+
+
+def shape(logits: torch.Tensor, config: SamplingConfig, context: Sequence[int], step: int) -> torch.Tensor:
+    """One row's logits (vocab,) as the request's penalties and minimum length leave them, for the token drawn
+    after `context` (whose last `step` tokens are the output so far). A new tensor; `logits` is not changed.
+
+    Applied in transformers' and vLLM's order: repetition penalty (over prompt and output), then presence and
+    frequency penalties (over the output), then the stop tokens held back while fewer than min_new_tokens were
+    generated."""
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if config.repetition_penalty != 1.0 and context:
+        seen = torch.tensor(sorted(set(context)), dtype=torch.long, device=logits.device)
+        scores = logits[seen]
+        logits[seen] = torch.where(scores > 0, scores / config.repetition_penalty, scores * config.repetition_penalty)
+    if (config.presence_penalty or config.frequency_penalty) and step:
+        output = torch.tensor(context[len(context) - step:], dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output, minlength=vocab).to(logits.dtype)
+        logits -= config.frequency_penalty * counts + config.presence_penalty * (counts > 0).to(logits.dtype)
+    if step < config.min_new_tokens:
+        held = [i for i in config.suppress_token_ids if i < vocab]
+        logits[held] = float("-inf")
+    return logits
 
 
 def _sample_row(logits: torch.Tensor, config: SamplingConfig, step: int) -> int:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from common.basics.sampling import SamplingConfig
+from common.model.sampling import shape
 from decode_svc.speculation import (
     PromptLookupProposer,
     SpecState,
@@ -183,3 +184,16 @@ def test_fixed_k_always_proposes_the_most():
     for _ in range(5):
         state.record(proposed=3, accepted=0)
     assert [state.next_k() for _ in range(4)] == [3, 3, 3, 3]
+
+
+def test_verification_shapes_each_row_with_the_draft_before_it():
+    """Greedy verification under a penalty accepts exactly what greedy one-at-a-time decoding would choose."""
+    rows = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 4  # row i scores the token after draft[:i]
+    config = SamplingConfig(repetition_penalty=5.0, frequency_penalty=1.0)
+    context = [9, 8, 7]
+    one_at_a_time, seen = [], list(context)
+    for i in range(4):
+        token = int(shape(rows[i], config, seen, step=i).argmax())
+        one_at_a_time.append(token)
+        seen.append(token)
+    assert verify(rows, one_at_a_time[:3], config, 0, context=context) == one_at_a_time
