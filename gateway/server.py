@@ -43,6 +43,7 @@ from gateway.convert import (
 from gateway.fleet import Fleet
 from gateway.generation import Generation
 from gateway.grpc_tiers import GrpcTiers
+from gateway.http_front import HttpServer, OpenAIFront
 from gateway.kv_index import PrefixIndex
 from gateway.membership import Membership
 from gateway.observe import RequestObserver
@@ -213,6 +214,11 @@ class RunningGateway:
     membership: Membership
     index: PrefixIndex
     fleet: Fleet
+    http: HttpServer | None = None  # the OpenAI-compatible front, when --http-port is given
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
 
     def drain(self, timeout_s: float) -> bool:
         """NOT_SERVING at once, new requests turned away, those in flight finish (up to timeout_s)."""
@@ -220,6 +226,8 @@ class RunningGateway:
         return drain(self.health, [SERVICE_NAME], lambda: self.servicer.in_flight > 0, timeout_s)
 
     def stop(self, grace_s: float = 2.0) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.fleet.stop()
         self.membership.stop()
         self.index.stop()
@@ -287,4 +295,8 @@ def start_gateway(config: GatewayConfig, registry: CollectorRegistry | None = No
 
     fleet.on_add, fleet.on_remove = found, gone
     fleet.start()
-    return RunningGateway(server, port, servicer, health, membership, index, fleet)
+    http = None
+    if config.http_port is not None:  # the OpenAI-compatible front, over the same servicer
+        http = HttpServer(OpenAIFront(servicer, config.model_dir.name).app, config.host, config.http_port,
+                          config.public_tls_cert, config.public_tls_key)
+    return RunningGateway(server, port, servicer, health, membership, index, fleet, http)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.basics.config import (
     DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HTTP_PORT,
     DecodeConfig,
     GatewayConfig,
     PrefillConfig,
@@ -45,7 +46,8 @@ UP_GATEWAY = ("local_prefill_tokens", "prefix_weight", "cache_poll_ms", "default
 
 
 def add_up_arguments(up: argparse.ArgumentParser, model_dir: Path) -> None:
-    add_flags(up, GatewayConfig, ("model_dir", "host", "port"), defaults={"model_dir": model_dir})
+    add_flags(up, GatewayConfig, ("model_dir", "host", "port", "http_port"),
+              defaults={"model_dir": model_dir, "http_port": DEFAULT_HTTP_PORT})
     add_flags(up, PrefillConfig, (*UP_SHARED, *PREFILL_FIELDS))
     for cls, tier in ((PrefillConfig, "prefill"), (DecodeConfig, "decode")):
         add_flags(up, cls, UP_PER_TIER, prefix=f"{tier}-", whose=f"the {tier} tier")
@@ -98,7 +100,8 @@ def stack_configs(args, prefill_ports: list[int], decode_ports: list[int],
                for port in prefill_ports]
     decode = [DecodeConfig(**common, **{**per_tier["decode"], "port": port}, **tls_fields(certs, "decode"),
                            **field_values(DecodeConfig, args, DECODE_FIELDS)) for port in decode_ports]
-    gateway = GatewayConfig(model_dir=args.model, host=args.host, port=args.port, lease_ms=decode[0].lease_ms,
+    gateway = GatewayConfig(model_dir=args.model, host=args.host, port=args.port, http_port=args.http_port,
+                            lease_ms=decode[0].lease_ms,
                             prefill_addresses=prefill_addresses, decode_addresses=decode_addresses,
                             **tls_fields(certs, "gateway"), **field_values(GatewayConfig, args, UP_GATEWAY))
     return StackConfigs(prefill, decode, gateway)
@@ -152,7 +155,7 @@ def run_stack(args, default_model: Path) -> int:
         supervisor.start_all()
         if not supervisor.wait_serving(_START_TIMEOUT_S):
             return 1
-        _print_banner(supervisor.instances, args.model, certs, args.api_keys_file)
+        _print_banner(supervisor.instances, args.model, certs, args.api_keys_file, args.http_port)
         _print_metrics(args, supervisor.instances)
         supervisor.watch()
         return 0
@@ -199,7 +202,8 @@ def _print_metrics(args, instances: list[Instance]) -> None:
     print(f"Prometheus metrics:\n{lines}", flush=True)
 
 
-def _print_banner(instances: list[Instance], model: Path, certs: CertFiles | None, api_keys_file: Path | None) -> None:
+def _print_banner(instances: list[Instance], model: Path, certs: CertFiles | None, api_keys_file: Path | None,
+                  http_port: int | None = None) -> None:
     gateway = next(i.address for i in instances if i.name == "gateway")
     tiers = "".join(f"  {i.name:<10} {i.address}\n" for i in instances if i.name != "gateway")
     between = (f"mutual TLS, certificates in {certs.ca.parent}" if certs
@@ -209,7 +213,9 @@ def _print_banner(instances: list[Instance], model: Path, certs: CertFiles | Non
         key, key_header = " --api-key $PDSERVE_API_KEY", " -H \"authorization: Bearer $PDSERVE_API_KEY\""
     print(
         f"\npdserve is serving {model.name}\n"
-        f"  gateway    {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n{tiers}"
+        f"  gateway    {gateway}   (pdserve.v1.Gateway/Generate, health, reflection)\n"
+        + (f"  HTTP       http://{gateway.rsplit(':', 1)[0]}:{http_port}/v1   (OpenAI-compatible)\n" if http_port else "")
+        + f"{tiers}"
         f"Between the tiers: {between}.\n"
         + (f"API keys from {api_keys_file}: send `authorization: Bearer KEY`.\n" if api_keys_file else "")
         + "\nCall it:\n"

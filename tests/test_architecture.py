@@ -27,7 +27,7 @@ def test_a_serving_gateway_process_has_not_loaded_torch(model_dir):
     port = free_port_run("127.0.0.1", 1)
     process = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "gateway", "--model", str(model_dir),
                                 "--port", str(port), "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2",
-                                "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                "--metrics-port", "0", "--http-port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while health_status(f"127.0.0.1:{port}") is None:

@@ -29,6 +29,8 @@ WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4
 # code default to port 0 (a free one).
 DEFAULT_PORTS = {"gateway": 50051, "prefill": 50052, "decode": 50053}
 DEFAULT_GATEWAY_PORT = DEFAULT_PORTS["gateway"]
+# Where `pdserve up` serves the OpenAI-compatible HTTP API (vLLM's and SGLang's usual port).
+DEFAULT_HTTP_PORT = 8000
 # Conditional disaggregation's default threshold, measured (docs/benchmarks.md, "Conditional disaggregation").
 LOCAL_PREFILL_TOKENS = 32
 # On SIGTERM a tier stops taking work and lets what it holds finish for this long before it exits.
@@ -188,6 +190,9 @@ class GatewayConfig:
     resolve_interval_s: float = option(5.0, "how often DNS names in --prefill / --decode are resolved again")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = option(DEFAULT_GATEWAY_PORT, "port to listen on (0 picks a free one)")
+    http_port: int | None = option(
+        None, "also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) on "
+              "this port, on --host (0 picks a free one; default: off)")
     default_max_new_tokens: int = option(256, "max_new_tokens of a request that sets none")
     max_new_tokens_limit: int = option(4096, "largest max_new_tokens a request may ask for")
     max_stop_strings: int = option(16, "most stop strings (and most stop token ids) per request")
@@ -220,6 +225,8 @@ class GatewayConfig:
         if not self.prefill_addresses or not self.decode_addresses:
             raise ValueError("the gateway needs at least one prefill and one decode address")
         _check_targets((*self.prefill_addresses, *self.decode_addresses))
+        if self.http_port is not None:
+            _check_port(self.http_port)
         if not self.resolve_interval_s > 0:
             raise ValueError(f"resolve_interval_s must be > 0, got {self.resolve_interval_s}")
         if self.lease_ms < 1:

@@ -130,7 +130,7 @@ def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
     return [sys.executable, "-m", "pdserve.cli", "up", "--model", str(options.model_dir), "--host", options.host,
             "--port", str(ports["gateway"]), "--prefill-port", str(ports["prefill"]),
             "--decode-port", str(ports["decode"]), "--max-batch-size", str(options.max_batch_size),
-            "--metrics-port", "0",  # no fixed metrics ports: stacks run side by side
+            "--metrics-port", "0", "--http-port", "0",  # no fixed ports but these three: stacks run side by side
             *(["--certs-dir", str(options.certs_dir)] if options.certs_dir else ["--insecure"]),
             "--prefill-weights", options.weights, "--decode-weights", options.weights,
             *(["--kv-blocks", str(options.kv_blocks)] if options.kv_blocks else []),

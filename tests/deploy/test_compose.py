@@ -169,11 +169,12 @@ def test_tier_sets_its_own_replicas(services, name):
     assert services[name]["deploy"]["replicas"] >= 1
 
 
-def test_only_gateway_publishes_a_port(services):
+def test_only_gateway_publishes_ports_grpc_and_http(services):
     # Of the serving containers; the observability UIs publish theirs (tests/test_compose_observability.py).
-    gateway_port = parse_command(services["gateway"]["command"]).port
-    assert [str(p) for p in services["gateway"]["ports"]] == [f"{gateway_port}:{gateway_port}"]
-    assert gateway_port == 50051
+    gateway = parse_command(services["gateway"]["command"])
+    assert [str(p) for p in services["gateway"]["ports"]] == [f"{gateway.port}:{gateway.port}",
+                                                              f"{gateway.http_port}:{gateway.http_port}"]
+    assert (gateway.port, gateway.http_port) == (50051, 8000)
     assert [name for name in (*TIERS, "model-init") if "ports" in services[name]] == ["gateway"]
 
 

@@ -5,7 +5,8 @@ The CPU file as a user runs it (`docker compose up --scale decode=2`), driven th
 by scripts/docker/make-base) and the wheels prepared on the host (build/wheels), model-init and secrets-init
 run to completion, every tier passes its health check, and then:
 - a caller without an API key is refused; with the key printed by secrets-init, streams through the published
-  gateway port equal, token for token, what a local `pdserve up` with the same flags generates greedily;
+  gateway port equal, token for token, what a local `pdserve up` with the same flags generates greedily, and so
+  does a completion through the published OpenAI-compatible HTTP port;
 - both decode replicas, found by the gateway through Docker's DNS (dns:///decode:50053), take work;
 - one decode container's process is killed under load: no accepted request is lost or altered, the container
   restarts (restart: unless-stopped), passes its health check and takes work again.
@@ -14,11 +15,13 @@ Everything the suite made (containers, network, volumes, the built images) is re
 scripts/docker/test-deploy (what `make test-deploy` runs) starts a Docker engine when none answers and makes the
 base and the wheels first."""
 
+import json
 import os
 import re
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 
 import docker
@@ -94,10 +97,11 @@ def generate(stub, prompt: str, metadata) -> tuple[list[int], str]:
 
 @pytest.fixture(scope="module")
 def project(engine, reference):
-    gateway_port = free_port("127.0.0.1")
+    gateway_port, http_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     compose = ComposeProject(engine, load_compose(COMPOSE_PATH), PROJECT, ROOT, scale={"decode": DECODE_REPLICAS},
-                             host_ports={"gateway": {50051: gateway_port}})
+                             host_ports={"gateway": {50051: gateway_port, 8000: http_port}})
     compose.gateway_address = f"127.0.0.1:{gateway_port}"
+    compose.http_url = f"http://127.0.0.1:{http_port}/v1"
     try:
         compose.build()
         compose.up(timeout_s=START_TIMEOUT_S)
@@ -150,6 +154,16 @@ def test_streams_through_the_gateway_container_equal_the_local_stack(gateway, ap
     metadata = (("authorization", f"Bearer {api_key}"),)
     for prompt in PROMPTS:
         assert generate(gateway, prompt, metadata) == reference[prompt], prompt
+
+
+def test_the_openai_http_api_of_the_gateway_container_answers_as_grpc_does(project, api_key, reference):
+    body = {"prompt": PROMPTS[0], "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
+    call = urllib.request.Request(f"{project.http_url}/completions", data=json.dumps(body).encode(),
+                                  headers={"authorization": f"Bearer {api_key}", "content-type": "application/json"})
+    with urllib.request.urlopen(call, timeout=300) as response:
+        reply = json.loads(response.read())
+    assert reply["choices"][0]["text"] == reference[PROMPTS[0]][1]
+    assert reply["usage"]["completion_tokens"] == len(reference[PROMPTS[0]][0])
 
 
 def test_both_decode_replicas_take_work(project, gateway, api_key):

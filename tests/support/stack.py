@@ -85,7 +85,7 @@ def launch_stack(model_dir: Path, *extra: str, env: dict[str, str] | None = None
                "--decode-port", str(ports["decode"]), "--prefill-replicas", str(prefill_replicas),
                "--decode-replicas", str(decode_replicas), "--chunk-size", str(STACK_CHUNK_SIZE),
                "--max-batch-tokens", str(4 * STACK_CHUNK_SIZE), "--block-size", str(STACK_BLOCK_SIZE),
-               "--metrics-port", "0", "--certs-dir", str(CERTS_DIR), "--drain-timeout-s", "5", *extra]
+               "--metrics-port", "0", "--http-port", "0", "--certs-dir", str(CERTS_DIR), "--drain-timeout-s", "5", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                preexec_fn=_stop_with_parent)
     # Drained all along into process.output: an unread pipe fills (64 KiB) and then blocks every tier that logs.

@@ -1,0 +1,420 @@
+"""The OpenAI-compatible HTTP front of the gateway (its own port; off unless --http-port is given):
+POST /v1/completions, POST /v1/chat/completions (server-sent events when `stream` is true) and GET /v1/models.
+
+Each HTTP request becomes a GenerateRequest served by the gateway's own servicer in this process, through a
+call context that carries the HTTP headers as gRPC metadata: the API key (`Authorization: Bearer`), the
+request id (`x-request-id`) and the trace context (`traceparent`). So validation, keys and their limits,
+admission, tracing and metrics are the gRPC edge's, and a gRPC status becomes its HTTP status with OpenAI's error
+body. A parameter pdserve does not implement is refused by name (400), never ignored.
+
+Built on Starlette, served by uvicorn in a thread of the gateway process."""
+
+import asyncio
+import json
+import threading
+import time
+from collections import namedtuple
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from common.edge.errors import RETRY_PUSHBACK_KEY
+from pdserve.v1 import common_pb2, gateway_pb2
+
+# What each endpoint reads. `model` must name the served model; the rest map onto GenerateRequest. pdserve's own
+# extensions travel in the body too (the openai client's extra_body): top_k, min_tokens, repetition_penalty,
+# ignore_eos, stop_token_ids.
+_SAMPLING = {"temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
+             "min_tokens"}
+_COMMON = {"model", "stream", "stream_options", "stop", "n", "max_tokens", "ignore_eos", "stop_token_ids", "user",
+           *_SAMPLING}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+# OpenAI's default: sampling at temperature 1 (pdserve's gRPC API defaults to greedy).
+OPENAI_TEMPERATURE = 1.0
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+           common_pb2.FINISH_REASON_CANCELLED: "stop"}
+_HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
+                grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+                grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+                grpc.StatusCode.ABORTED: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+                grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNAVAILABLE: 503,
+                grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 429: "rate_limit_error"}
+_Metadatum = namedtuple("_Metadatum", ["key", "value"])
+_FORWARDED_HEADERS = ("authorization", "x-request-id", "traceparent", "tracestate")
+_DISCONNECT_POLL_S = 0.5  # how often a non-streamed call checks that its client is still there
+_CLOSE_WAIT_S = 30.0
+
+
+class CallFailed(Exception):
+    """A servicer ended the call with a status (what grpc's context.abort does on the wire)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_ms: str | None = None) -> None:
+        super().__init__(details)
+        self.code, self.details, self.retry_after_ms = code, details, retry_after_ms
+
+
+class HttpCallContext:
+    """The part of grpc.ServicerContext the gateway's servicer uses, for a call that arrived over HTTP."""
+
+    def __init__(self, headers) -> None:
+        self._metadata = tuple(_Metadatum(key, headers[key]) for key in _FORWARDED_HEADERS if key in headers)
+        self._callbacks: list[Callable[[], None]] = []
+        self._trailing: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.active = True
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def time_remaining(self) -> None:
+        return None  # an HTTP caller's deadline is its own timeout: the gateway sees none
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            self._callbacks.append(callback)
+        return True
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailing.update(metadata)
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise CallFailed(code, details, self._trailing.get(RETRY_PUSHBACK_KEY))
+
+    def end(self) -> None:
+        """The HTTP exchange is over (finished, failed or the client went away): what the call holds is freed."""
+        with self._lock:
+            self.active, callbacks, self._callbacks = False, self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+def error_response(status: int, message: str, param: str | None = None, retry_after_ms: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    headers = {"retry-after": str(max(1, -(-int(retry_after_ms) // 1000)))} if retry_after_ms else None
+    body = {"error": {"message": message, "type": _ERROR_TYPE.get(status, "server_error"), "param": param,
+                      "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def failed(error: CallFailed) -> JSONResponse:
+    return error_response(_HTTP_STATUS.get(error.code, 500), error.details, retry_after_ms=error.retry_after_ms,
+                          code=error.code.name.lower())
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _refuse_unknown(body: dict, accepted: set[str]) -> None:
+    unknown = sorted(set(body) - accepted)
+    if unknown:
+        raise BadRequest(f"pdserve does not support {', '.join(unknown)}; remove "
+                         f"{'it' if len(unknown) == 1 else 'them'} from the request", unknown[0])
+
+
+def _typed(body: dict, name: str, kind, check: Callable | None = None, what: str = ""):
+    value = body[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool or check and not check(value):
+        raise BadRequest(f"{name} must be {what or kind.__name__}, got {json.dumps(value)}", name)
+    return value
+
+
+def generate_request(body: dict, chat: bool, model_id: str) -> gateway_pb2.GenerateRequest:
+    """The GenerateRequest an OpenAI request body asks for; BadRequest names what to change."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    _refuse_unknown(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    if body.get("model") not in (None, model_id):
+        raise BadRequest(f"model {body['model']!r} is not served here; this server serves {model_id!r}", "model")
+    request = gateway_pb2.GenerateRequest()
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequest("messages must be a non-empty list of {role, content}", "messages")
+        for message in messages:
+            request.messages.messages.add(role=_role(message), content=_content(message))
+    else:
+        _prompt(body.get("prompt"), request)
+    for name in ("n", "best_of"):
+        if name in body and _typed(body, name, int) != 1:
+            raise BadRequest(f"{name} other than 1 is not supported yet; send {name}=1 or leave it out", name)
+    if body.get("echo"):
+        raise BadRequest("echo is not supported; leave it out or set it to false", "echo")
+    limit = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    if body.get(limit) is not None:
+        request.max_new_tokens = _typed(body, limit, int, lambda v: v >= 1, "an integer >= 1")
+    elif not chat:
+        request.max_new_tokens = 16  # OpenAI's default for completions
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise BadRequest("stop must be a string or a list of strings", "stop")
+        request.stop.extend(stops)
+    if body.get("stop_token_ids") is not None:
+        ids = _typed(body, "stop_token_ids", list, lambda v: all(isinstance(i, int) and i >= 0 for i in v),
+                     "a list of token ids")
+        request.stop_token_ids.extend(ids)
+    if body.get("ignore_eos") is not None:
+        request.ignore_eos = _typed(body, "ignore_eos", bool)
+    _sampling(body, request.sampling)
+    return request
+
+
+def _role(message) -> str:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest("each message must be an object with a string role", "messages")
+    unknown = set(message) - {"role", "content", "name"}
+    if unknown:
+        raise BadRequest(f"message fields {sorted(unknown)} are not supported", "messages")
+    return message["role"]
+
+
+def _content(message: dict) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(part["text"] for part in content)
+    raise BadRequest("message content must be a string or a list of text parts (no images or audio)", "messages")
+
+
+def _prompt(prompt, request: gateway_pb2.GenerateRequest) -> None:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                     for t in prompt):
+        request.prompt_token_ids.ids.extend(prompt)
+    else:
+        raise BadRequest("prompt must be a string or a list of token ids (one prompt per request)", "prompt")
+
+
+def _sampling(body: dict, sampling: common_pb2.SamplingParams) -> None:
+    sampling.temperature = OPENAI_TEMPERATURE
+    for name, target, kind in (("temperature", "temperature", float), ("top_p", "top_p", float),
+                               ("top_k", "top_k", int), ("seed", "seed", int),
+                               ("presence_penalty", "presence_penalty", float),
+                               ("frequency_penalty", "frequency_penalty", float),
+                               ("repetition_penalty", "repetition_penalty", float),
+                               ("min_tokens", "min_new_tokens", int)):
+        if body.get(name) is not None:
+            value = _typed(body, name, kind)
+            if kind is int and value < 0:
+                raise BadRequest(f"{name} must be >= 0, got {value}", name)
+            setattr(sampling, target, value)
+
+
+class OpenAIFront:
+    """The routes, over a gateway servicer (gateway/server.py)."""
+
+    def __init__(self, servicer, model_id: str) -> None:
+        self.servicer = servicer
+        self.model_id = model_id
+        self.created = int(time.time())
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ])
+
+    async def models(self, request: Request) -> Response:
+        context = HttpCallContext(request.headers)
+        try:
+            await run_in_threadpool(self.servicer.GetModelInfo, gateway_pb2.ModelInfoRequest(), context)
+        except CallFailed as error:
+            return failed(error)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "pdserve"}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return error_response(400, f"the request body is not JSON: {error}")
+        try:
+            generate = generate_request(body, chat, self.model_id)
+            stream = body.get("stream") is not None and _typed(body, "stream", bool)
+            usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+        except BadRequest as error:
+            return error_response(400, str(error), error.param)
+        shape = ChatShape(self.model_id) if chat else CompletionShape(self.model_id)
+        context = HttpCallContext(request.headers)
+        replies = self.servicer.Generate(generate, context)
+        if not stream:
+            try:
+                whole = await _unless_disconnected(request, context, run_in_threadpool(lambda: list(replies)))
+            except CallFailed as error:
+                return failed(error)
+            finally:
+                await _finish_call(context, replies)
+            return JSONResponse(shape.whole(whole))
+        try:  # the first reply decides the status: a refusal before any token is an HTTP error
+            first = await run_in_threadpool(next, replies, None)
+        except CallFailed as error:
+            await _finish_call(context, replies)
+            return failed(error)
+        return _CallStream(self._events(shape, first, replies, usage_in_stream), context, replies)
+
+    async def _events(self, shape, first, replies: Iterator, usage_in_stream: bool):
+        try:
+            last = first
+            if first is not None:
+                yield _sse(shape.chunk(first))
+                async for reply in iterate_in_threadpool(replies):
+                    last = reply
+                    yield _sse(shape.chunk(reply))
+            if usage_in_stream and last is not None:
+                yield _sse(shape.usage_chunk(last))
+            yield "data: [DONE]\n\n"
+        except CallFailed as error:
+            yield _sse({"error": {"message": error.details, "type": "server_error", "param": None,
+                                  "code": error.code.name.lower()}})
+
+
+class _CallStream(StreamingResponse):
+    """Server-sent events of one call; however the exchange ends (done, failed, or the client gone mid-stream),
+    the call is cancelled and its generator closed, so the request frees what it holds at once."""
+
+    def __init__(self, events, context: HttpCallContext, replies: Iterator) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self._context, self._replies = context, replies
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await _finish_call(self._context, self._replies)
+
+
+async def _unless_disconnected(request: Request, context: HttpCallContext, work):
+    """Awaits `work`, cancelling the call (context.end) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            context.end()
+    return task.result()
+
+
+async def _finish_call(context: HttpCallContext, replies: Iterator) -> None:
+    """Cancels the call and closes its generator (the servicer's cleanup runs: the request is counted, its key
+    released). A generator still inside next() on a worker thread returns soon after the cancel; wait for it."""
+    context.end()
+    for _ in range(int(_CLOSE_WAIT_S / 0.01)):
+        try:
+            replies.close()
+            return
+        except ValueError:  # "generator already executing"
+            await asyncio.sleep(0.01)
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def _usage(reply: gateway_pb2.GenerateResponse) -> dict:
+    prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": reply.usage.cached_tokens}}
+
+
+def _finish(reply: gateway_pb2.GenerateResponse) -> str | None:
+    return _FINISH.get(reply.finish_reason) if reply.finish_reason else None
+
+
+class CompletionShape:
+    """/v1/completions objects."""
+
+    object, chunk_object = "text_completion", "text_completion"
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id, self.created = model_id, int(time.time())
+
+    def _base(self, reply) -> dict:
+        return {"id": f"cmpl-{reply.request_id}", "object": self.chunk_object, "created": self.created,
+                "model": self.model_id}
+
+    def whole(self, replies: list) -> dict:
+        last = replies[-1]
+        text = "".join(r.text for r in replies)
+        return {**self._base(last), "object": self.object,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(last)}],
+                "usage": _usage(last)}
+
+    def chunk(self, reply) -> dict:
+        return {**self._base(reply), "choices": [{"index": 0, "text": reply.text, "logprobs": None,
+                                                  "finish_reason": _finish(reply)}]}
+
+    def usage_chunk(self, last) -> dict:
+        return {**self._base(last), "choices": [], "usage": _usage(last)}
+
+
+class ChatShape(CompletionShape):
+    """/v1/chat/completions objects."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def _base(self, reply) -> dict:
+        return {**super()._base(reply), "id": f"chatcmpl-{reply.request_id}"}
+
+    def whole(self, replies: list) -> dict:
+        last = replies[-1]
+        message = {"role": "assistant", "content": "".join(r.text for r in replies)}
+        return {**self._base(last), "object": self.object,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(last)}],
+                "usage": _usage(last)}
+
+    def chunk(self, reply) -> dict:
+        delta = {"content": reply.text} if reply.text or not reply.finish_reason else {}
+        if not getattr(self, "_opened", False):
+            self._opened = True
+            delta = {"role": "assistant", **delta}
+        return {**self._base(reply), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": _finish(reply)}]}
+
+
+class HttpServer:
+    """uvicorn serving the front in a thread; stop() ends it."""
+
+    def __init__(self, app, host: str, port: int, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+        """Over TLS when given the public certificate and key (--public-tls-cert/--public-tls-key)."""
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                                     access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key))
+        self._thread = threading.Thread(target=self._server.run, name="http-front", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP front did not start on {host}:{port}")
+            time.sleep(0.02)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible HTTP front, driven by the official `openai` package: a second gateway, with API keys and
+its HTTP port on, in front of the stack's tiers. What the front returns equals what the gRPC API returns for the
+same request (greedy, so both are deterministic); keys, validation and refusals are the gRPC edge's, as HTTP."""
+
+import http.client
+import json
+import time
+
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+from helpers import collect, request
+from stack import CERTS_DIR
+
+from common.basics.config import GatewayConfig
+from common.edge.auth import KeyLimits
+from gateway.server import start_gateway
+from pdserve.certs import ensure_certs
+from pdserve.keys import add_key
+from pdserve.v1 import common_pb2
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three primary colors."}]
+GREEDY = common_pb2.SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def front(stack, model_dir, tmp_path_factory):
+    """(gateway, openai client with a key, the key, the HTTP base URL); the gateway's metrics in a registry of
+    its own (gateway.registry)."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys"
+    secret = add_key(keys_file, "openai", KeyLimits())
+    certs = ensure_certs(CERTS_DIR)
+    cert, key = certs.for_tier("gateway")
+    gateway = start_gateway(GatewayConfig(model_dir=model_dir, port=0, http_port=0,
+                                          prefill_addresses=(stack.prefill_address,),
+                                          decode_addresses=(stack.decode_address,), tls_cert=cert, tls_key=key,
+                                          tls_ca=certs.ca, api_keys_file=keys_file), registry := CollectorRegistry())
+    gateway.registry = registry
+    base_url = f"http://127.0.0.1:{gateway.http_port}/v1"
+    client = openai.OpenAI(base_url=base_url, api_key=secret, max_retries=0, timeout=120)
+    yield gateway, client, secret, base_url
+    gateway.stop()
+
+
+def test_models_names_the_served_model_and_asks_for_a_key(front, model_dir):
+    _, client, _, base_url = front
+    assert [m.id for m in client.models.list().data] == [model_dir.name]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base_url, api_key="pdk_not-a-key", max_retries=0).models.list()
+
+
+def test_completion_equals_the_grpc_output(front, stack, model_dir):
+    _, client, _, _ = front
+    tokens, text, last = collect(stack.gateway, request(PROMPT, max_new_tokens=12, sampling=GREEDY))
+    reply = client.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert reply.choices[0].text == text
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (last.usage.prompt_tokens, len(tokens))
+
+    streamed = client.completions.create(model=model_dir.name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == len(tokens)
+
+
+def test_chat_completion_equals_the_grpc_output_streamed_and_not(front, stack, model_dir):
+    _, client, _, _ = front
+    grpc_request = request(messages=[(m["role"], m["content"]) for m in CHAT], max_new_tokens=24, sampling=GREEDY)
+    _, text, last = collect(stack.gateway, grpc_request)
+    reason = "stop" if last.finish_reason == common_pb2.FINISH_REASON_STOP else "length"
+    reply = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=24, temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == text and reply.choices[0].finish_reason == reason
+    assert reply.usage.prompt_tokens == last.usage.prompt_tokens
+
+    chunks = list(client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=24, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == reason
+
+
+def test_pdserve_extensions_travel_in_extra_body(front, model_dir):
+    _, client, _, _ = front
+    reply = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=40, temperature=0,
+                                           extra_body={"ignore_eos": True, "top_k": 5, "repetition_penalty": 1.1})
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"logprobs": True}, "logprobs"),
+    ({"n": 2}, "n"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+])
+def test_unsupported_parameters_are_refused_by_name(front, model_dir, extra, named):
+    _, client, _, _ = front
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=4, **extra)
+    assert raised.value.status_code == 400 and named in raised.value.message
+    assert raised.value.body["param"] == named
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1.0}, "temperature must be"),
+    ({"max_tokens": 5000}, "exceeds this gateway's limit"),
+    ({"model": "gpt-4o"}, "is not served here"),
+    ({"extra_body": {"min_tokens": 50}, "max_tokens": 4}, "min_new_tokens 50 exceeds max_new_tokens 4"),
+])
+def test_bad_values_get_the_grpc_edges_message_as_400(front, model_dir, kwargs, message):
+    _, client, _, _ = front
+    kwargs = {"model": model_dir.name, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(prompt=PROMPT, **kwargs)
+    assert message in raised.value.message
+
+
+def test_a_stream_the_client_drops_is_cancelled_and_gives_back_its_kv(front, stack, model_dir):
+    gateway, _, secret, base_url = front
+    registry = gateway.registry
+
+    def output_tokens() -> float:
+        return registry.get_sample_value("pdserve_gateway_tokens_total", {"gen_ai_token_type": "output"}) or 0.0
+
+    free, before = stack.decode_stats().num_blocks_free, output_tokens()
+    body = {"model": model_dir.name, "prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    connection = http.client.HTTPConnection(base_url.split("/")[2], timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps(body),
+                       headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data:")  # the stream has begun
+    connection.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 60
+    while (registry.get_sample_value("pdserve_gateway_requests_in_flight") or stack.decode_stats().num_blocks_free
+           < free) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert registry.get_sample_value("pdserve_gateway_requests_in_flight") == 0
+    assert stack.decode_stats().num_blocks_free >= free
+    assert output_tokens() - before < 2000, "the dropped request ran to its end"
+    assert collect(stack.gateway, request(PROMPT, max_new_tokens=2))[0]  # and the service goes on serving
