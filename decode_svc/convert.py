@@ -6,7 +6,12 @@ from common.basics.compat import Compat
 from common.basics.errors import InvalidArgument
 from common.basics.request_id import checked_request_id
 from common.basics.sampling import SamplingConfig
-from common.edge.proto import FINISH_REASONS, compat_to_proto, sampling_from_proto
+from common.edge.proto import (
+    FINISH_REASONS,
+    compat_to_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+)
 from decode_svc.engine import ReservedKv
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot
 from pdserve.v1 import common_pb2, decode_pb2
@@ -66,7 +71,8 @@ def decode_call_from_proto(request: decode_pb2.DecodeRequest) -> DecodeCall:
 def event_to_proto(event: DecodeEvent) -> decode_pb2.DecodeResponse:
     reason = FINISH_REASONS[event.finish_reason] if event.finish_reason else common_pb2.FINISH_REASON_UNSPECIFIED
     reply = decode_pb2.DecodeResponse(token_ids=event.token_ids, finish_reason=reason, queue_ms=event.queue_ms,
-                                      local_prefill_ms=event.local_prefill_ms)
+                                      local_prefill_ms=event.local_prefill_ms,
+                                      logprobs=[logprob_to_proto(r) for r in event.logprobs or ()])
     if event.spec is not None:
         s = event.spec
         reply.speculation.CopyFrom(decode_pb2.SpeculationStats(

@@ -41,13 +41,13 @@ from common.basics.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.stop_strings import StopWatcher
 from common.basics.tokenizer import TextTokenizer
 from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
 from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
-from common.model.sampling import sample
+from common.model.sampling import sample, token_logprobs
 from common.runtime.engine_loop import EngineLoop
 from decode_svc.calibration import measure_step_costs
 from decode_svc.draft import DraftProposer
@@ -60,6 +60,7 @@ from decode_svc.speculation import (
     SpecState,
     SpeculationConfig,
     choose,
+    chosen_logprobs,
 )
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
@@ -273,15 +274,16 @@ class DecodeEngine:
         logits = self.runner.run_decode([DecodeItem(s.tokens[-1], s.position, s.block_ids, tuple(p.tokens))
                                          for s, p in zip(batch, proposals)])  # (sum of 1 + len(draft), vocab)
         new_tokens = choose(batch, proposals, logits)
+        new_logprobs = chosen_logprobs(batch, proposals, logits, new_tokens)
         with self._cond:
             self._record_step(len(batch))
             for proposal, tokens in zip(proposals, new_tokens):
                 if proposal.tokens:
                     self._counts["proposed"] += len(proposal.tokens)
                     self._counts["accepted"] += len(tokens) - 1
-            for seq, tokens in zip(batch, new_tokens):
+            for seq, tokens, logprobs in zip(batch, new_tokens, new_logprobs):
                 if not seq.finished:  # a preemption or cancel cannot land mid-step: this is the lock's holder
-                    self._counts["tokens"] += self._append(seq, tokens)
+                    self._counts["tokens"] += self._append(seq, tokens, logprobs)
             self.running = [s for s in self.running if not s.finished]
         return True
 
@@ -317,11 +319,14 @@ class DecodeEngine:
             seq = seqs[i]
             self._counts["local_prefills"] += 1
             seq.tokens.append(token)
+            top_n = seq.sampling.logprobs
+            logprobs = token_logprobs(logits[i:i + 1], [token], top_n) if top_n is not None else None
             reason = self._finish_reason(seq, token)
             if reason:
-                self._finish(seq, reason, [token])
+                self._finish(seq, reason, [token], logprobs)
             else:
-                seq.outbox.put(DecodeEvent([token], local_prefill_ms=(time.monotonic() - started) * 1000))
+                seq.outbox.put(DecodeEvent([token], local_prefill_ms=(time.monotonic() - started) * 1000,
+                                           logprobs=logprobs))
         self.running = [s for s in self.running if not s.finished]
 
     def _requeue(self, seq: Sequence) -> None:
@@ -342,16 +347,16 @@ class DecodeEngine:
             return self.draft.propose(batch, ks)  # k batched draft forwards
         return [Proposal(self.proposer.propose(s.context, k) if k > 0 else []) for s, k in zip(batch, ks)]
 
-    def _append(self, seq: Sequence, tokens: list[int]) -> int:
-        """Adds a step's tokens in order, up to the first that ends the sequence; returns how many.
-        Caller holds the lock."""
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> int:
+        """Adds a step's tokens (and their log-probabilities, when asked for) in order, up to the first that ends
+        the sequence; returns how many. Caller holds the lock."""
         for count, token in enumerate(tokens, start=1):
             seq.tokens.append(token)
             reason = self._finish_reason(seq, token)
             if reason:
-                self._finish(seq, reason, tokens[:count])
+                self._finish(seq, reason, tokens[:count], logprobs[:count] if logprobs is not None else None)
                 return count
-        seq.outbox.put(DecodeEvent(tokens))
+        seq.outbox.put(DecodeEvent(tokens, logprobs=logprobs))
         return len(tokens)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
@@ -363,7 +368,8 @@ class DecodeEngine:
             return FINISH_LENGTH
         return None
 
-    def _finish(self, seq: Sequence, reason: str, token_ids: list[int]) -> None:
+    def _finish(self, seq: Sequence, reason: str, token_ids: list[int],
+                logprobs: list[TokenLogprob] | None = None) -> None:
         """Frees the sequence's blocks (its full ones stay in the prefix cache) and closes its outbox. Caller holds
         the lock."""
         if seq.finished:
@@ -375,7 +381,7 @@ class DecodeEngine:
         if reason == FINISH_CANCELLED:
             self._counts["cancelled"] += 1
         start = seq.admitted_at if seq.admitted_at is not None else time.monotonic()
-        seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000, seq.spec))
+        seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000, seq.spec, logprobs=logprobs))
 
     def _expire_leases(self) -> None:
         for reservation in self.blocks.expire(time.monotonic()):

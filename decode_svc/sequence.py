@@ -5,7 +5,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.stop_strings import StopWatcher
 from decode_svc.speculation import SpecState
 
@@ -35,6 +35,7 @@ class DecodeEvent:
     queue_ms: float = 0.0
     spec: SpecState | None = None  # on the last event of a sequence that speculated
     local_prefill_ms: float = 0.0  # on the first event of a sequence prefilled here
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the sampling asks for them
 
 
 @dataclass

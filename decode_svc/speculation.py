@@ -15,8 +15,15 @@ from typing import Protocol
 import torch
 
 from common.basics.config import SPECULATIVE_METHODS
-from common.basics.sampling import SamplingConfig
-from common.model.sampling import draw, probabilities, sample, shape, uniform
+from common.basics.sampling import SamplingConfig, TokenLogprob
+from common.model.sampling import (
+    draw,
+    probabilities,
+    sample,
+    shape,
+    token_logprobs,
+    uniform,
+)
 
 
 @dataclass(frozen=True)
@@ -186,3 +193,16 @@ def choose(batch: list, proposals: list[Proposal], logits: torch.Tensor) -> list
                                seq.context)
             seq.spec.record(len(draft), len(chosen[i]) - 1)
     return chosen
+
+
+def chosen_logprobs(batch: list, proposals: list[Proposal], logits: torch.Tensor,
+                    chosen: list[list[int]]) -> list[list[TokenLogprob] | None]:
+    """The log-probabilities of each sequence's chosen tokens (None where its sampling asks for none): token k
+    of a sequence was chosen from its row k (its own token's row, then one per accepted draft token)."""
+    rows = torch.tensor([0, *[1 + len(p.tokens) for p in proposals]]).cumsum(0).tolist()
+    found: list[list[TokenLogprob] | None] = []
+    for i, (seq, tokens) in enumerate(zip(batch, chosen)):
+        top_n = seq.sampling.logprobs
+        found.append(None if top_n is None else
+                     token_logprobs(logits[rows[i]:rows[i] + len(tokens)], tokens, top_n))
+    return found

@@ -9,9 +9,15 @@ from dataclasses import replace
 from common.basics.config import GatewayConfig
 from common.basics.errors import InvalidArgument
 from common.basics.request_id import checked_request_id
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.tokenizer import TextTokenizer
-from common.edge.proto import FINISH_REASONS, sampling_from_proto, sampling_to_proto
+from common.edge.proto import (
+    FINISH_REASONS,
+    logprob_from_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+    sampling_to_proto,
+)
 from gateway.tiers import (
     CacheSummary,
     DecodeArgs,
@@ -49,6 +55,9 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
     else:
         max_new = min(config.default_max_new_tokens, room)
     sampling = _sampling(request)
+    if sampling.logprobs is not None and sampling.logprobs > config.max_logprobs:
+        raise InvalidArgument(f"sampling.logprobs {sampling.logprobs} exceeds this gateway's limit of "
+                              f"{config.max_logprobs} alternatives per token; lower it")
     if sampling.min_new_tokens > max_new:
         raise InvalidArgument(f"sampling.min_new_tokens {sampling.min_new_tokens} exceeds max_new_tokens {max_new}; "
                               "lower it")
@@ -89,6 +98,8 @@ def completed(replies: list[gateway_pb2.GenerateResponse]) -> gateway_pb2.Genera
     whole.CopyFrom(replies[-1])
     whole.ClearField("token_ids")
     whole.token_ids.extend(i for reply in replies for i in reply.token_ids)
+    whole.ClearField("logprobs")
+    whole.logprobs.extend(r for reply in replies for r in reply.logprobs)
     whole.text = "".join(reply.text for reply in replies)
     return whole
 
@@ -193,8 +204,9 @@ def prefill_request(request_id: str, prompt_ids: list[int], sampling: SamplingCo
 
 
 def prefill_result(reply: prefill_pb2.PrefillResponse) -> PrefillResult:
+    logprob = logprob_from_proto(reply.first_token_logprob) if reply.HasField("first_token_logprob") else None
     return PrefillResult(reply.first_token_id, reply.queue_ms, reply.compute_ms, reply.kv_transfer_ms,
-                         reply.kv_bytes, reply.num_chunks, reply.num_cached_tokens)
+                         reply.kv_bytes, reply.num_chunks, reply.num_cached_tokens, logprob)
 
 
 def cache_summary(reply: common_pb2.CacheSummary) -> CacheSummary:
@@ -218,23 +230,28 @@ def decode_chunk(reply: decode_pb2.DecodeResponse) -> DecodeChunk:
     if reply.HasField("speculation"):
         s = reply.speculation
         speculation = SpeculationCounts(s.num_proposed, s.num_accepted, s.num_verify_steps, s.num_verify_tokens)
+    logprobs = [logprob_from_proto(r) for r in reply.logprobs] if reply.logprobs else None
     return DecodeChunk(list(reply.token_ids), FINISH_REASON_NAMES.get(reply.finish_reason), speculation,
-                       reply.local_prefill_ms)
+                       reply.local_prefill_ms, logprobs)
 
 
 # What the client receives.
 
-def token_reply(token_ids: list[int], text: str, request_id: str) -> gateway_pb2.GenerateResponse:
-    return gateway_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id)
+def token_reply(token_ids: list[int], text: str, request_id: str,
+                logprobs: list[TokenLogprob] | None = None) -> gateway_pb2.GenerateResponse:
+    return gateway_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id,
+                                        logprobs=[logprob_to_proto(r) for r in logprobs or ()])
 
 
 def last_reply(token_ids: list[int], text: str, request_id: str, reason: str, prompt_tokens: int,
                completion_tokens: int, timings: dict, speculation: SpeculationCounts | None,
-               num_migrations: int, cached_tokens: int = 0) -> gateway_pb2.GenerateResponse:
+               num_migrations: int, cached_tokens: int = 0,
+               logprobs: list[TokenLogprob] | None = None) -> gateway_pb2.GenerateResponse:
     """The final message: finish reason, usage, timings (by Timings field: milliseconds, the prefill path and the
     KV bytes pushed), speculation, and how often the request moved to another decode instance."""
     return gateway_pb2.GenerateResponse(
         token_ids=token_ids, text=text, finish_reason=FINISH_REASONS[reason], request_id=request_id,
+        logprobs=[logprob_to_proto(r) for r in logprobs or ()],
         usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                 cached_tokens=cached_tokens),
         timings=gateway_pb2.Timings(**timings), speculation=_speculation(speculation), num_migrations=num_migrations)

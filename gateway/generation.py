@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from opentelemetry.trace import Span, SpanKind
 
 from common.basics.errors import Unavailable, Upstream
+from common.basics.sampling import TokenLogprob
 from common.edge.tracing import child_span
 from gateway.router import Router
 from gateway.tiers import (
@@ -121,10 +122,10 @@ class Generation:
                     yield from self._decode_local(address, reservation, started, resumed)
                     decode_finished = True
                     return
-                first = self._prefill(prefill_address, address, reservation, started)
+                first, first_logprob = self._prefill(prefill_address, address, reservation, started)
                 self.num_migrations += resumed
                 self._sent.append(first)
-                yield DecodeChunk([first])
+                yield DecodeChunk([first], logprobs=None if first_logprob is None else [first_logprob])
                 if first in self.eos_token_ids or len(self._sent) >= self.spec.max_new_tokens:
                     yield DecodeChunk([], "stop" if first in self.eos_token_ids else "length")
                     return
@@ -180,7 +181,9 @@ class Generation:
         raise Upstream(status, "no decode instance can take this request now ("
                        + "; ".join(str(e) for e in refusals) + ")")
 
-    def _prefill(self, address: str, decode_address: str, reservation: Reservation, started: float) -> int:
+    def _prefill(self, address: str, decode_address: str, reservation: Reservation,
+                 started: float) -> tuple[int, TokenLogprob | None]:
+        """The first token (and its log-probabilities, when asked for), with the KV pushed to decode."""
         with (self.router.prefilling(address, self._prompt_len()),
               child_span("prefill.call", self.trace_parent, kind=SpanKind.CLIENT) as span):
             sent = time.monotonic()
@@ -196,7 +199,7 @@ class Generation:
         self.timings = PhaseTimings(queue_ms=(sent - started) * 1000 + result.queue_ms,
                                     prefill_ms=result.compute_ms, kv_transfer_ms=result.kv_transfer_ms,
                                     kv_bytes=result.kv_bytes, cached_tokens=result.num_cached_tokens)
-        return result.first_token
+        return result.first_token, result.first_logprob
 
     def _decode(self, address: str, handle: str, first: int) -> Iterator[DecodeChunk]:
         first_step = len(self._sent) - 1  # `first` is already among the sent tokens

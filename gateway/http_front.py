@@ -35,8 +35,8 @@ _SAMPLING = {"temperature", "top_p", "top_k", "seed", "presence_penalty", "frequ
              "min_tokens"}
 _COMMON = {"model", "stream", "stream_options", "stop", "n", "max_tokens", "ignore_eos", "stop_token_ids", "user",
            *_SAMPLING}
-COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "logprobs"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 # OpenAI's default: sampling at temperature 1 (pdserve's gRPC API defaults to greedy).
 OPENAI_TEMPERATURE = 1.0
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -175,7 +175,22 @@ def generate_request(body: dict, chat: bool, model_id: str) -> gateway_pb2.Gener
     if body.get("ignore_eos") is not None:
         request.ignore_eos = _typed(body, "ignore_eos", bool)
     _sampling(body, request.sampling)
+    _logprobs(body, chat, request.sampling)
     return request
+
+
+def _logprobs(body: dict, chat: bool, sampling: common_pb2.SamplingParams) -> None:
+    """Chat: `logprobs` (true/false) and `top_logprobs` (alternatives); completions: `logprobs` (alternatives)."""
+    if chat:
+        wanted = body.get("logprobs") is not None and _typed(body, "logprobs", bool)
+        if body.get("top_logprobs") is not None:
+            if not wanted:
+                raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
+            sampling.logprobs = _typed(body, "top_logprobs", int, lambda v: v >= 0, "an integer >= 0")
+        elif wanted:
+            sampling.logprobs = 0
+    elif body.get("logprobs") is not None:
+        sampling.logprobs = _typed(body, "logprobs", int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _role(message) -> str:
@@ -263,7 +278,7 @@ class OpenAIFront:
             usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
         except BadRequest as error:
             return error_response(400, str(error), error.param)
-        shape = ChatShape(self.model_id) if chat else CompletionShape(self.model_id)
+        shape = (ChatShape if chat else CompletionShape)(self.model_id, self.servicer.tokenizer)
         context = HttpCallContext(request.headers)
         replies = self.servicer.Generate(generate, context)
         if not stream:
@@ -353,8 +368,19 @@ class CompletionShape:
 
     object, chunk_object = "text_completion", "text_completion"
 
-    def __init__(self, model_id: str) -> None:
-        self.model_id, self.created = model_id, int(time.time())
+    def __init__(self, model_id: str, tokenizer) -> None:
+        self.model_id, self.created, self.tokenizer = model_id, int(time.time()), tokenizer
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def logprobs(self, replies: list) -> dict | None:
+        """OpenAI's legacy completions form: tokens, token_logprobs, top_logprobs (token text -> logprob)."""
+        pairs = [(t, lp) for r in replies for t, lp in zip(r.token_ids, r.logprobs)]
+        if not pairs:
+            return None
+        return {"tokens": [self.token_text(t) for t, _ in pairs], "token_logprobs": [lp.logprob for _, lp in pairs],
+                "top_logprobs": [{self.token_text(a.token_id): a.logprob for a in lp.top} for _, lp in pairs]}
 
     def _base(self, reply) -> dict:
         return {"id": f"cmpl-{reply.request_id}", "object": self.chunk_object, "created": self.created,
@@ -364,11 +390,12 @@ class CompletionShape:
         last = replies[-1]
         text = "".join(r.text for r in replies)
         return {**self._base(last), "object": self.object,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(last)}],
+                "choices": [{"index": 0, "text": text, "logprobs": self.logprobs(replies),
+                             "finish_reason": _finish(last)}],
                 "usage": _usage(last)}
 
     def chunk(self, reply) -> dict:
-        return {**self._base(reply), "choices": [{"index": 0, "text": reply.text, "logprobs": None,
+        return {**self._base(reply), "choices": [{"index": 0, "text": reply.text, "logprobs": self.logprobs([reply]),
                                                   "finish_reason": _finish(reply)}]}
 
     def usage_chunk(self, last) -> dict:
@@ -383,11 +410,25 @@ class ChatShape(CompletionShape):
     def _base(self, reply) -> dict:
         return {**super()._base(reply), "id": f"chatcmpl-{reply.request_id}"}
 
+    def logprobs(self, replies: list) -> dict | None:
+        """OpenAI's chat form: content, one entry per token with its text, bytes and top alternatives."""
+        pairs = [(t, lp) for r in replies for t, lp in zip(r.token_ids, r.logprobs)]
+        if not pairs:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a.token_id, a.logprob) for a in lp.top]}
+                            for t, lp in pairs]}
+
     def whole(self, replies: list) -> dict:
         last = replies[-1]
         message = {"role": "assistant", "content": "".join(r.text for r in replies)}
         return {**self._base(last), "object": self.object,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(last)}],
+                "choices": [{"index": 0, "message": message, "logprobs": self.logprobs(replies),
+                             "finish_reason": _finish(last)}],
                 "usage": _usage(last)}
 
     def chunk(self, reply) -> dict:
@@ -395,7 +436,7 @@ class ChatShape(CompletionShape):
         if not getattr(self, "_opened", False):
             self._opened = True
             delta = {"role": "assistant", **delta}
-        return {**self._base(reply), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+        return {**self._base(reply), "choices": [{"index": 0, "delta": delta, "logprobs": self.logprobs([reply]),
                                                   "finish_reason": _finish(reply)}]}
 
 

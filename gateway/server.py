@@ -118,7 +118,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             vocab_size=self.tokenizer.vocab_size, eos_token_ids=self.model.eos_token_ids,
             max_new_tokens_limit=self.config.max_new_tokens_limit,
             default_max_new_tokens=self.config.default_max_new_tokens,
-            max_stop_strings=self.config.max_stop_strings, instances=self._instances())
+            max_stop_strings=self.config.max_stop_strings, max_logprobs=self.config.max_logprobs,
+            instances=self._instances())
 
     def _instances(self) -> list[gateway_pb2.TierInstance]:
         membership, index = self.router.membership, self.router.index
@@ -185,13 +186,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             delta = text.push(chunk.token_ids)
             reason = "stop" if text.stopped else chunk.finish_reason
             if reason is None:
-                yield token_reply(chunk.token_ids, delta, spec.request_id)
+                yield token_reply(chunk.token_ids, delta, spec.request_id, chunk.logprobs)
                 continue
             generation.cancel()
             observer.finished(reason)
             yield last_reply(chunk.token_ids, delta + text.finish(), spec.request_id, reason, len(spec.prompt_ids),
                              observer.num_output_tokens, _timings(generation, observer.arrived, observer.first_at),
-                             chunk.speculation, generation.num_migrations, generation.timings.cached_tokens)
+                             chunk.speculation, generation.num_migrations, generation.timings.cached_tokens,
+                             chunk.logprobs)
             return
 
 

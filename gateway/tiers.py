@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 
 from opentelemetry.trace import Span
 
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 
 T = TypeVar("T", covariant=True)
 
@@ -65,6 +65,7 @@ class PrefillResult:
     kv_bytes: int
     num_chunks: int  # forward passes the prompt took
     num_cached_tokens: int = 0  # leading prompt tokens the prefill instance found in its prefix cache
+    first_logprob: TokenLogprob | None = None  # when the sampling asks for log-probabilities
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class DecodeChunk:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last chunk
     speculation: SpeculationCounts | None = None  # on the last chunk of a request that speculated
     local_prefill_ms: float = 0.0  # on the first chunk of a request the decode instance prefilled itself
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the sampling asks for them
 
 
 @dataclass(frozen=True)

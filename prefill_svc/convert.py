@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from common.basics.errors import InvalidArgument
 from common.basics.sampling import SamplingConfig
-from common.edge.proto import sampling_from_proto
+from common.edge.proto import logprob_to_proto, sampling_from_proto
 from common.kv.transport import KvAck
 from pdserve.v1 import prefill_pb2
 from prefill_svc.engine import PrefillJob, PrefillStatsSnapshot
@@ -54,6 +54,7 @@ def reply_to_proto(job: PrefillJob, ack: KvAck, transferred_at: float) -> prefil
         kv_chunks=ack.num_chunks,
         num_chunks=job.num_chunks,
         num_cached_tokens=job.num_cached,
+        first_token_logprob=logprob_to_proto(job.first_logprob) if job.first_logprob is not None else None,
     )
 
 

@@ -20,12 +20,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from common.basics.errors import RateLimited, ResourceExhausted, Unavailable
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
 from common.kv.transport import KvSender
 from common.model.runner import ModelRunner, PrefillChunk
-from common.model.sampling import sample
+from common.model.sampling import sample, token_logprobs
 from common.runtime.engine_loop import EngineLoop
 
 _QUEUE_FULL_RETRY_S = 1.0  # a hint for a caller turned away by a full queue, not a promise
@@ -44,6 +44,7 @@ class PrefillJob:
     num_computed: int = 0
     num_chunks: int = 0
     first_token: int | None = None
+    first_logprob: TokenLogprob | None = None  # when the sampling asks for log-probabilities
     cancelled: bool = False
     failed: bool = False  # a step computing it raised; the tier's log has the details
     done: threading.Event = field(default_factory=threading.Event)
@@ -137,8 +138,10 @@ class PrefillEngine:
             if finished:
                 firsts = sample(logits[[row for row, _ in finished]], [j.sampling for _, j in finished],
                                 [j.first_step for _, j in finished], [j.token_ids for _, j in finished])
-                for (_, job), token in zip(finished, firsts):
+                for (row, job), token in zip(finished, firsts):
                     job.first_token = token
+                    if job.sampling.logprobs is not None:
+                        job.first_logprob = token_logprobs(logits[row:row + 1], [token], job.sampling.logprobs)[0]
                     job.computed_at = time.monotonic()
                     job.sender.close()
                     self.blocks.register(job.block_table, job.token_ids)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.basics.sampling import MAX_LOGPROBS
 from common.basics.targets import parse_target
 
 # KV cache element types the tiers can store and exchange (common/kv/wire.py maps them to torch).
@@ -196,6 +197,8 @@ class GatewayConfig:
     default_max_new_tokens: int = option(256, "max_new_tokens of a request that sets none")
     max_new_tokens_limit: int = option(4096, "largest max_new_tokens a request may ask for")
     max_stop_strings: int = option(16, "most stop strings (and most stop token ids) per request")
+    max_logprobs: int = option(20, "most alternatives a request may ask log-probabilities of per token "
+                                   f"(at most {MAX_LOGPROBS})")
     lease_ms: int = option(30_000, "how long decode holds an unclaimed reservation")
     admission_factor: float = option(
         2.0, "requests admitted per decode batch slot in rotation (the decode instances report their batch size); "
@@ -239,6 +242,8 @@ class GatewayConfig:
             raise ValueError(f"cache_poll_ms must be >= 1, got {self.cache_poll_ms}")
         if not self.admission_factor > 0:
             raise ValueError(f"admission_factor must be > 0, got {self.admission_factor}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
         if self.max_stop_strings < 0:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:

@@ -10,6 +10,17 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 # OpenAI's range for presence_penalty and frequency_penalty.
 MAX_ADDITIVE_PENALTY = 2.0
+# The most alternatives a tier reports per position, whatever a gateway allows (bounds the work per token).
+MAX_LOGPROBS = 100
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens at its position, under the model's own
+    distribution (log-softmax of the raw logits)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,8 @@ class SamplingConfig:
     # While fewer than min_new_tokens were generated, suppress_token_ids (the request's stop tokens) cannot be chosen
     min_new_tokens: int = 0
     suppress_token_ids: frozenset[int] = frozenset()
+    # None: no log-probabilities; N: each token's and the N most likely alternatives' (TokenLogprob)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -44,6 +57,8 @@ class SamplingConfig:
                                  f"got {value}")
         if self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,7 @@
 cache's summary."""
 
 from common.basics.compat import Compat
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.kv.block_manager import PrefixSummary
 from pdserve.v1 import common_pb2
 
@@ -50,6 +50,7 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingConfig:
         frequency_penalty=params.frequency_penalty if params.HasField("frequency_penalty") else 0.0,
         min_new_tokens=params.min_new_tokens if params.HasField("min_new_tokens") else 0,
         suppress_token_ids=frozenset(params.suppress_token_ids),
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
     )
 
 
@@ -58,7 +59,16 @@ def sampling_to_proto(config: SamplingConfig) -> common_pb2.SamplingParams:
                                      seed=config.seed, repetition_penalty=config.repetition_penalty,
                                      presence_penalty=config.presence_penalty,
                                      frequency_penalty=config.frequency_penalty, min_new_tokens=config.min_new_tokens,
-                                     suppress_token_ids=sorted(config.suppress_token_ids))
+                                     suppress_token_ids=sorted(config.suppress_token_ids), logprobs=config.logprobs)
+
+
+def logprob_to_proto(record: TokenLogprob) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(logprob=record.logprob, top=[common_pb2.TopLogprob(token_id=t, logprob=lp)
+                                                                for t, lp in record.top])
+
+
+def logprob_from_proto(reply: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(reply.logprob, tuple((t.token_id, t.logprob) for t in reply.top))
 
 
 def cache_summary_to_proto(summary: PrefixSummary, compat: Compat, weight_format: str) -> common_pb2.CacheSummary:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from common.basics.sampling import SamplingConfig
+from common.basics.sampling import SamplingConfig, TokenLogprob
 
 _SEED_MIX = 1_000_003
 
@@ -86,3 +86,16 @@ def uniform(config: SamplingConfig, step: int) -> float:
 
 def _generator(config: SamplingConfig, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((config.seed * _SEED_MIX + step * 2 + stream) % 2**63)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """logits: (len(tokens), vocab), row i the raw logits at the position tokens[i] was chosen for. Each token's
+    log-probability under log-softmax(logits) in float32, and the top_n most likely tokens'."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if top_n:
+        values, ids = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [()] * len(tokens)
+    return [TokenLogprob(lp, top) for lp, top in zip(chosen, tops)]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xc3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x11\n\tkv_handle\x18\x05 \x01(\t\x12\x12\n\nfirst_step\x18\x06 \x01(\r\x12\x16\n\x0ekv_skip_tokens\x18\x07 \x01(\r\"\xbb\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x11\n\tkv_chunks\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\"\x17\n\x15GetInfoPrefillRequest\"\x15\n\x13PrefillStatsRequest\"\x8e\x02\n\x0cPrefillStats\x12\x12\n\nnum_queued\x18\x01 \x01(\r\x12\x19\n\x11num_queued_tokens\x18\x02 \x01(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x13\n\x0bnum_prompts\x18\x04 \x01(\x04\x12\x19\n\x11max_batch_prompts\x18\x05 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x06 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x07 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\r\x12\x1f\n\x17num_prefix_query_tokens\x18\t \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\n \x01(\x04\x32\xa5\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x44\n\x07GetInfo\x12!.pdserve.v1.GetInfoPrefillRequest\x1a\x16.pdserve.v1.CompatInfo\x12\x42\n\x05Stats\x12\x1f.pdserve.v1.PrefillStatsRequest\x1a\x18.pdserve.v1.PrefillStats\x12L\n\x0fGetCacheSummary\x12\x1f.pdserve.v1.CacheSummaryRequest\x1a\x18.pdserve.v1.CacheSummaryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xc3\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x11\n\tkv_handle\x18\x05 \x01(\t\x12\x12\n\nfirst_step\x18\x06 \x01(\r\x12\x16\n\x0ekv_skip_tokens\x18\x07 \x01(\r\"\xf2\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04\x12\x11\n\tkv_chunks\x18\x06 \x01(\r\x12\x12\n\nnum_chunks\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\x35\n\x13\x66irst_token_logprob\x18\t \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\"\x17\n\x15GetInfoPrefillRequest\"\x15\n\x13PrefillStatsRequest\"\x8e\x02\n\x0cPrefillStats\x12\x12\n\nnum_queued\x18\x01 \x01(\r\x12\x19\n\x11num_queued_tokens\x18\x02 \x01(\x04\x12\x11\n\tnum_steps\x18\x03 \x01(\x04\x12\x13\n\x0bnum_prompts\x18\x04 \x01(\x04\x12\x19\n\x11max_batch_prompts\x18\x05 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x06 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x07 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\r\x12\x1f\n\x17num_prefix_query_tokens\x18\t \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\n \x01(\x04\x32\xa5\x02\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12\x44\n\x07GetInfo\x12!.pdserve.v1.GetInfoPrefillRequest\x1a\x16.pdserve.v1.CompatInfo\x12\x42\n\x05Stats\x12\x1f.pdserve.v1.PrefillStatsRequest\x1a\x18.pdserve.v1.PrefillStats\x12L\n\x0fGetCacheSummary\x12\x1f.pdserve.v1.CacheSummaryRequest\x1a\x18.pdserve.v1.CacheSummaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=66
   _globals['_PREFILLREQUEST']._serialized_end=261
   _globals['_PREFILLRESPONSE']._serialized_start=264
-  _globals['_PREFILLRESPONSE']._serialized_end=451
-  _globals['_GETINFOPREFILLREQUEST']._serialized_start=453
-  _globals['_GETINFOPREFILLREQUEST']._serialized_end=476
-  _globals['_PREFILLSTATSREQUEST']._serialized_start=478
-  _globals['_PREFILLSTATSREQUEST']._serialized_end=499
-  _globals['_PREFILLSTATS']._serialized_start=502
-  _globals['_PREFILLSTATS']._serialized_end=772
-  _globals['_PREFILL']._serialized_start=775
-  _globals['_PREFILL']._serialized_end=1068
+  _globals['_PREFILLRESPONSE']._serialized_end=506
+  _globals['_GETINFOPREFILLREQUEST']._serialized_start=508
+  _globals['_GETINFOPREFILLREQUEST']._serialized_end=531
+  _globals['_PREFILLSTATSREQUEST']._serialized_start=533
+  _globals['_PREFILLSTATSREQUEST']._serialized_end=554
+  _globals['_PREFILLSTATS']._serialized_start=557
+  _globals['_PREFILLSTATS']._serialized_end=827
+  _globals['_PREFILL']._serialized_start=830
+  _globals['_PREFILL']._serialized_end=1123
 # @@protoc_insertion_point(module_scope)

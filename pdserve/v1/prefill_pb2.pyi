@@ -26,7 +26,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., kv_handle: _Optional[str] = ..., first_step: _Optional[int] = ..., kv_skip_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "queue_ms", "compute_ms", "kv_transfer_ms", "kv_bytes", "kv_chunks", "num_chunks", "num_cached_tokens")
+    __slots__ = ("first_token_id", "queue_ms", "compute_ms", "kv_transfer_ms", "kv_bytes", "kv_chunks", "num_chunks", "num_cached_tokens", "first_token_logprob")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class PrefillResponse(_message.Message):
     KV_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     queue_ms: float
     compute_ms: float
@@ -43,7 +44,8 @@ class PrefillResponse(_message.Message):
     kv_chunks: int
     num_chunks: int
     num_cached_tokens: int
-    def __init__(self, first_token_id: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., kv_chunks: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    first_token_logprob: _common_pb2.TokenLogprob
+    def __init__(self, first_token_id: _Optional[int] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., kv_chunks: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
 
 class GetInfoPrefillRequest(_message.Message):
     __slots__ = ()
