@@ -55,6 +55,9 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
     else:
         max_new = min(config.default_max_new_tokens, room)
     sampling = _sampling(request)
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= config.max_completions:
+        raise InvalidArgument(f"n must be in [1, {config.max_completions}] (this gateway's limit), got {n}")
     if sampling.logprobs is not None and sampling.logprobs > config.max_logprobs:
         raise InvalidArgument(f"sampling.logprobs {sampling.logprobs} exceeds this gateway's limit of "
                               f"{config.max_logprobs} alternatives per token; lower it")
@@ -70,6 +73,7 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
         speculative=request.speculative if request.HasField("speculative") else None,
         stop_token_ids=_stop_token_ids(request, tokenizer, config),
         ignore_eos=request.ignore_eos,
+        n=n,
     )
 
 
@@ -93,7 +97,8 @@ def detokenized(request: gateway_pb2.DetokenizeRequest, tokenizer: TextTokenizer
 
 
 def completed(replies: list[gateway_pb2.GenerateResponse]) -> gateway_pb2.GenerateResponse:
-    """Generate's stream as one reply: every token id and the whole text, with the last message's fields."""
+    """Generate's stream (of one completion) as one reply: every token id and the whole text, with the last
+    message's fields."""
     whole = gateway_pb2.GenerateResponse()
     whole.CopyFrom(replies[-1])
     whole.ClearField("token_ids")
@@ -237,21 +242,21 @@ def decode_chunk(reply: decode_pb2.DecodeResponse) -> DecodeChunk:
 
 # What the client receives.
 
-def token_reply(token_ids: list[int], text: str, request_id: str,
-                logprobs: list[TokenLogprob] | None = None) -> gateway_pb2.GenerateResponse:
+def token_reply(token_ids: list[int], text: str, request_id: str, logprobs: list[TokenLogprob] | None = None,
+                index: int = 0) -> gateway_pb2.GenerateResponse:
     return gateway_pb2.GenerateResponse(token_ids=token_ids, text=text, request_id=request_id,
-                                        logprobs=[logprob_to_proto(r) for r in logprobs or ()])
+                                        logprobs=[logprob_to_proto(r) for r in logprobs or ()], index=index)
 
 
 def last_reply(token_ids: list[int], text: str, request_id: str, reason: str, prompt_tokens: int,
                completion_tokens: int, timings: dict, speculation: SpeculationCounts | None,
-               num_migrations: int, cached_tokens: int = 0,
-               logprobs: list[TokenLogprob] | None = None) -> gateway_pb2.GenerateResponse:
+               num_migrations: int, cached_tokens: int = 0, logprobs: list[TokenLogprob] | None = None,
+               index: int = 0) -> gateway_pb2.GenerateResponse:
     """The final message: finish reason, usage, timings (by Timings field: milliseconds, the prefill path and the
     KV bytes pushed), speculation, and how often the request moved to another decode instance."""
     return gateway_pb2.GenerateResponse(
         token_ids=token_ids, text=text, finish_reason=FINISH_REASONS[reason], request_id=request_id,
-        logprobs=[logprob_to_proto(r) for r in logprobs or ()],
+        logprobs=[logprob_to_proto(r) for r in logprobs or ()], index=index,
         usage=gateway_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                 cached_tokens=cached_tokens),
         timings=gateway_pb2.Timings(**timings), speculation=_speculation(speculation), num_migrations=num_migrations)

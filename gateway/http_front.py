@@ -152,9 +152,10 @@ def generate_request(body: dict, chat: bool, model_id: str) -> gateway_pb2.Gener
             request.messages.messages.add(role=_role(message), content=_content(message))
     else:
         _prompt(body.get("prompt"), request)
-    for name in ("n", "best_of"):
-        if name in body and _typed(body, name, int) != 1:
-            raise BadRequest(f"{name} other than 1 is not supported yet; send {name}=1 or leave it out", name)
+    if "best_of" in body and _typed(body, "best_of", int) != 1:
+        raise BadRequest("best_of other than 1 is not supported; send best_of=1 or leave it out", "best_of")
+    if body.get("n") is not None:
+        request.n = _typed(body, "n", int)
     if body.get("echo"):
         raise BadRequest("echo is not supported; leave it out or set it to false", "echo")
     limit = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
@@ -353,23 +354,32 @@ def _sse(event: dict) -> str:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
-def _usage(reply: gateway_pb2.GenerateResponse) -> dict:
-    prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+def _usage(lasts: list) -> dict:
+    """Over a request's completions (their last messages): the prompt counted once."""
+    prompt, completion = lasts[0].usage.prompt_tokens, sum(r.usage.completion_tokens for r in lasts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": reply.usage.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": lasts[0].usage.cached_tokens}}
 
 
 def _finish(reply: gateway_pb2.GenerateResponse) -> str | None:
     return _FINISH.get(reply.finish_reason) if reply.finish_reason else None
 
 
+def _by_index(replies: list) -> list[list]:
+    found: dict[int, list] = {}
+    for reply in replies:
+        found.setdefault(reply.index, []).append(reply)
+    return [found[i] for i in sorted(found)]
+
+
 class CompletionShape:
-    """/v1/completions objects."""
+    """/v1/completions objects: one choice per completion (GenerateResponse.index)."""
 
     object, chunk_object = "text_completion", "text_completion"
 
     def __init__(self, model_id: str, tokenizer) -> None:
         self.model_id, self.created, self.tokenizer = model_id, int(time.time()), tokenizer
+        self.lasts: dict[int, gateway_pb2.GenerateResponse] = {}  # each completion's last message, when streamed
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -386,26 +396,36 @@ class CompletionShape:
         return {"id": f"cmpl-{reply.request_id}", "object": self.chunk_object, "created": self.created,
                 "model": self.model_id}
 
+    def choice(self, messages: list) -> dict:
+        return {"index": messages[-1].index, "text": "".join(r.text for r in messages),
+                "logprobs": self.logprobs(messages), "finish_reason": _finish(messages[-1])}
+
     def whole(self, replies: list) -> dict:
-        last = replies[-1]
-        text = "".join(r.text for r in replies)
-        return {**self._base(last), "object": self.object,
-                "choices": [{"index": 0, "text": text, "logprobs": self.logprobs(replies),
-                             "finish_reason": _finish(last)}],
-                "usage": _usage(last)}
+        completions = _by_index(replies)
+        return {**self._base(replies[-1]), "object": self.object, "choices": [self.choice(m) for m in completions],
+                "usage": _usage([m[-1] for m in completions])}
 
     def chunk(self, reply) -> dict:
-        return {**self._base(reply), "choices": [{"index": 0, "text": reply.text, "logprobs": self.logprobs([reply]),
-                                                  "finish_reason": _finish(reply)}]}
+        if reply.finish_reason:
+            self.lasts[reply.index] = reply
+        return {**self._base(reply), "choices": [self.chunk_choice(reply)]}
+
+    def chunk_choice(self, reply) -> dict:
+        return self.choice([reply])
 
     def usage_chunk(self, last) -> dict:
-        return {**self._base(last), "choices": [], "usage": _usage(last)}
+        lasts = [self.lasts[i] for i in sorted(self.lasts)] or [last]
+        return {**self._base(last), "choices": [], "usage": _usage(lasts)}
 
 
 class ChatShape(CompletionShape):
     """/v1/chat/completions objects."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model_id: str, tokenizer) -> None:
+        super().__init__(model_id, tokenizer)
+        self.opened: set[int] = set()  # completions whose first chunk (with the role) went out
 
     def _base(self, reply) -> dict:
         return {**super()._base(reply), "id": f"chatcmpl-{reply.request_id}"}
@@ -423,21 +443,18 @@ class ChatShape(CompletionShape):
         return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(a.token_id, a.logprob) for a in lp.top]}
                             for t, lp in pairs]}
 
-    def whole(self, replies: list) -> dict:
-        last = replies[-1]
-        message = {"role": "assistant", "content": "".join(r.text for r in replies)}
-        return {**self._base(last), "object": self.object,
-                "choices": [{"index": 0, "message": message, "logprobs": self.logprobs(replies),
-                             "finish_reason": _finish(last)}],
-                "usage": _usage(last)}
+    def choice(self, messages: list) -> dict:
+        message = {"role": "assistant", "content": "".join(r.text for r in messages)}
+        return {"index": messages[-1].index, "message": message, "logprobs": self.logprobs(messages),
+                "finish_reason": _finish(messages[-1])}
 
-    def chunk(self, reply) -> dict:
+    def chunk_choice(self, reply) -> dict:
         delta = {"content": reply.text} if reply.text or not reply.finish_reason else {}
-        if not getattr(self, "_opened", False):
-            self._opened = True
+        if reply.index not in self.opened:
+            self.opened.add(reply.index)
             delta = {"role": "assistant", **delta}
-        return {**self._base(reply), "choices": [{"index": 0, "delta": delta, "logprobs": self.logprobs([reply]),
-                                                  "finish_reason": _finish(reply)}]}
+        return {"index": reply.index, "delta": delta, "logprobs": self.logprobs([reply]),
+                "finish_reason": _finish(reply)}
 
 
 class HttpServer:

@@ -1,6 +1,7 @@
 """The gateway service edge: validate and tokenize, run the Generation, stream text back."""
 
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from common.basics.config import GatewayConfig
-from common.basics.errors import PdserveError, RateLimited, Unavailable
+from common.basics.errors import InvalidArgument, PdserveError, RateLimited, Unavailable
 from common.basics.model_config import ModelConfig
 from common.basics.tokenizer import TextTokenizer
 from common.edge.auth import ApiKeys, authorization_of
@@ -33,6 +34,7 @@ from common.edge.server import (
 )
 from common.edge.tracing import child_span, incoming_context
 from gateway.convert import (
+    FINISH_REASON_NAMES,
     completed,
     detokenized,
     last_reply,
@@ -98,6 +100,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @maps_errors
     def Complete(self, request, context):
+        if request.HasField("n") and request.n != 1:
+            raise InvalidArgument("Complete returns one completion; ask Generate for n > 1 (each message names its "
+                                  "completion by index)")
         return completed(list(self.Generate(request, context)))
 
     @maps_errors
@@ -119,6 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             max_new_tokens_limit=self.config.max_new_tokens_limit,
             default_max_new_tokens=self.config.default_max_new_tokens,
             max_stop_strings=self.config.max_stop_strings, max_logprobs=self.config.max_logprobs,
+            max_completions=self.config.max_completions,
             instances=self._instances())
 
     def _instances(self) -> list[gateway_pb2.TierInstance]:
@@ -164,37 +170,78 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             spec = spec_from_request(request, self.tokenizer, self.config, self.model.max_position_embeddings,
                                      metadata_value(context, REQUEST_ID_KEY))
         observer.tokenized(spec)
-        admission = self.keys.admit(caller, len(spec.prompt_ids) + spec.max_new_tokens)
+        admission = self.keys.admit(caller, len(spec.prompt_ids) + spec.n * spec.max_new_tokens)
         try:
             yield from self._serve(spec, context, observer)
         finally:  # however it ended, the key is charged for what was actually used
             admission.release(len(spec.prompt_ids) + observer.num_output_tokens)
 
     def _serve(self, spec, context, observer: RequestObserver):
+        spec = spec.with_stops(frozenset(self.model.eos_token_ids))
+        replies = self._completion(spec, 0, context, observer) if spec.n == 1 else \
+            self._completions(spec, context, observer)
+        remaining = spec.n
+        for reply in replies:
+            observer.tokens(len(reply.token_ids))
+            if reply.finish_reason:
+                remaining -= 1
+                if not remaining:
+                    observer.finished(FINISH_REASON_NAMES[reply.finish_reason])
+            yield reply
+
+    def _completion(self, spec, index: int, context, observer: RequestObserver):
+        """One completion's replies (index: which of the request's n it is)."""
         remaining = time_remaining_s(context)
-        eos = frozenset(self.model.eos_token_ids)
-        spec = spec.with_stops(eos)
         generation = Generation(
-            spec, self.router, self.tiers, eos_token_ids=spec.stopping_token_ids(eos),
+            spec, self.router, self.tiers, eos_token_ids=spec.stopping_token_ids(frozenset(self.model.eos_token_ids)),
             lease_ms=self.config.lease_ms, deadline=observer.arrived + remaining if remaining is not None else None,
             trace_parent=observer.span, local_prefill_tokens=self.config.local_prefill_tokens,
         )
         context.add_callback(generation.cancel)
         text = TextStream(self.tokenizer, spec.stop)
+        num_tokens, first_at = 0, None
         for chunk in generation.run():
-            observer.tokens(len(chunk.token_ids))
+            num_tokens += len(chunk.token_ids)
+            if chunk.token_ids and first_at is None:
+                first_at = time.monotonic()
             delta = text.push(chunk.token_ids)
             reason = "stop" if text.stopped else chunk.finish_reason
             if reason is None:
-                yield token_reply(chunk.token_ids, delta, spec.request_id, chunk.logprobs)
+                yield token_reply(chunk.token_ids, delta, spec.request_id, chunk.logprobs, index)
                 continue
             generation.cancel()
-            observer.finished(reason)
             yield last_reply(chunk.token_ids, delta + text.finish(), spec.request_id, reason, len(spec.prompt_ids),
-                             observer.num_output_tokens, _timings(generation, observer.arrived, observer.first_at),
+                             num_tokens, _timings(generation, observer.arrived, first_at or time.monotonic()),
                              chunk.speculation, generation.num_migrations, generation.timings.cached_tokens,
-                             chunk.logprobs)
+                             chunk.logprobs, index)
             return
+
+    def _completions(self, spec, context, observer: RequestObserver):
+        """The replies of n completions, interleaved as they come. Completion 0 runs first: once its first token
+        is out, its prompt's KV is in the prefix caches, and the others start, finding it there. A failure of one
+        ends the call; the others then stop, their cancels being the call's callbacks."""
+        replies: queue.Queue = queue.Queue()
+
+        def run(index: int) -> None:
+            try:
+                for reply in self._completion(spec.for_completion(index), index, context, observer):
+                    replies.put(reply)
+            except BaseException as error:  # handed to the caller's thread, which raises it
+                replies.put(error)
+
+        threads = [threading.Thread(target=run, args=(i,), name=f"completion-{i}", daemon=True)
+                   for i in range(spec.n)]
+        threads[0].start()
+        finished = 0
+        while finished < spec.n:
+            reply = replies.get()
+            if isinstance(reply, BaseException):
+                raise reply
+            if threads[1].ident is None:  # completion 0's first reply: the rest start now
+                for thread in threads[1:]:
+                    thread.start()
+            finished += bool(reply.finish_reason)
+            yield reply
 
 
 def _timings(generation: Generation, arrived: float, first_at: float) -> dict:

@@ -28,6 +28,11 @@ class GenerationSpec:
     speculative: bool | None = None  # None: the deployment's setting
     stop_token_ids: frozenset[int] = frozenset()  # besides the model's EOS tokens
     ignore_eos: bool = False  # the model's EOS tokens do not end the stream
+    n: int = 1  # completions of the prompt; completion i samples with seed + i
+
+    def for_completion(self, index: int) -> "GenerationSpec":
+        """Completion `index` of the request: its own seed (seed + index), one completion."""
+        return replace(self, n=1, sampling=replace(self.sampling, seed=(self.sampling.seed + index) % 2**63))
 
     def stopping_token_ids(self, eos_token_ids: frozenset[int]) -> frozenset[int]:
         """The token ids that end this request's stream."""

@@ -3,7 +3,10 @@
 import os
 from pathlib import Path
 
-import torch
+# Before gRPC loads: the tests fork stacks (preexec_fn) while their channels are busy (pdserve/__init__.py says why).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import torch  # noqa: E402
 
 # Triton jit-compiles its own standard library when it is first imported, reading TRITON_INTERPRET then,
 # and transformers may import it long before the kernel tests run: without CUDA, kernels can only run

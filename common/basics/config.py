@@ -197,6 +197,7 @@ class GatewayConfig:
     default_max_new_tokens: int = option(256, "max_new_tokens of a request that sets none")
     max_new_tokens_limit: int = option(4096, "largest max_new_tokens a request may ask for")
     max_stop_strings: int = option(16, "most stop strings (and most stop token ids) per request")
+    max_completions: int = option(16, "most completions (n) a request may ask for")
     max_logprobs: int = option(20, "most alternatives a request may ask log-probabilities of per token "
                                    f"(at most {MAX_LOGPROBS})")
     lease_ms: int = option(30_000, "how long decode holds an unclaimed reservation")
@@ -242,6 +243,8 @@ class GatewayConfig:
             raise ValueError(f"cache_poll_ms must be >= 1, got {self.cache_poll_ms}")
         if not self.admission_factor > 0:
             raise ValueError(f"admission_factor must be > 0, got {self.admission_factor}")
+        if self.max_completions < 1:
+            raise ValueError(f"max_completions must be >= 1, got {self.max_completions}")
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
         if self.max_stop_strings < 0:

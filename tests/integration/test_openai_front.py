@@ -118,6 +118,23 @@ def test_logprobs_equal_the_grpc_apis_chat_and_completions(front, stack, hf_mode
     assert sum(len(c.choices[0].logprobs.content) for c in streamed if c.choices[0].logprobs) == len(content)
 
 
+def test_n_choices_equal_single_grpc_requests_with_seed_plus_index(front, stack, model_dir):
+    _, client, _, _ = front
+    reply = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=8, temperature=0.9,
+                                           seed=77, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        sampling = common_pb2.SamplingParams(temperature=0.9, seed=77 + choice.index)
+        alone = collect(stack.gateway, request(messages=[(m["role"], m["content"]) for m in CHAT], max_new_tokens=8,
+                                               sampling=sampling))
+        assert choice.message.content == alone[1]
+    streamed = list(client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=8, temperature=0.9,
+                                                   seed=77, n=3, stream=True))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i)
+             for i in range(3)}
+    assert texts == {c.index: c.message.content for c in reply.choices}
+
+
 def test_pdserve_extensions_travel_in_extra_body(front, model_dir):
     _, client, _, _ = front
     reply = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=40, temperature=0,
@@ -126,7 +143,7 @@ def test_pdserve_extensions_travel_in_extra_body(front, model_dir):
 
 
 @pytest.mark.parametrize("extra, named", [
-    ({"n": 2}, "n"),
+    ({"extra_body": {"best_of": 2}}, "best_of"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
