@@ -41,11 +41,13 @@ from common.basics.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from common.basics.grammar import GrammarError, ModelGrammars
 from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.stop_strings import StopWatcher
 from common.basics.tokenizer import TextTokenizer
 from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
+from common.model.constraint import Constraint
 from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
 from common.model.sampling import sample, token_logprobs
 from common.runtime.engine_loop import EngineLoop
@@ -83,8 +85,9 @@ class DecodeEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
                  tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig(),
                  draft: DraftProposer | None = None, max_lease_s: float | None = None,
-                 kv_growth: str = "lazy") -> None:
+                 kv_growth: str = "lazy", grammars: ModelGrammars | None = None) -> None:
         self.runner = runner
+        self.grammars = grammars  # enforces requests' response formats; None: such requests are refused
         self.lazy = kv_growth == "lazy"  # else upfront: prompt + max_new_tokens reserved at once
         self.tokenizer = tokenizer
         self.speculation = speculation
@@ -203,6 +206,10 @@ class DecodeEngine:
         prefill_locally: no KV was pushed; this tier computes the prompt's uncached part and draws the first
         token itself (first_token is ignored). Lazy growth and local prefill need the whole prompt's ids (a
         preempted sequence's KV is recomputed from them)."""
+        constraint = None
+        if sampling.grammar:  # compiled outside the lock: a complex grammar takes a while
+            generated = list(prompt_ids or [])[len(prompt_ids or []) - first_step:] if first_step else []
+            constraint = self._constraint(sampling.grammar, generated + ([] if prefill_locally else [first_token]))
         with self._cond:
             transfer = self._transfer(handle)
             if max_new_tokens > transfer.max_new_tokens:
@@ -224,7 +231,8 @@ class DecodeEngine:
                            stop_token_ids, watcher, prompt_ids,
                            SpecState(self.speculation.num_tokens, self.step_costs, self.speculation.adaptive)
                            if spec_on else None, first_step=first_step,
-                           pending_kv_from=transfer.num_cached_tokens if prefill_locally else None)
+                           pending_kv_from=transfer.num_cached_tokens if prefill_locally else None,
+                           constraint=constraint)
             if seq.spec is not None and self.draft is not None:
                 self.draft.attach(seq)
             reason = None if prefill_locally else self._finish_reason(seq, first_token)
@@ -234,6 +242,14 @@ class DecodeEngine:
                 self.waiting.append(seq)
                 self._cond.notify()
             return seq
+
+    def _constraint(self, grammar: str, generated: list[int]) -> Constraint:
+        if self.grammars is None:
+            raise FailedPrecondition("this decode instance enforces no response formats")
+        try:
+            return Constraint(self.grammars, grammar, generated)
+        except GrammarError as error:
+            raise InvalidArgument(f"response format: {error}") from None
 
     def cancel(self, seq: Sequence) -> None:
         with self._cond:
@@ -310,8 +326,12 @@ class DecodeEngine:
         """The sequences' KV is whole again: their full blocks are cached; those prefilled here draw their first
         token from the logits of their prompt's last position."""
         local = [i for i, s in enumerate(seqs) if not s.tokens]
+        masks = [seqs[i].constraint.allowed() if seqs[i].constraint else None for i in local]
         firsts = sample(logits[local], [seqs[i].sampling for i in local], [seqs[i].next_step for i in local],
-                        [seqs[i].context for i in local]) if local else []
+                        [seqs[i].context for i in local], masks) if local else []
+        for i, token in zip(local, firsts):
+            if seqs[i].constraint is not None:
+                seqs[i].constraint.advance([token])
         for seq in seqs:
             seq.pending_kv_from = None
             self.memory.cache(seq, seq.kv_target)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.stop_strings import StopWatcher
+from common.model.constraint import Constraint
 from decode_svc.speculation import SpecState
 
 
@@ -60,6 +61,7 @@ class Sequence:
     pending_kv_from: int | None = None
     admit_order: int = 0  # when it last entered the running batch (a preemption picks the largest)
     num_preemptions: int = 0
+    constraint: Constraint | None = None  # the request's grammar, at the output so far (sampling.grammar)
 
     @property
     def kv_target(self) -> int:

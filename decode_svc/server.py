@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from common.basics.config import DecodeConfig
 from common.basics.errors import Internal, PdserveError, Unavailable
+from common.basics.grammar import model_grammars
 from common.basics.tokenizer import TextTokenizer
 from common.edge.errors import maps_errors
 from common.edge.metrics import DECODE_STATS, DecodeMetrics, StatsCollector
@@ -144,7 +145,8 @@ def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: Tie
                                     config.speculative_adaptive)
     engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
                           TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks),
-                          max_lease_s=config.max_lease_ms / 1000, kv_growth=config.kv_growth)
+                          max_lease_s=config.max_lease_ms / 1000, kv_growth=config.kv_growth,
+                          grammars=model_grammars(config.model_dir, runtime.runner.model.config))
     registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
     context = runtime.runner.model.config.max_position_embeddings
     return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry), config.weights),

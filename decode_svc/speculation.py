@@ -16,6 +16,7 @@ import torch
 
 from common.basics.config import SPECULATIVE_METHODS
 from common.basics.sampling import SamplingConfig, TokenLogprob
+from common.model.constraint import Constraint, masked
 from common.model.sampling import (
     draw,
     probabilities,
@@ -128,7 +129,8 @@ def expected_tokens(rate: float, k: int) -> float:
 
 
 def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first_step: int,
-           draft_probs: torch.Tensor | None = None, context: list[int] | None = None) -> list[int]:
+           draft_probs: torch.Tensor | None = None, context: list[int] | None = None,
+           constraint: Constraint | None = None) -> list[int]:
     """logits: (len(draft) + 1, vocab), row i scoring the token after draft[:i]. Returns the accepted
     draft prefix plus one token from the target: len(result) - 1 drafts were accepted.
 
@@ -137,12 +139,16 @@ def verify(logits: torch.Tensor, draft: list[int], config: SamplingConfig, first
     with probability min(1, p(d) / q(d)) and, on rejection, draws from max(0, p - q) renormalised, so the
     output follows p exactly. `first_step` is the index of the token the first row produces (for the
     per-request generator). `context`: every token before the first row's (prompt and output), which the
-    request's penalties and minimum length read; row i sees it followed by draft[:i].
+    request's penalties and minimum length read; row i sees it followed by draft[:i]. `constraint`: the
+    request's grammar, standing at the output so far; row i may choose only what it allows after draft[:i], so a
+    draft token outside the grammar is never accepted.
     """
     if config.shapes_logits:
         context = context or []
         logits = torch.stack([shape(logits[i], config, context + draft[:i], first_step + i)
                               for i in range(len(draft) + 1)])
+    if constraint is not None:
+        logits = torch.stack([masked(logits[i], mask) for i, mask in enumerate(constraint.along(draft))])
     if config.greedy:
         targets = logits.argmax(dim=-1).tolist()
         accepted = 0
@@ -183,15 +189,20 @@ def choose(batch: list, proposals: list[Proposal], logits: torch.Tensor) -> list
     chosen: list[list[int]] = [[] for _ in batch]
     if plain:
         last_rows = logits[[rows[i] for i in plain]]
+        masks = [batch[i].constraint.allowed() if batch[i].constraint else None for i in plain]
         for i, token in zip(plain, sample(last_rows, [batch[i].sampling for i in plain],
-                                          [batch[i].next_step for i in plain], [batch[i].context for i in plain])):
+                                          [batch[i].next_step for i in plain], [batch[i].context for i in plain],
+                                          masks)):
             chosen[i] = [token]
     for i, draft in enumerate(drafts):
         if draft:
             seq = batch[i]
             chosen[i] = verify(logits[rows[i]:rows[i + 1]], draft, seq.sampling, seq.next_step, proposals[i].probs,
-                               seq.context)
+                               seq.context, seq.constraint)
             seq.spec.record(len(draft), len(chosen[i]) - 1)
+    for seq, tokens in zip(batch, chosen):
+        if seq.constraint is not None:
+            seq.constraint.advance(tokens)
     return chosen
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from common.basics.config import GatewayConfig
 from common.basics.errors import InvalidArgument
+from common.basics.grammar import GrammarError, ModelGrammars, grammar_of
 from common.basics.request_id import checked_request_id
 from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.tokenizer import TextTokenizer
@@ -75,6 +76,21 @@ def spec_from_request(request: gateway_pb2.GenerateRequest, tokenizer: TextToken
         ignore_eos=request.ignore_eos,
         n=n,
     )
+
+
+def with_response_format(spec: GenerationSpec, request: gateway_pb2.GenerateRequest,
+                         grammars: ModelGrammars) -> GenerationSpec:
+    """The spec with the request's response format as the grammar its tokens must follow (checked against the
+    model's tokenizer here, so a bad format never reaches a tier); any grammar a caller put in sampling is dropped."""
+    kind = request.response_format.WhichOneof("format") if request.HasField("response_format") else None
+    grammar = ""
+    if kind is not None:
+        try:
+            grammar = grammar_of(kind, getattr(request.response_format, kind))
+            grammars.check(grammar)
+        except GrammarError as error:
+            raise InvalidArgument(f"response_format.{kind}: {error}") from None
+    return replace(spec, sampling=replace(spec.sampling, grammar=grammar))
 
 
 def tokenized(request: gateway_pb2.TokenizeRequest, tokenizer: TextTokenizer,

@@ -34,7 +34,7 @@ from pdserve.v1 import common_pb2, gateway_pb2
 _SAMPLING = {"temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
              "min_tokens"}
 _COMMON = {"model", "stream", "stream_options", "stop", "n", "max_tokens", "ignore_eos", "stop_token_ids", "user",
-           *_SAMPLING}
+           "response_format", *_SAMPLING}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 # OpenAI's default: sampling at temperature 1 (pdserve's gRPC API defaults to greedy).
@@ -177,7 +177,33 @@ def generate_request(body: dict, chat: bool, model_id: str) -> gateway_pb2.Gener
         request.ignore_eos = _typed(body, "ignore_eos", bool)
     _sampling(body, request.sampling)
     _logprobs(body, chat, request.sampling)
+    _response_format(body.get("response_format"), request)
     return request
+
+
+def _response_format(spec, request: gateway_pb2.GenerateRequest) -> None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}}; pdserve's own {"type": "regex", "regex": ...}
+    and {"type": "lark", "lark": ...} as well."""
+    if spec is None:
+        return
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return
+    if kind == "json_object":
+        request.response_format.json_object = True
+    elif kind == "json_schema":
+        schema = (spec.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format.json_schema.schema must be a JSON Schema object", "response_format")
+        request.response_format.json_schema = json.dumps(schema)
+    elif kind in ("regex", "lark") and isinstance(spec.get(kind), str):
+        setattr(request.response_format, kind, spec[kind])
+    else:
+        raise BadRequest("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"}, "
+                         "{\"type\": \"json_schema\", \"json_schema\": {\"schema\": ...}}, or pdserve's "
+                         "{\"type\": \"regex\", \"regex\": ...} / {\"type\": \"lark\", \"lark\": ...}",
+                         "response_format")
 
 
 def _logprobs(body: dict, chat: bool, sampling: common_pb2.SamplingParams) -> None:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from common.basics.config import GatewayConfig
 from common.basics.errors import InvalidArgument, PdserveError, RateLimited, Unavailable
+from common.basics.grammar import model_grammars
 from common.basics.model_config import ModelConfig
 from common.basics.tokenizer import TextTokenizer
 from common.edge.auth import ApiKeys, authorization_of
@@ -41,6 +42,7 @@ from gateway.convert import (
     spec_from_request,
     token_reply,
     tokenized,
+    with_response_format,
 )
 from gateway.fleet import Fleet
 from gateway.generation import Generation
@@ -72,6 +74,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.keys = keys
         self.tokenizer = tokenizer
         self.model = model
+        self.grammars = model_grammars(config.model_dir, model)  # checks response formats
         self.tiers = tiers
         # the instances found behind the tier lists (gateway/fleet.py) when Membership follows them
         prefill, decode = (membership.tiers["prefill"], membership.tiers["decode"]) if membership else \
@@ -169,6 +172,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         with child_span("tokenize", observer.span):
             spec = spec_from_request(request, self.tokenizer, self.config, self.model.max_position_embeddings,
                                      metadata_value(context, REQUEST_ID_KEY))
+            spec = with_response_format(spec, request, self.grammars)
         observer.tokenized(spec)
         admission = self.keys.admit(caller, len(spec.prompt_ids) + spec.n * spec.max_new_tokens)
         try:

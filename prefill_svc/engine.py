@@ -19,11 +19,19 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from common.basics.errors import RateLimited, ResourceExhausted, Unavailable
+from common.basics.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    RateLimited,
+    ResourceExhausted,
+    Unavailable,
+)
+from common.basics.grammar import GrammarError, ModelGrammars
 from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
 from common.kv.transport import KvSender
+from common.model.constraint import Constraint
 from common.model.runner import ModelRunner, PrefillChunk
 from common.model.sampling import sample, token_logprobs
 from common.runtime.engine_loop import EngineLoop
@@ -45,6 +53,7 @@ class PrefillJob:
     num_chunks: int = 0
     first_token: int | None = None
     first_logprob: TokenLogprob | None = None  # when the sampling asks for log-probabilities
+    constraint: Constraint | None = None  # the request's grammar at the output so far (sampling.grammar)
     cancelled: bool = False
     failed: bool = False  # a step computing it raised; the tier's log has the details
     done: threading.Event = field(default_factory=threading.Event)
@@ -69,8 +78,9 @@ class PrefillStatsSnapshot:
 
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, *, chunk_size: int, max_batch_tokens: int,
-                 max_queued: int = 256) -> None:
+                 max_queued: int = 256, grammars: ModelGrammars | None = None) -> None:
         self.runner = runner
+        self.grammars = grammars  # enforces requests' response formats on the first token; None: refused
         self.blocks = blocks
         self.chunk_size = chunk_size
         self.max_batch_tokens = max_batch_tokens
@@ -86,6 +96,14 @@ class PrefillEngine:
     def submit(self, job: PrefillJob) -> PrefillJob:
         if self.draining:
             raise Unavailable("this prefill instance is shutting down; send the request to another")
+        if job.sampling.grammar:  # compiled here, outside the lock, with the output the request already has
+            if self.grammars is None:
+                raise FailedPrecondition("this prefill instance enforces no response formats")
+            generated = job.token_ids[len(job.token_ids) - job.first_step:] if job.first_step else []
+            try:
+                job.constraint = Constraint(self.grammars, job.sampling.grammar, generated)
+            except GrammarError as error:
+                raise InvalidArgument(f"response format: {error}") from None
         if self.blocks.blocks_needed(len(job.token_ids)) > self.blocks.num_blocks:
             raise ResourceExhausted(
                 f"a prompt of {len(job.token_ids)} tokens does not fit this prefill instance's KV pool "
@@ -136,8 +154,9 @@ class PrefillEngine:
                 if job.num_computed == len(job.token_ids):
                     finished.append((row, job))
             if finished:
+                masks = [j.constraint.allowed() if j.constraint else None for _, j in finished]
                 firsts = sample(logits[[row for row, _ in finished]], [j.sampling for _, j in finished],
-                                [j.first_step for _, j in finished], [j.token_ids for _, j in finished])
+                                [j.first_step for _, j in finished], [j.token_ids for _, j in finished], masks)
                 for (row, job), token in zip(finished, firsts):
                     job.first_token = token
                     if job.sampling.logprobs is not None:

@@ -20,6 +20,7 @@ from common.basics.errors import (
     PermissionDenied,
     Unavailable,
 )
+from common.basics.grammar import model_grammars
 from common.basics.request_id import checked_request_id
 from common.edge.discovery import Instance, parse_target, resolve
 from common.edge.errors import maps_errors, status_of
@@ -192,7 +193,8 @@ def build_prefill(config: PrefillConfig, registry: CollectorRegistry,
     """The engine and servicer of a prefill tier (over `runtime` when given); its metrics go to `registry`."""
     runtime = runtime or build_runtime(config)
     engine = PrefillEngine(runtime.runner, runtime.blocks, chunk_size=config.chunk_size,
-                           max_batch_tokens=config.max_batch_tokens, max_queued=config.max_queued_prompts)
+                           max_batch_tokens=config.max_batch_tokens, max_queued=config.max_queued_prompts,
+                           grammars=model_grammars(config.model_dir, runtime.runner.model.config))
     registry.register(StatsCollector(engine.stats, PREFILL_STATS, tier="prefill"))
     model = runtime.runner.model.config
     tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)

@@ -39,6 +39,8 @@ class SamplingConfig:
     suppress_token_ids: frozenset[int] = frozenset()
     # None: no log-probabilities; N: each token's and the N most likely alternatives' (TokenLogprob)
     logprobs: int | None = None
+    # An llguidance grammar the output must follow (common/basics/grammar.py); "" for none
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):

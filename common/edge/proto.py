@@ -51,6 +51,7 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingConfig:
         min_new_tokens=params.min_new_tokens if params.HasField("min_new_tokens") else 0,
         suppress_token_ids=frozenset(params.suppress_token_ids),
         logprobs=params.logprobs if params.HasField("logprobs") else None,
+        grammar=params.grammar,
     )
 
 
@@ -59,7 +60,8 @@ def sampling_to_proto(config: SamplingConfig) -> common_pb2.SamplingParams:
                                      seed=config.seed, repetition_penalty=config.repetition_penalty,
                                      presence_penalty=config.presence_penalty,
                                      frequency_penalty=config.frequency_penalty, min_new_tokens=config.min_new_tokens,
-                                     suppress_token_ids=sorted(config.suppress_token_ids), logprobs=config.logprobs)
+                                     suppress_token_ids=sorted(config.suppress_token_ids), logprobs=config.logprobs,
+                                     grammar=config.grammar)
 
 
 def logprob_to_proto(record: TokenLogprob) -> common_pb2.TokenLogprob:

@@ -14,17 +14,22 @@ _SEED_MIX = 1_000_003
 
 
 def sample(logits: torch.Tensor, configs: Sequence[SamplingConfig], steps: Sequence[int],
-           contexts: Sequence[Sequence[int]] | None = None) -> list[int]:
+           contexts: Sequence[Sequence[int]] | None = None, masks: Sequence[torch.Tensor | None] | None = None
+           ) -> list[int]:
     """logits: (batch, vocab); steps[i] is the index of the token being drawn for row i (how many tokens the
     request generated before it) and contexts[i] every token before it, prompt and output: required when a
-    config has penalties or a minimum length (SamplingConfig.shapes_logits)."""
+    config has penalties or a minimum length (SamplingConfig.shapes_logits). masks[i]: (vocab,) bool, the tokens
+    row i may choose (a grammar's, common/model/constraint.py); None: any."""
     shaped = [row for row, config in enumerate(configs) if config.shapes_logits]
-    if shaped:
-        if contexts is None:
+    constrained = [row for row, mask in enumerate(masks or ()) if mask is not None]
+    if shaped or constrained:
+        if shaped and contexts is None:
             raise ValueError("penalties and min_new_tokens need each row's context")
         logits = logits.clone()
         for row in shaped:
             logits[row] = shape(logits[row], configs[row], contexts[row], steps[row])
+        for row in constrained:
+            logits[row] = logits[row].masked_fill(~masks[row].to(logits.device), float("-inf"))
     tokens = logits.argmax(dim=-1).tolist()
     for row, (config, step) in enumerate(zip(configs, steps)):
         if not config.greedy:

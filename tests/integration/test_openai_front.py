@@ -6,6 +6,7 @@ import http.client
 import json
 import time
 
+import jsonschema
 import openai
 import pytest
 import torch
@@ -135,6 +136,23 @@ def test_n_choices_equal_single_grpc_requests_with_seed_plus_index(front, stack,
     assert texts == {c.index: c.message.content for c in reply.choices}
 
 
+def test_a_json_schema_response_format_validates_and_equals_the_grpc_output(front, stack, model_dir):
+    _, client, _, _ = front
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                               "country": {"type": "string", "maxLength": 24}},
+              "required": ["city", "country"], "additionalProperties": False}
+    messages = [{"role": "system", "content": "Answer with JSON only."}, {"role": "user", "content": "Where is Rome?"}]
+    reply = client.chat.completions.create(
+        model=model_dir.name, messages=messages, max_tokens=80, temperature=0, logprobs=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}})
+    content = reply.choices[0].message.content
+    jsonschema.validate(json.loads(content), schema)
+    grpc_request = request(messages=[(m["role"], m["content"]) for m in messages], max_new_tokens=80, sampling=GREEDY)
+    grpc_request.response_format.json_schema = json.dumps(schema)
+    assert content == collect(stack.gateway, grpc_request)[1]
+    assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
+
+
 def test_pdserve_extensions_travel_in_extra_body(front, model_dir):
     _, client, _, _ = front
     reply = client.chat.completions.create(model=model_dir.name, messages=CHAT, max_tokens=40, temperature=0,
@@ -144,7 +162,7 @@ def test_pdserve_extensions_travel_in_extra_body(front, model_dir):
 
 @pytest.mark.parametrize("extra, named", [
     ({"extra_body": {"best_of": 2}}, "best_of"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
 ])
