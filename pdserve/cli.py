@@ -1,7 +1,7 @@
 """The `pdserve` command: a registry of subcommands, each declared where it lives (pdserve/command.py).
 
     pdserve up | gateway | prefill | decode | colocated      serve (pdserve/launcher.py, pdserve/tier_commands.py)
-    pdserve generate                                          a client (pdserve/client.py)
+    pdserve generate                                          a client (pdserve/generate.py over pdserve/client.py)
     pdserve certs | keys                                      mutual-TLS certificates, gateway API keys
     pdserve bench | eval | quantize | trilemma | distill-draft | prepare-model | trace-report   the tools
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from common.basics.config import default_model_dir
-from pdserve import certs, client, keys, launcher, tier_commands
+from pdserve import certs, generate, keys, launcher, tier_commands
 from pdserve.bench.cli import COMMAND as BENCH
 from pdserve.command import Command
 from pdserve.distill.cli import COMMAND as DISTILL
@@ -26,7 +26,7 @@ from pdserve.trilemma.cli import COMMAND as TRILEMMA
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     launcher.UP, tier_commands.GATEWAY, tier_commands.PREFILL, tier_commands.DECODE, tier_commands.COLOCATED,
-    client.GENERATE, certs.COMMAND, keys.COMMAND, BENCH, EVAL, QUANTIZE, TRILEMMA, DISTILL, PREPARE, TRACE_REPORT,
+    generate.GENERATE, certs.COMMAND, keys.COMMAND, BENCH, EVAL, QUANTIZE, TRILEMMA, DISTILL, PREPARE, TRACE_REPORT,
 )}
 
 

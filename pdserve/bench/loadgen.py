@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.edge.errors import RETRY_PUSHBACK_KEY
 from pdserve.bench.workloads import BenchRequest, poisson_offsets_s
-from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from pdserve.client import Client, retry_after_s
+from pdserve.v1 import common_pb2, gateway_pb2
 
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _DEFAULT_RETRY_S = 0.1  # a refusal that asks for no delay is retried after this
 _MAX_RETRY_S = 5.0
 
@@ -95,14 +94,15 @@ def _to_proto(request: BenchRequest, prompt_ids: tuple[int, ...] | None = None) 
     return proto
 
 
-def send_one(stub: gateway_pb2_grpc.GatewayStub, request: BenchRequest, run_started: float,
+def send_one(client: Client, request: BenchRequest, run_started: float,
              deadline: float, prompt_ids: tuple[int, ...] | None = None) -> RequestResult:
     sent = time.monotonic()
     proto = _to_proto(request, prompt_ids)
     result = RequestResult(request.index, request.kind, len(proto.prompt_token_ids.ids), request.max_new_tokens,
                            sent_s=sent - run_started, session=request.session)
     try:
-        for reply in stub.Generate(proto, timeout=max(deadline - sent, 0.001)):
+        # no retries here: refusals are the bench's to count (send_admitted)
+        for reply in client.stream(proto, timeout_s=max(deadline - sent, 0.001), retries=0):
             now = time.monotonic() - sent
             result.token_times_s.extend([now] * len(reply.token_ids))
             result.token_ids.extend(reply.token_ids)
@@ -129,19 +129,18 @@ def send_one(stub: gateway_pb2_grpc.GatewayStub, request: BenchRequest, run_star
 
 
 def _pushback_s(error: grpc.RpcError) -> float:
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    asked = [int(value) / 1000 for key, value in trailing or () if key == RETRY_PUSHBACK_KEY]
-    return min(asked[0], _MAX_RETRY_S) if asked else _DEFAULT_RETRY_S
+    asked = retry_after_s(error)
+    return min(asked, _MAX_RETRY_S) if asked is not None else _DEFAULT_RETRY_S
 
 
-def send_admitted(stub, request: BenchRequest, run_started: float, deadline: float,
+def send_admitted(client: Client, request: BenchRequest, run_started: float, deadline: float,
                   prompt_ids: tuple[int, ...] | None = None, retry_refused: bool = False) -> RequestResult:
     """send_one; with retry_refused, sent again while the server refuses it for room, after the delay it asks
     for, until the deadline. The result's times then count from the first attempt."""
     first_sent_s = time.monotonic() - run_started
     num_refused = 0
     while True:
-        result = send_one(stub, request, run_started, deadline, prompt_ids)
+        result = send_one(client, request, run_started, deadline, prompt_ids)
         if (not retry_refused or result.error != "RESOURCE_EXHAUSTED"
                 or time.monotonic() + result.retry_after_s >= deadline):
             break
@@ -157,19 +156,19 @@ def send_admitted(stub, request: BenchRequest, run_started: float, deadline: flo
 def run_load(address: str, requests: list[BenchRequest], load: LoadSpec,
              on_done: Callable[[RequestResult], None] = lambda _: None) -> tuple[list[RequestResult], float]:
     """Runs requests against address; returns the results (in request order) and the run's wall time."""
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)])
-    stub = gateway_pb2_grpc.GatewayStub(channel)
+    client = Client(address)
     started = time.monotonic()
     deadline = started + load.max_duration_s
     try:
         if load.mode == "poisson":
-            results = _open_loop(stub, requests, load, started, deadline, on_done)
+            results = _open_loop(client, requests, load, started, deadline, on_done)
         elif load.mode == "closed":
-            results = _closed_loop(stub, requests, int(load.value), started, deadline, on_done, load.retry_refused)
+            results = _closed_loop(client, requests, int(load.value), started, deadline, on_done,
+                                   load.retry_refused)
         else:
             raise ValueError(f"load mode must be poisson or closed, got {load.mode!r}")
     finally:
-        channel.close()
+        client.close()
     return sorted(results, key=lambda r: r.index), time.monotonic() - started
 
 
@@ -183,7 +182,7 @@ def sessions(requests: list[BenchRequest]) -> list[list[BenchRequest]]:
     return list(grouped.values())
 
 
-def run_session(stub, session: list[BenchRequest], started: float, deadline: float, on_done,
+def run_session(client: Client, session: list[BenchRequest], started: float, deadline: float, on_done,
                 retry_refused: bool = False) -> list[RequestResult]:
     """Sends a session's requests one after another, each once the one before it has ended; stops at the
     deadline or at the first failure (a later turn needs the reply)."""
@@ -194,7 +193,7 @@ def run_session(stub, session: list[BenchRequest], started: float, deadline: flo
             break
         previous_reply = tuple(results[-1].token_ids) if results else ()
         prompt = request.prompt_after(prompt, previous_reply)
-        result = send_admitted(stub, request, started, deadline, prompt, retry_refused)
+        result = send_admitted(client, request, started, deadline, prompt, retry_refused)
         on_done(result)
         results.append(result)
         if not result.ok:
@@ -202,7 +201,8 @@ def run_session(stub, session: list[BenchRequest], started: float, deadline: flo
     return results
 
 
-def _open_loop(stub, requests, load: LoadSpec, started: float, deadline: float, on_done) -> list[RequestResult]:
+def _open_loop(client: Client, requests, load: LoadSpec, started: float, deadline: float,
+               on_done) -> list[RequestResult]:
     grouped = sessions(requests)
     offsets = poisson_offsets_s(len(grouped), load.value, load.seed)
     with ThreadPoolExecutor(max_workers=len(grouped)) as pool:
@@ -213,11 +213,11 @@ def _open_loop(stub, requests, load: LoadSpec, started: float, deadline: float, 
                 break  # arrivals past the deadline are never sent
             if delay > 0:
                 time.sleep(delay)
-            futures.append(pool.submit(run_session, stub, session, started, deadline, on_done, load.retry_refused))
+            futures.append(pool.submit(run_session, client, session, started, deadline, on_done, load.retry_refused))
         return [result for f in futures for result in f.result()]
 
 
-def _closed_loop(stub, requests, num_clients: int, started: float, deadline: float, on_done,
+def _closed_loop(client: Client, requests, num_clients: int, started: float, deadline: float, on_done,
                  retry_refused: bool = False) -> list[RequestResult]:
     if num_clients < 1:
         raise ValueError(f"closed loop needs >= 1 client, got {num_clients}")
@@ -225,17 +225,17 @@ def _closed_loop(stub, requests, num_clients: int, started: float, deadline: flo
     results: list[RequestResult] = []
     lock = threading.Lock()
 
-    def client() -> None:
+    def one_client() -> None:
         while time.monotonic() < deadline:
             with lock:
                 if not pending:
                     return
                 session = pending.pop()
-            done = run_session(stub, session, started, deadline, on_done, retry_refused)
+            done = run_session(client, session, started, deadline, on_done, retry_refused)
             with lock:
                 results.extend(done)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(num_clients)]
+    threads = [threading.Thread(target=one_client, daemon=True) for _ in range(num_clients)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -86,10 +86,12 @@ def test_text_requests_go_out_as_one_user_turn_and_id_requests_as_ids():
 
 
 class _FakeStub:
+    """Stands for pdserve.client.Client: its stream of raw replies."""
+
     def __init__(self, replies):
         self.replies = replies
 
-    def Generate(self, request, timeout):
+    def stream(self, request, timeout_s, retries):
         return iter(self.replies)
 
 

@@ -102,14 +102,15 @@ def test_documents_hold_about_1500_tokens_and_their_questions_share_them_as_a_pr
 
 
 class _FakeGateway:
-    """A Generate that takes a few milliseconds and replies with ids of its own; records every call."""
+    """Stands for pdserve.client.Client: a stream that takes a few milliseconds and replies with ids of its own;
+    records every call."""
 
     def __init__(self, fail: set[str] = frozenset(), latency_s: float = 0.01) -> None:
         self.calls: dict[str, tuple[float, float, tuple[int, ...]]] = {}  # request id -> (start, end, prompt)
         self.fail, self.latency_s = fail, latency_s
         self.lock = threading.Lock()
 
-    def Generate(self, request, timeout):
+    def stream(self, request, timeout_s, retries):
         start = time.monotonic()
         index = int(request.request_id.split("-")[1])
         if request.request_id in self.fail:
@@ -182,7 +183,7 @@ class _FullGateway:
         self.refusals = refusals
         self.attempts: list[float] = []
 
-    def Generate(self, request, timeout):
+    def stream(self, request, timeout_s, retries):
         self.attempts.append(time.monotonic())
         if len(self.attempts) <= self.refusals:
             raise _Refused()
