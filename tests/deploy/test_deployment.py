@@ -30,6 +30,7 @@ import docker
 import grpc
 import pytest
 import yaml
+from compose_runner import docker_engine
 from helpers import request
 
 from pdserve.trace_report.report import read_spans
@@ -49,11 +50,9 @@ NUM_REQUESTS = 3
 
 @pytest.fixture(scope="module")
 def engine():
-    try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except docker.errors.DockerException as error:
-        pytest.skip(f"no Docker engine answers ({error})")
+    client, missing = docker_engine(timeout_s=10)
+    if client is None:
+        pytest.skip(missing)
     if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
                                                           capture_output=True).returncode != 0:
         pytest.skip("a Docker engine answers, but the docker CLI's compose plugin is not installed")

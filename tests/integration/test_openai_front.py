@@ -165,6 +165,7 @@ def test_pdserve_extensions_travel_in_extra_body(front, model_dir):
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"user": "someone"}, "user"),
 ])
 def test_unsupported_parameters_are_refused_by_name(front, model_dir, extra, named):
     _, client, _, _ = front

@@ -1,7 +1,7 @@
 """Structured output through the running stack: 30 chat prompts over 5 JSON schemas, each generated greedily with
 speculation (prompt lookup, the stack's default) and without. Every output parses and validates against its schema
 (jsonschema), the two runs are token for token the same (proposals are checked against the grammar, so speculation
-stays lossless), and a constrained greedy output is, step by step, the most likely token the grammar allows under
+stays lossless), and (on two of them) a constrained greedy output is, step by step, the most likely token the grammar allows under
 transformers on the same weights (up to near-ties within the float32 bound). Regular expressions and Lark grammars
 hold too; a format that cannot compile is INVALID_ARGUMENT at the gateway."""
 
@@ -107,7 +107,7 @@ def constrained_greedy_reference(hf_model, model_dir, prompt_ids: list[int], gra
     return out, len(out) if decided is None else decided
 
 
-@pytest.mark.parametrize("name, question", [CASES[0], CASES[13], CASES[20]])
+@pytest.mark.parametrize("name, question", [CASES[0], CASES[13]])
 def test_constrained_greedy_takes_the_most_likely_allowed_token_at_each_step(outputs, hf_model, model_dir, name,
                                                                              question):
     got = outputs[(name, question, False)][0]

@@ -26,6 +26,16 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _DURATION_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+def docker_engine(timeout_s: float) -> tuple[docker.DockerClient | None, str]:
+    """(a client of the engine that answers, "") or (None, why none does)."""
+    try:
+        client = docker.from_env(timeout=timeout_s)
+        client.ping()
+    except docker.errors.DockerException as error:
+        return None, f"no Docker engine answers ({error})"
+    return client, ""
+
+
 def duration_ns(text: str) -> int:
     """A compose duration ("10s", "1m30s", "500ms") in nanoseconds."""
     parts = _DURATION.findall(text)
