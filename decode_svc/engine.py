@@ -41,13 +41,13 @@ from common.basics.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from common.basics.grammar import GrammarError, ModelGrammars
+from common.basics.grammar import ModelGrammars
 from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.basics.stop_strings import StopWatcher
 from common.basics.tokenizer import TextTokenizer
 from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
-from common.model.constraint import Constraint
+from common.model.constraint import request_constraint
 from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
 from common.model.sampling import sample, token_logprobs
 from common.runtime.engine_loop import EngineLoop
@@ -206,10 +206,10 @@ class DecodeEngine:
         prefill_locally: no KV was pushed; this tier computes the prompt's uncached part and draws the first
         token itself (first_token is ignored). Lazy growth and local prefill need the whole prompt's ids (a
         preempted sequence's KV is recomputed from them)."""
-        constraint = None
-        if sampling.grammar:  # compiled outside the lock: a complex grammar takes a while
-            generated = list(prompt_ids or [])[len(prompt_ids or []) - first_step:] if first_step else []
-            constraint = self._constraint(sampling.grammar, generated + ([] if prefill_locally else [first_token]))
+        # compiled outside the lock (a complex grammar takes a while), at the output the request already has
+        first = [] if prefill_locally else [first_token]
+        constraint = request_constraint(self.grammars, sampling.grammar, list(prompt_ids or []) + first,
+                                        first_step + len(first), "decode") if sampling.grammar else None
         with self._cond:
             transfer = self._transfer(handle)
             if max_new_tokens > transfer.max_new_tokens:
@@ -242,14 +242,6 @@ class DecodeEngine:
                 self.waiting.append(seq)
                 self._cond.notify()
             return seq
-
-    def _constraint(self, grammar: str, generated: list[int]) -> Constraint:
-        if self.grammars is None:
-            raise FailedPrecondition("this decode instance enforces no response formats")
-        try:
-            return Constraint(self.grammars, grammar, generated)
-        except GrammarError as error:
-            raise InvalidArgument(f"response format: {error}") from None
 
     def cancel(self, seq: Sequence) -> None:
         with self._cond:

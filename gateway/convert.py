@@ -105,9 +105,7 @@ def detokenized(request: gateway_pb2.DetokenizeRequest, tokenizer: TextTokenizer
                 max_context: int) -> gateway_pb2.DetokenizeResponse:
     if len(request.token_ids) > max_context:
         raise InvalidArgument(f"{len(request.token_ids)} token ids; at most the model's context of {max_context}")
-    bad = [i for i in request.token_ids if i >= tokenizer.vocab_size]
-    if bad:
-        raise InvalidArgument(f"token_ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
+    _check_vocabulary("token_ids", request.token_ids, tokenizer)
     text = tokenizer.decode(list(request.token_ids), skip_special_tokens=not request.keep_special_tokens)
     return gateway_pb2.DetokenizeResponse(text=text)
 
@@ -158,9 +156,7 @@ def _prompt_ids(request: gateway_pb2.GenerateRequest, tokenizer: TextTokenizer) 
         ids = tokenizer.apply_chat_template(_messages(request.messages.messages))
     else:
         ids = list(request.prompt_token_ids.ids)
-        bad = [i for i in ids if i >= tokenizer.vocab_size]
-        if bad:
-            raise InvalidArgument(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
+        _check_vocabulary("prompt_token_ids", ids, tokenizer)
     if not ids:
         raise InvalidArgument(f"the {kind.replace('_', ' ')} is empty after tokenization; send at least one token")
     return ids
@@ -191,10 +187,14 @@ def _stop_token_ids(request: gateway_pb2.GenerateRequest, tokenizer: TextTokeniz
     if len(request.stop_token_ids) > config.max_stop_strings:
         raise InvalidArgument(f"{len(request.stop_token_ids)} stop_token_ids; at most {config.max_stop_strings} "
                               "are allowed")
-    bad = [i for i in request.stop_token_ids if i >= tokenizer.vocab_size]
-    if bad:
-        raise InvalidArgument(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
+    _check_vocabulary("stop_token_ids", request.stop_token_ids, tokenizer)
     return frozenset(request.stop_token_ids)
+
+
+def _check_vocabulary(field: str, ids, tokenizer: TextTokenizer) -> None:
+    bad = [i for i in ids if i >= tokenizer.vocab_size]
+    if bad:
+        raise InvalidArgument(f"{field} {bad[:5]} are outside the vocabulary [0, {tokenizer.vocab_size})")
 
 
 def _stop_strings(request: gateway_pb2.GenerateRequest, config: GatewayConfig) -> tuple[str, ...]:

@@ -20,18 +20,16 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from common.basics.errors import (
-    FailedPrecondition,
-    InvalidArgument,
     RateLimited,
     ResourceExhausted,
     Unavailable,
 )
-from common.basics.grammar import GrammarError, ModelGrammars
+from common.basics.grammar import ModelGrammars
 from common.basics.sampling import SamplingConfig, TokenLogprob
 from common.kv.block_manager import BlockManager, OutOfBlocks, PrefixSummary
 from common.kv.quant import KvRows
 from common.kv.transport import KvSender
-from common.model.constraint import Constraint
+from common.model.constraint import Constraint, request_constraint
 from common.model.runner import ModelRunner, PrefillChunk
 from common.model.sampling import sample, token_logprobs
 from common.runtime.engine_loop import EngineLoop
@@ -96,14 +94,9 @@ class PrefillEngine:
     def submit(self, job: PrefillJob) -> PrefillJob:
         if self.draining:
             raise Unavailable("this prefill instance is shutting down; send the request to another")
-        if job.sampling.grammar:  # compiled here, outside the lock, with the output the request already has
-            if self.grammars is None:
-                raise FailedPrecondition("this prefill instance enforces no response formats")
-            generated = job.token_ids[len(job.token_ids) - job.first_step:] if job.first_step else []
-            try:
-                job.constraint = Constraint(self.grammars, job.sampling.grammar, generated)
-            except GrammarError as error:
-                raise InvalidArgument(f"response format: {error}") from None
+        # compiled here, outside the lock, at the output the request already has (a resumed one's first_step)
+        job.constraint = request_constraint(self.grammars, job.sampling.grammar, job.token_ids, job.first_step,
+                                            "prefill")
         if self.blocks.blocks_needed(len(job.token_ids)) > self.blocks.num_blocks:
             raise ResourceExhausted(
                 f"a prompt of {len(job.token_ids)} tokens does not fit this prefill instance's KV pool "

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from common.basics.errors import FailedPrecondition, InvalidArgument
 from common.basics.grammar import GrammarError, ModelGrammars
 
 
@@ -50,6 +51,21 @@ class Constraint:
             if token in self.eos_token_ids and (self.matcher.is_accepting() or self.matcher.is_stopped()):
                 return
             self.matcher.consume_token(token)
+
+
+def request_constraint(grammars: ModelGrammars | None, grammar: str, context: Sequence[int], num_generated: int,
+                       tier: str) -> Constraint | None:
+    """A request's constraint on a tier (None when it has no grammar), at the output it already has: the last
+    num_generated tokens of `context`. Raises what the caller answers with: InvalidArgument for a grammar that
+    does not compile or an output that breaks it, FailedPrecondition where the tier enforces none."""
+    if not grammar:
+        return None
+    if grammars is None:
+        raise FailedPrecondition(f"this {tier} instance enforces no response formats")
+    try:
+        return Constraint(grammars, grammar, context[len(context) - num_generated:] if num_generated else ())
+    except GrammarError as error:
+        raise InvalidArgument(f"response format: {error}") from None
 
 
 def masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
