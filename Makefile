@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test slow chaos test-deploy docker-base docker-wheels protos model clean
+.PHONY: up test slow chaos test-deploy docker-base docker-wheels llama-server gpu-check protos model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ docker-base:
 
 docker-wheels: $(STAMP)
 	scripts/docker/wheels $(BIN)
+
+# llama.cpp's own server, the bench's strongest CPU peer (`pdserve bench --peers llama-server,...`): built once
+# from source into ~/.cache/pdserve/llama.cpp (about 25 minutes on 2 cores; needs cmake and a C++ compiler).
+llama-server: $(STAMP)
+	scripts/bench/build-llama-server $(BIN)/pip
+
+# On a machine with a CUDA device: the GPU-marked tests, the compiled Triton kernels and a short CUDA bench, under
+# 8 minutes, results under gpu-results/ (on a CPU machine it says what it would run).
+gpu-check: model
+	PYTHON=$(BIN)/python scripts/gpu/check
 
 protos: $(STAMP)
 	$(BIN)/python -m pdserve.protogen.generate

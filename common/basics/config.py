@@ -16,7 +16,7 @@ from common.basics.targets import parse_target
 # (common/kv/quant.py). Kept here, torch-free, so the CLI can set up the process before torch loads.
 KV_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
 # "dual": float32 weights on CPU also get a oneDNN-blocked copy for products of several rows (common/model/linear.py)
-CPU_WEIGHT_LAYOUTS = ("dual", "single")
+CPU_WEIGHT_LAYOUTS = ("auto", "dual", "single")
 SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
 # How the decode tier holds KV for the tokens a sequence will generate: "lazy" grows it a block at a time
 # (preempting the most recently admitted sequence when the pool runs out), "upfront" reserves prompt +
@@ -96,9 +96,10 @@ class TierConfig:
     weights: str = option("fp32", "weight format (quantised formats are computed at the first start and saved "
                                   "under MODEL/quantized/)", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT")
     cpu_weight_layout: str = option(
-        "dual", "dual: float32 CPU weights get a second, oneDNN-blocked copy (several-row products up to 1.5x "
-                "faster, twice the memory); fp16 projections are held FBGEMM-packed instead",
-        choices=CPU_WEIGHT_LAYOUTS)
+        "auto", "dual: float32 CPU weights get a second, oneDNN-blocked copy (several-row products up to 1.5x "
+                "faster, twice the memory); fp16 projections are held FBGEMM-packed, bf16 ones oneDNN-blocked "
+                "where the CPU has bf16 units; single: one plain copy; auto: dual where it measures faster "
+                "on this CPU at start-up", choices=CPU_WEIGHT_LAYOUTS)
     tls_cert: Path | None = option(None, "this tier's certificate (PEM) for mutual TLS with the other tiers")
     tls_key: Path | None = option(None, "its private key (PEM)")
     tls_ca: Path | None = option(None, "the CA that signs every tier's certificate: only its holders are let in")

@@ -66,39 +66,53 @@ class PackedLinear:
     matrix product (torch.ops.quantized.linear_dynamic_fp16: fp16 weights widened in registers, fp32
     activations and sums), reading half of fp32's bytes. Against fp32 with its blocked copy, a batch-1 step
     takes 27.9 ms instead of 35.9, verifying 4 drafts 35.6 instead of 63.1, and a 256-token prefill chunk is
-    1.12x faster (scripts/micro/fp16_weights.py). Once the copy exists, `drop_unpacked` frees the fp16 weight."""
+    1.12x faster (scripts/micro/fp16_weights.py). Once the copy exists, `drop_unpacked` frees the fp16 weight.
+
+    A bf16 weight gets a copy in oneDNN's blocked layout instead, where the CPU has bf16 dot-product units
+    (AVX-512 BF16 or AMX): each product rounds its fp32 activations to bf16 and sums in fp32 (as a GPU's bf16
+    matmul does), reading half of fp32's bytes at twice its multiply rate."""
 
     def __init__(self, weight: PackedWeight) -> None:
         self.weight: PackedWeight | None = weight  # None once drop_unpacked() leaves the packed copy alone
         self.in_features, self.out_features = weight.in_features, weight.shape[0]
         self.fp16_packed = None  # FBGEMM's packed fp16 matrix, or none
+        self.bf16_blocked: torch.Tensor | None = None  # oneDNN-blocked bf16 matrix, or none
 
     def add_blocked_copy(self) -> bool:
-        """Adds the FBGEMM fp16 copy where it computes this weight's product; returns whether it did."""
-        if self.weight is None or not fp16_gemm_available(self.weight):
+        """Adds the FBGEMM fp16 copy, or the oneDNN bf16 copy, where it computes this weight's product; returns
+        whether it did."""
+        if self.weight is None:
             return False
-        self.fp16_packed = torch.ops.quantized.linear_prepack_fp16(self.weight.dequantize_rows(), None)
-        return True
+        if fp16_gemm_available(self.weight):
+            self.fp16_packed = torch.ops.quantized.linear_prepack_fp16(self.weight.dequantize_rows(), None)
+            return True
+        if bf16_gemm_available(self.weight):
+            self.bf16_blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 16)
+            return True
+        return False
 
     def drop_unpacked(self) -> bool:
         """Frees the unpacked weight where the packed copy serves every product; returns whether it did. Not
         for a weight whose rows are also looked up (a tied embedding): the packed copy cannot give rows."""
-        if self.fp16_packed is None:
+        if self.fp16_packed is None and self.bf16_blocked is None:
             return False
         self.weight = None
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp16_packed is None and self.bf16_blocked is None:
+            return self.weight.matmul(x)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (tokens, in_features)
         if self.fp16_packed is not None:
-            if x.dim() == 2:  # (tokens, in_features), as the model calls it
-                return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16_packed)
-            out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.fp16_packed)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        return self.weight.matmul(x)
+            out = torch.ops.quantized.linear_dynamic_fp16(flat, self.fp16_packed)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat.to(torch.bfloat16), self.bf16_blocked, None, "none", [],
+                                                     "").to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
     @property
     def nbytes(self) -> int:
-        copy = 0 if self.fp16_packed is None else self.out_features * self.in_features * 2
+        copy = 0 if self.fp16_packed is None and self.bf16_blocked is None else self.out_features * self.in_features * 2
         return (0 if self.weight is None else self.weight.nbytes) + copy
 
 
@@ -108,6 +122,17 @@ def fp16_gemm_available(weight: PackedWeight) -> bool:
             and weight.compute_dtype == torch.float32 and weight.device.type == "cpu"
             and "fbgemm" in torch.backends.quantized.supported_engines
             and hasattr(torch.ops.quantized, "linear_prepack_fp16"))
+
+
+def bf16_gemm_available(weight: PackedWeight) -> bool:
+    """A bf16 CastWeight computing in fp32 on a CPU with bf16 dot-product units, in a torch with oneDNN."""
+    from common.runtime.machine import machine_facts
+
+    facts = machine_facts()
+    return (isinstance(weight, CastWeight) and weight.data.dtype == torch.bfloat16
+            and weight.compute_dtype == torch.float32 and weight.device.type == "cpu"
+            and (facts["avx512_bf16"] or facts["amx"]) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 Packer = Callable[[torch.Tensor], torch.Tensor | PackedWeight]

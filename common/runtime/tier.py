@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from common.basics.compat import Compat, compat_for
-from common.basics.config import TierConfig, resolve_threads
+from common.basics.config import DecodeConfig, TierConfig, resolve_threads
 from common.kv.block_manager import BlockManager
 from common.kv.pool import KvPool
 from common.kv.prefix import root_hash
@@ -15,6 +15,7 @@ from common.kv.wire import DTYPES
 from common.model.llama import LlamaModel
 from common.model.runner import ModelRunner
 from common.model.weights import load_model, stored_weight_bytes
+from common.runtime.cpu_paths import DECODE_ROWS, PREFILL_ROWS, choose_layout
 from common.runtime.machine import describe_machine
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,17 @@ def build_runtime(config: TierConfig) -> TierRuntime:
             "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
         )
     model = load_model(config.model_dir, config.weights, resolve_device(config.device))
-    if config.cpu_weight_layout == "dual":
+    layout = config.cpu_weight_layout
+    if layout == "auto" and model.device.type == "cpu":
+        rows = DECODE_ROWS if isinstance(config, DecodeConfig) else PREFILL_ROWS
+        choice = choose_layout(model, config.weights, rows)
+        layout = choice.layout if choice else "single"
+        if choice:
+            log.info("%s; --cpu-weight-layout dual|single forces one", choice.describe())
+    if layout in ("dual", "auto"):
         single = stored_weight_bytes(model)["total"]
         if model.add_blocked_copies():
-            log.info("weights %.1f MiB, %.1f MiB with the blocked copies for several-row products "
+            log.info("weights %.1f MiB, %.1f MiB with the copies for the CPU's faster products "
                      "(--cpu-weight-layout single keeps one copy)", single / 2**20,
                      stored_weight_bytes(model)["total"] / 2**20)
     compat = compat_for(config.model_dir, model.config, kv_dtype=config.kv_dtype, block_size=config.block_size)

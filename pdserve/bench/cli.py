@@ -12,7 +12,7 @@ from pdserve.distill.cli import default_draft_dir
 
 PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft",
               "pdserve-no-prefix-cache", "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d",
-              "llama.cpp")
+              "llama.cpp", "llama-server")
 WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "long-budget", "multi-turn-chat",
                   "document-qa", "smoke")
 
@@ -79,6 +79,9 @@ def add_bench_arguments(bench: argparse.ArgumentParser, model_dir: Path) -> None
     bench.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                        help="KV pool of every pdserve peer's tiers, in blocks (`pdserve up --kv-blocks`): the same "
                             "pool for pdserve and pdserve-upfront; 0: each tier's --kv-memory-mb default")
+    bench.add_argument("--llama-server-slots", type=int, default=16, metavar="N",
+                       help="llama-server's --parallel: the sequences it batches (its context is sized per slot "
+                            "for the longest request)")
     bench.add_argument("--max-new-tokens", type=int, metavar="N",
                        help="every request's max_new_tokens, replacing the workload's")
     bench.add_argument("--draft-model", type=Path, default=default_draft_dir(model_dir),
@@ -96,8 +99,10 @@ def run_bench(args, default_model: Path) -> int:
     if args.num_requests < 1 or args.max_duration_s <= 0:
         print("pdserve bench: --num-requests must be >= 1 and --max-duration-s > 0", file=sys.stderr)
         return 2
-    if args.kv_blocks < 0 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
-        print("pdserve bench: --kv-blocks must be >= 0 and --max-new-tokens >= 1", file=sys.stderr)
+    if args.kv_blocks < 0 or (args.max_new_tokens is not None and args.max_new_tokens < 1) or \
+            args.llama_server_slots < 1:
+        print("pdserve bench: --kv-blocks must be >= 0, --max-new-tokens and --llama-server-slots >= 1",
+              file=sys.stderr)
         return 2
     if args.peers and args.model == default_model:
         from pdserve.prepare.default_model import prepare_default_model

@@ -1,4 +1,5 @@
-"""The load generator: sends BenchRequests to a pdserve.v1.Gateway address, open loop (Poisson arrivals at a
+"""The load generator: sends BenchRequests to a pdserve.v1.Gateway address (or, for an http:// address, to
+llama.cpp's llama-server, pdserve/bench/llama_server.py), open loop (Poisson arrivals at a
 given rate, whatever the server's pace) or closed loop (a fixed number of clients, each sending its next
 request when the previous one ends), and times every streamed message on the client side.
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve.bench.llama_server import SCHEME, LlamaServerClient, LlamaServerError
 from pdserve.bench.workloads import BenchRequest, poisson_offsets_s
 from pdserve.client import Client, retry_after_s
 from pdserve.v1 import common_pb2, gateway_pb2
@@ -94,7 +96,7 @@ def _to_proto(request: BenchRequest, prompt_ids: tuple[int, ...] | None = None) 
     return proto
 
 
-def send_one(client: Client, request: BenchRequest, run_started: float,
+def send_one(client: Client | LlamaServerClient, request: BenchRequest, run_started: float,
              deadline: float, prompt_ids: tuple[int, ...] | None = None) -> RequestResult:
     sent = time.monotonic()
     proto = _to_proto(request, prompt_ids)
@@ -125,6 +127,8 @@ def send_one(client: Client, request: BenchRequest, run_started: float,
     except grpc.RpcError as error:
         result.error = error.code().name
         result.retry_after_s = _pushback_s(error)
+    except LlamaServerError as error:
+        result.error = error.code_name
     return result
 
 
@@ -156,7 +160,7 @@ def send_admitted(client: Client, request: BenchRequest, run_started: float, dea
 def run_load(address: str, requests: list[BenchRequest], load: LoadSpec,
              on_done: Callable[[RequestResult], None] = lambda _: None) -> tuple[list[RequestResult], float]:
     """Runs requests against address; returns the results (in request order) and the run's wall time."""
-    client = Client(address)
+    client = LlamaServerClient(address) if address.startswith(SCHEME) else Client(address)
     started = time.monotonic()
     deadline = started + load.max_duration_s
     try:

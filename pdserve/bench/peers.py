@@ -12,6 +12,8 @@
   pdserve-1p2d       `pdserve up --decode-replicas 2`: one prefill and two decode instances (decode cores shared)
   pdserve-2p1d       `pdserve up --prefill-replicas 2`: two prefill instances (prefill cores shared), one decode
   llama.cpp          llama-cpp-python on the GGUF file itself (pdserve/bench/llama_cpp_peer.py), when installed
+  llama-server       llama.cpp's own server on the GGUF file, batching continuously over its slots
+                     (pdserve/bench/llama_server.py), when built (`make llama-server`) or on PATH
 Each runs as child processes pinned to the cores given (prefill and decode cores apart for pdserve; their
 union for the single-process peers, so every peer gets the same cores in total) and is stopped after its runs.
 Every pdserve stack gets the same KV pool size when one is given (`--kv-blocks`), so pdserve and pdserve-upfront
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from common.edge.server import Tls, is_serving
 from pdserve.affinity import pin_to
+from pdserve.bench import llama_server
 from pdserve.certs import ensure_certs, gateway_identity
 from pdserve.launcher import free_port
 
@@ -46,7 +49,7 @@ DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-d
                            "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d"})
 
 # Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
-TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp"})
+TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp", "llama-server"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class PeerOptions:
     fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
     weights: str = "fp32"  # every pdserve peer's weight format, both tiers (pdserve-fp16 excepted: always fp16)
     kv_blocks: int = 0  # every pdserve stack's KV pool in blocks, both tiers (`pdserve up --kv-blocks`); 0: default
+    llama_server_slots: int = 16  # llama-server's --parallel: sequences it batches
+    context_per_slot: int = 2048  # llama-server's context per slot: the longest request's prompt + new tokens
 
     @property
     def engine_cpus(self) -> frozenset[int] | None:
@@ -97,15 +102,18 @@ def _cpus_text(cpus: frozenset[int] | None) -> str:
 
 
 def _launch(name: str, command: list[str], options: PeerOptions, addresses: list[str], gateway: str,
-            stats: str | None, cpus: frozenset[int] | None, cpus_label: str, tls: Tls | None = None) -> RunningPeer:
-    """Starts a peer and waits until every address serves (those other than the gateway over `tls`, when given)."""
+            stats: str | None, cpus: frozenset[int] | None, cpus_label: str, tls: Tls | None = None,
+            ready: Callable[[], bool] | None = None) -> RunningPeer:
+    """Starts a peer and waits until every address serves (those other than the gateway over `tls`, when given),
+    or until `ready()` when given."""
     options.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = options.log_dir / f"{name}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_to(cpus))
     peer = RunningPeer(name, gateway, stats, tls, process, log_path, cpus_label)
     deadline = time.monotonic() + _START_TIMEOUT_S
-    while not all(is_serving(a, tls=None if a == gateway else tls) for a in addresses):
+    ready = ready or (lambda: all(is_serving(a, tls=None if a == gateway else tls) for a in addresses))
+    while not ready():
         if process.poll() is not None or time.monotonic() > deadline:
             peer.stop()
             raise RuntimeError(f"peer {name} did not start (exit {process.returncode}); see {log_path}")
@@ -160,7 +168,8 @@ def start_pdserve(options: PeerOptions) -> RunningPeer:
 
 def weights_of(name: str, options: PeerOptions) -> str:
     """The weights a peer serves: a pdserve weight format name, "fp32" for hf-static, "gguf" for llama.cpp."""
-    return {"hf-static": "fp32", "llama.cpp": "gguf", "pdserve-fp16": "fp16"}.get(name, options.weights)
+    return {"hf-static": "fp32", "llama.cpp": "gguf", "llama-server": "gguf",
+            "pdserve-fp16": "fp16"}.get(name, options.weights)
 
 
 def start_pdserve_fp16(options: PeerOptions) -> RunningPeer:
@@ -236,6 +245,22 @@ def start_llama_cpp(options: PeerOptions) -> RunningPeer:
                    f"one process {_cpus_text(options.engine_cpus)}")
 
 
+def start_llama_server(options: PeerOptions) -> RunningPeer:
+    binary = llama_server.find_llama_server()
+    if binary is None:
+        raise PeerUnavailable("llama-server is not built here: `make llama-server` builds llama.cpp's server from "
+                              "source once (about 25 minutes on 2 cores), or put one on PATH. Skipped.")
+    from pdserve.prepare.default_model import default_gguf_path
+
+    port = free_port(options.host)
+    address = f"{llama_server.SCHEME}{options.host}:{port}"
+    threads = len(options.engine_cpus) if options.engine_cpus else 0
+    command = llama_server.server_command(binary, default_gguf_path(), options.host, port, threads,
+                                          options.llama_server_slots, options.context_per_slot)
+    return _launch("llama-server", command, options, [address], address, None, options.engine_cpus,
+                   f"one process {_cpus_text(options.engine_cpus)}", ready=lambda: llama_server.is_ready(address))
+
+
 PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "hf-static": start_hf_static,
     "pdserve-colocated": start_colocated,
@@ -249,4 +274,5 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "pdserve-1p2d": start_ratio("pdserve-1p2d"),
     "pdserve-2p1d": start_ratio("pdserve-2p1d"),
     "llama.cpp": start_llama_cpp,
+    "llama-server": start_llama_server,
 }

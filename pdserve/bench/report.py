@@ -57,16 +57,25 @@ def _spec(run: dict) -> str:
 def runs_table(runs: list[dict]) -> str:
     lines = ["| run | workload | load | done/planned | out tok/s | TTFT ms p50/p90/p99 | TPOT ms p50/p90/p99 "
              "| e2e ms p50/p90/p99 | goodput req/s | mean decode batch | KV pushed | spec acceptance "
-             "| tokens/verify step | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tokens/verify step | peak RSS GB | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         lines.append(
             f"| {run['name']} | {run['workload']} | {run['load']} "
             f"| {run['num_completed']}/{run['num_requests'] + run.get('num_not_sent', 0)} "
             f"| {run['output_tokens_per_s']:.1f} | {_triple(run['ttft_ms'])} | {_triple(run['tpot_ms'])} "
             f"| {_triple(run['e2e_ms'])} | {run['goodput_rps']:.3f} | {_batch(run)} | {_kv(run)} | {_spec(run)} "
-            f"| {run.get('load_average_1m_at_start', '-')} |")
+            f"| {_rss(run)} | {run.get('load_average_1m_at_start', '-')} |")
     return "\n".join(lines)
+
+
+def _rss(run: dict) -> str:
+    """Peak resident memory: the peer's processes together, then each (decode 1.23, prefill ...), in GB."""
+    rss = run.get("rss_bytes") or {}
+    if not rss:
+        return "-"
+    parts = ", ".join(f"{name} {value / 1e9:.2f}" for name, value in rss.items() if name != "total")
+    return f"{rss['total'] / 1e9:.2f} ({parts})"
 
 
 def by_kind_table(runs: list[dict]) -> str:
@@ -199,7 +208,8 @@ def write_markdown(out_dir: Path, summary: dict) -> Path:
              "", runs_table(summary["runs"]), "",
              "TTFT, TPOT and e2e are measured at the client. done/planned: completed within the run's time cap / "
              "requests planned. KV pushed: prompt KV bytes sent prefill -> decode; MB/s over the push window (prefill compute plus the transfer tail, since pages leave layer by layer as they are computed); tail: transfer time left after compute ended. load avg: the machine's 1-minute load average as the run started (other work "
-             "competing for the cores when it exceeds their number).", ""]
+             "competing for the cores when it exceeds their number). peak RSS: each process's peak resident memory "
+             "(VmHWM) up to the run's end, summed over the peer's processes, then per process.", ""]
     kv = kv_table(summary["runs"])
     if kv:
         parts += ["## Prefix reuse and the KV pool", "", kv, "",

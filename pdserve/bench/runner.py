@@ -18,6 +18,7 @@ from common.edge.server import Tls, make_channel
 from common.runtime.machine import describe_machine, machine_facts
 from pdserve.bench import plots, report
 from pdserve.bench.loadgen import LoadSpec, run_load
+from pdserve.bench.memory import RssSampler
 from pdserve.bench.metrics import (
     Slo,
     decode_batch,
@@ -96,14 +97,17 @@ def run_one(target, workload: str, requests: list[BenchRequest], load: LoadSpec,
     load_average = os.getloadavg()[0]  # other work on the machine, for the record
     bar = tqdm(total=len(requests), desc=f"{target.name} | {workload} | {load.label}", unit="req",
                disable=not progress, leave=True)
-    with StatsPoller(target.stats_address, target.stats_tls) as poller:
+    process = getattr(target, "process", None)  # a peer the harness started; None for --address
+    with StatsPoller(target.stats_address, target.stats_tls) as poller, \
+            RssSampler(process.pid if process else None) as rss:
         results, duration_s = run_load(target.gateway_address, requests, load, on_done=lambda _: bar.update())
     bar.close()
     run = {"name": target.name, "workload": workload, "load": load.label, "mode": load.mode,
            **({"rate_rps": load.value} if load.mode == "poisson" else {"concurrency": int(load.value)}),
            **summarize(results, duration_s, slo), "num_not_sent": len(requests) - len(results),
            "decode_batch": decode_batch(poller.samples), "decode_kv": decode_kv(poller.samples),
-           "kv_transfer": kv_transfer(results, kv_bpt), "load_average_1m_at_start": round(load_average, 2)}
+           "kv_transfer": kv_transfer(results, kv_bpt), "load_average_1m_at_start": round(load_average, 2),
+           "rss_bytes": rss.summary()}
     return run, results
 
 
@@ -130,7 +134,8 @@ def bench_target(target, args, requests: dict[str, list[BenchRequest]], loads: l
         planned = run["num_requests"] + run.get("num_not_sent", 0)
         print(f"  {target.name} | {workload} | {load.label}: {run['num_completed']}/{planned} done, "
               f"{run['output_tokens_per_s']:.1f} output tok/s, TTFT p50 {run['ttft_ms']['p50']} ms, "
-              f"TPOT p50 {run['tpot_ms']['p50']} ms, p99 {run['tpot_ms']['p99']} ms"
+              f"TPOT p50 {run['tpot_ms']['p50']} ms, p99 {run['tpot_ms']['p99']} ms, "
+              f"peak RSS {run['rss_bytes'].get('total', 0) / 1e9:.2f} GB"
               + (f", acceptance {spec['acceptance_rate']:.2f}, {spec['tokens_per_verify_step']['mean']:.2f} tokens "
                  "per verify step" if (spec := run.get("speculation")) else ""), flush=True)
 
@@ -145,6 +150,18 @@ def _targets(args, options: PeerOptions) -> list[tuple[str, Callable]]:
 # Speculating peers and the peers they are compared with (same stack, speculation off; and the draft model
 # against prompt lookup).
 SPECULATION_BASELINES = {"pdserve-spec": ("pdserve",), "pdserve-draft": ("pdserve", "pdserve-spec")}
+
+
+def context_per_slot(requests: dict[str, list[BenchRequest]]) -> int:
+    """Context a single-sequence slot needs (llama-server's): the longest session's prompts and new tokens,
+    rounded up to 256."""
+    sessions: dict[object, int] = {}
+    for reqs in requests.values():
+        for r in reqs:
+            key = r.index if r.session is None else ("session", r.session)
+            sessions[key] = sessions.get(key, 0) + len(r.prompt_ids) + r.max_new_tokens
+    longest = max(sessions.values(), default=256)
+    return -(-longest // 256) * 256
 
 
 def _engine_threads(name: str, options: PeerOptions) -> int:
@@ -254,7 +271,9 @@ def execute(args) -> dict:
                           decode_cpus=args.decode_cpus, gateway_cpus=args.gateway_cpus,
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
                           fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"),
-                          kv_blocks=getattr(args, "kv_blocks", 0))
+                          kv_blocks=getattr(args, "kv_blocks", 0),
+                          llama_server_slots=getattr(args, "llama_server_slots", 16),
+                          context_per_slot=context_per_slot(requests))
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
                "machine": machine_description(), "machine_facts": machine_facts(), "command": args.command_line,
                "workload": {"name": ",".join(w.name for w in workloads),

@@ -45,7 +45,7 @@ def test_copy_counts_its_bytes_and_only_fp16_computing_in_fp32_gets_one():
     assert fp16.nbytes == 64 * 32 * 2
     fp16.add_blocked_copy()
     assert fp16.nbytes == 2 * 64 * 32 * 2
-    for name in ("bf16", "int8", "int4-g32"):
+    for name in ("int8", "int4-g32"):  # bf16: tests/common/model/test_bf16_gemm.py
         other = make_linear(_weight(64, 32), name)
         assert not other.add_blocked_copy() and other.nbytes == other.weight.nbytes
     on_half = PackedLinear(CastWeight.pack(_weight(64, 32).half(), torch.float16))  # computes in fp16
