@@ -85,8 +85,10 @@ class DecodeEngine:
     def __init__(self, runner: ModelRunner, blocks: BlockManager, scheduler: Scheduler, lease_s: float,
                  tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig(),
                  draft: DraftProposer | None = None, max_lease_s: float | None = None,
-                 kv_growth: str = "lazy", grammars: ModelGrammars | None = None) -> None:
+                 kv_growth: str = "lazy", grammars: ModelGrammars | None = None,
+                 step_prefill_tokens: int = 0) -> None:
         self.runner = runner
+        self.step_prefill_tokens = step_prefill_tokens  # per step, for KV computed here; 0: all of it first
         self.grammars = grammars  # enforces requests' response formats; None: such requests are refused
         self.lazy = kv_growth == "lazy"  # else upfront: prompt + max_new_tokens reserved at once
         self.tokenizer = tokenizer
@@ -299,20 +301,30 @@ class DecodeEngine:
 
     def _compute_kv(self, seqs: list[Sequence]) -> None:
         """Computes each sequence's missing KV here (the loop thread, outside the lock), a chunk at a time; a
-        sequence prefilled locally then draws its first token."""
+        sequence prefilled locally then draws its first token. With step_prefill_tokens, one forward of at most
+        that many tokens (oldest admitted first) and back to the decode step: the rest waits for later steps."""
         started = time.monotonic()
-        remaining = list(seqs)
+        remaining = sorted(seqs, key=lambda s: s.admit_order)
+        budget = self.step_prefill_tokens
         while remaining := [s for s in remaining if not s.finished and s.pending_kv_from is not None]:
-            chunks = []
+            chunks, ran = [], []
+            left = budget or len(remaining) * RECOMPUTE_CHUNK_TOKENS
             for seq in remaining:
-                end = min(seq.pending_kv_from + RECOMPUTE_CHUNK_TOKENS, seq.kv_target)
-                chunks.append(PrefillChunk(seq.context[seq.pending_kv_from:end], seq.pending_kv_from, seq.block_ids))
+                end = min(seq.pending_kv_from + RECOMPUTE_CHUNK_TOKENS, seq.kv_target, seq.pending_kv_from + left)
+                if end > seq.pending_kv_from:
+                    chunks.append(PrefillChunk(seq.context[seq.pending_kv_from:end], seq.pending_kv_from,
+                                               seq.block_ids))
+                    ran.append(seq)
+                    left -= end - seq.pending_kv_from
+            remaining = ran
             logits = self.runner.run_prefill(chunks)
             with self._cond:
                 for seq, chunk in zip(remaining, chunks):
                     seq.pending_kv_from += len(chunk.token_ids)
                 done = [i for i, s in enumerate(remaining) if s.pending_kv_from == s.kv_target]
                 self._kv_computed([remaining[i] for i in done], logits[done], started)
+            if budget:
+                return
 
     def _kv_computed(self, seqs: list[Sequence], logits, started: float) -> None:
         """The sequences' KV is whole again: their full blocks are cached; those prefilled here draw their first

@@ -146,7 +146,8 @@ def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: Tie
     engine = DecodeEngine(runtime.runner, runtime.blocks, Scheduler(config.max_batch_size), config.lease_ms / 1000,
                           TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks),
                           max_lease_s=config.max_lease_ms / 1000, kv_growth=config.kv_growth,
-                          grammars=model_grammars(config.model_dir, runtime.runner.model.config))
+                          grammars=model_grammars(config.model_dir, runtime.runner.model.config),
+                          step_prefill_tokens=config.step_prefill_tokens)
     registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
     context = runtime.runner.model.config.max_position_embeddings
     return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry), config.weights),

@@ -142,9 +142,14 @@ class DecodeConfig(TierConfig):
     draft_model: Path | None = option(
         None, "with --speculative draft: a Llama-family checkpoint sharing the model's tokenizer "
               "(`pdserve distill-draft` trains one)")
+    step_prefill_tokens: int = option(
+        0, "prompts prefilled on this tier (--local-prefill-tokens, recomputes) advance by at most this many tokens "
+           "per step, between decode steps of the running batch (chunked prefill); 0: a prompt's whole KV first")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.step_prefill_tokens < 0:
+            raise ValueError(f"step_prefill_tokens must be >= 0 (0: no limit), got {self.step_prefill_tokens}")
         if self.speculative not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative must be one of {SPECULATIVE_METHODS}, got {self.speculative!r}")
         if not 1 <= self.num_speculative_tokens <= 16:

@@ -11,6 +11,10 @@
   pdserve-upfront    `pdserve up --kv-growth upfront`: decode reserves prompt + max_new_tokens of KV at once
   pdserve-1p2d       `pdserve up --decode-replicas 2`: one prefill and two decode instances (decode cores shared)
   pdserve-2p1d       `pdserve up --prefill-replicas 2`: two prefill instances (prefill cores shared), one decode
+  pdserve-unified    one engine, one step loop on every core: the decode tier prefills every prompt itself, in
+                     chunks of at most 256 tokens between its decode steps (`--local-prefill-tokens` past any
+                     prompt, `--step-prefill-tokens 256`: chunked prefill as vLLM and Sarathi-Serve schedule it);
+                     the stack's prefill process stays idle
   llama.cpp          llama-cpp-python on the GGUF file itself (pdserve/bench/llama_cpp_peer.py), when installed
   llama-server       llama.cpp's own server on the GGUF file, batching continuously over its slots
                      (pdserve/bench/llama_server.py), when built (`make llama-server`) or on PATH
@@ -216,6 +220,15 @@ def start_ratio(name: str) -> Callable[[PeerOptions], RunningPeer]:
     return lambda options: start_stack(name, options, colocated=False, extra=RATIO_FLAGS[name])
 
 
+# pdserve-unified: every prompt prefilled on the decode tier, a chunk of this many tokens per step.
+UNIFIED_FLAGS = ("--local-prefill-tokens", "1000000", "--step-prefill-tokens", "256")
+
+
+def start_unified(options: PeerOptions) -> RunningPeer:
+    every_core = dataclasses.replace(options, decode_cpus=options.engine_cpus, prefill_cpus=options.engine_cpus)
+    return start_stack("pdserve-unified", every_core, colocated=False, extra=UNIFIED_FLAGS)
+
+
 def start_colocated(options: PeerOptions) -> RunningPeer:
     return start_stack("pdserve-colocated", options, colocated=True)
 
@@ -264,6 +277,7 @@ def start_llama_server(options: PeerOptions) -> RunningPeer:
 PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "hf-static": start_hf_static,
     "pdserve-colocated": start_colocated,
+    "pdserve-unified": start_unified,
     "pdserve": start_pdserve,
     "pdserve-fp16": start_pdserve_fp16,
     "pdserve-spec": start_pdserve_spec,

@@ -102,3 +102,32 @@ def test_kv_out_of_order_or_past_the_prompt_is_refused(engines, model):
     with pytest.raises(InvalidArgument, match="out of range"):
         decode.receive_kv(handle, c.num_layers, 0, rows)
     assert decode.release(handle) and decode.blocks.num_free == decode.blocks.num_blocks
+
+
+def test_chunked_local_prefill_advances_between_decode_steps_and_keeps_the_answers(model, model_dir, engines,
+                                                                                   hf_model):
+    """With --step-prefill-tokens 16 a 50-token prompt prefilled on the decode tier takes four steps (16, 16, 16,
+    2 tokens), and the sequence already decoding gets a token at every one of them: a long prompt no longer
+    stalls the batch. Both answers stay transformers' greedy ones, and every block comes back."""
+    prefill, _ = engines
+    decode = decode_engine(model, model_dir, step_prefill_tokens=16)
+    running_ids = hf_model[1]("The capital of France is").input_ids
+    running = _start(prefill, decode, running_ids)
+    decode.step()  # admitted, first decode step
+    local_ids = hf_model[1]("Paged attention keeps the cache in blocks of tokens, so a sequence grows one block at "
+                            "a time and the pool serves many sequences of different lengths at once.").input_ids
+    local_ids = (local_ids * 2)[:50]
+    handle = decode.reserve(len(local_ids), MAX_NEW, prompt_ids=local_ids).handle
+    eos = frozenset(model.config.eos_token_ids)
+    local = decode.start_decode(handle, 0, MAX_NEW, SamplingConfig(), eos, (), local_ids, prefill_locally=True)
+    for step in range(4):
+        before = len(running.tokens)
+        assert not local.tokens, f"the prompt's first token came after {step} budgeted steps"
+        decode.step()
+        assert len(running.tokens) == before + 1  # the decoding sequence advanced in the same step
+    assert len(local.tokens) == 1  # the fourth step finished the prompt: its first token is drawn
+    while not (running.finished and local.finished):
+        decode.step()
+    for ids, seq in ((running_ids, running), (local_ids, local)):
+        assert_greedy_matches(hf_model, ids, seq.tokens, hf_greedy(hf_model, ids, MAX_NEW))
+    assert decode.blocks.num_free == decode.blocks.num_blocks

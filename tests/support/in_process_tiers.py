@@ -48,10 +48,11 @@ def prefill_engine(model, num_blocks: int = 64, chunk_size: int = 32, prefix_cac
 
 
 def decode_engine(model, model_dir, num_blocks: int = 64, lease_s: float = 30.0, prefix_caching: bool = True,
-                  kv_growth: str = "lazy", max_batch_size: int = DecodeConfig.max_batch_size) -> DecodeEngine:
+                  kv_growth: str = "lazy", max_batch_size: int = DecodeConfig.max_batch_size,
+                  step_prefill_tokens: int = 0) -> DecodeEngine:
     runner, blocks = runner_over(model, num_blocks, prefix_caching=prefix_caching)
     return DecodeEngine(runner, blocks, Scheduler(max_batch_size), lease_s, TextTokenizer(model_dir),
-                        kv_growth=kv_growth)
+                        kv_growth=kv_growth, step_prefill_tokens=step_prefill_tokens)
 
 
 def _typed(error: PdserveError) -> PdserveError:
