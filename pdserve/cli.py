@@ -3,7 +3,7 @@
     pdserve up | gateway | prefill | decode | colocated      serve (pdserve/launcher.py, pdserve/tier_commands.py)
     pdserve generate                                          a client (pdserve/generate.py over pdserve/client.py)
     pdserve certs | keys                                      mutual-TLS certificates, gateway API keys
-    pdserve bench | eval | quantize | trilemma | distill-draft | prepare-model | trace-report   the tools
+    pdserve bench | plan | eval | quantize | trilemma | distill-draft | prepare-model | trace-report   the tools
 
 Nothing heavy loads before a command runs: the process is set up first (OpenMP's wait policy is read when
 torch loads)."""
@@ -20,6 +20,7 @@ from pdserve.bench.cli import COMMAND as BENCH
 from pdserve.command import Command
 from pdserve.distill.cli import COMMAND as DISTILL
 from pdserve.eval.cli import EVAL, QUANTIZE
+from pdserve.plan.cli import COMMAND as PLAN
 from pdserve.prepare.cli import COMMAND as PREPARE
 from pdserve.trace_report.cli import COMMAND as TRACE_REPORT
 from pdserve.trilemma.cli import COMMAND as TRILEMMA
@@ -27,6 +28,7 @@ from pdserve.trilemma.cli import COMMAND as TRILEMMA
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     launcher.UP, tier_commands.GATEWAY, tier_commands.PREFILL, tier_commands.DECODE, tier_commands.COLOCATED,
     generate.GENERATE, certs.COMMAND, keys.COMMAND, BENCH, EVAL, QUANTIZE, TRILEMMA, DISTILL, PREPARE, TRACE_REPORT,
+    PLAN,
 )}
 
 
