@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from pdserve.bench.workloads import WORKLOADS, make_requests, poisson_offsets_s
-from pdserve.plan.simulate import Arrival, Profile, Topology, percentile, simulate, summarize
+from pdserve.plan.simulate import (
+    Arrival,
+    Profile,
+    Topology,
+    percentile,
+    simulate,
+    summarize,
+)
 
 # prefill 100 ms whatever the prompt, a decode step 10 ms whatever the batch; no tail, no overhead
 FLAT = Profile(prefill_ms=(100.0, 0.0, 0.0), step_ms=(10.0, 0.0, 0.0), transfer_tail_ms=0.0, overhead_ms=0.0)
