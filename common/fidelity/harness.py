@@ -91,8 +91,11 @@ def score_texts(scorer: Scorer, texts: list[list[int]],
     return nll, count, agree, kl
 
 
-def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gate) -> list[ConfigResult]:
-    """The reference first, then each format; every format's distributions are compared position by position."""
+def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gate,
+             cpu_copies: bool = False) -> list[ConfigResult]:
+    """The reference first, then each format; every format's distributions are compared position by position.
+    cpu_copies: every model gets the CPU copies a tier adds with --cpu-weight-layout dual (the oneDNN / FBGEMM
+    products), so the figures are those of the path served on this CPU."""
     tokenizer = TextTokenizer(model_dir)
     reference_log_probs: list[torch.Tensor] = []
     reference_nll = 0.0
@@ -100,6 +103,8 @@ def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gat
     for fmt in [REFERENCE, *[f for f in formats if f != REFERENCE]]:
         start = time.monotonic()
         model = load_model(model_dir, fmt)
+        if cpu_copies:
+            model.add_blocked_copies()
         scorer = Scorer(model, tokenizer, MAX_TOKENS)
         nll, count, agree, kl = score_texts(scorer, perplexity_text_ids(scorer, suites), reference_log_probs)
         if fmt == REFERENCE:

@@ -5,12 +5,13 @@ import os
 import sys
 from pathlib import Path
 
-from common.basics.config import WEIGHT_FORMAT_NAMES, default_certs_dir
+from common.basics.config import KV_DTYPES, WEIGHT_FORMAT_NAMES, default_certs_dir
 from pdserve.affinity import cpus_arg
 from pdserve.command import Command
 from pdserve.distill.cli import default_draft_dir
 
-PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve-unified", "pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft",
+PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve-unified", "pdserve", "pdserve-fp16", "pdserve-bf16",
+              "pdserve-spec", "pdserve-draft",
               "pdserve-no-prefix-cache", "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d",
               "llama.cpp", "llama-server")
 WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "long-budget", "multi-turn-chat",
@@ -79,6 +80,8 @@ def add_bench_arguments(bench: argparse.ArgumentParser, model_dir: Path) -> None
     bench.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                        help="KV pool of every pdserve peer's tiers, in blocks (`pdserve up --kv-blocks`): the same "
                             "pool for pdserve and pdserve-upfront; 0: each tier's --kv-memory-mb default")
+    bench.add_argument("--kv-dtype", default="float32", choices=sorted(KV_DTYPES), metavar="DTYPE",
+                       help="KV cache dtype of every pdserve peer (`pdserve up --kv-dtype`)")
     bench.add_argument("--llama-server-slots", type=int, default=16, metavar="N",
                        help="llama-server's --parallel: the sequences it batches (its context is sized per slot "
                             "for the longest request)")

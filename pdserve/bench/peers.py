@@ -4,6 +4,8 @@
   pdserve-colocated  `pdserve up --colocated`: prefill and decode engines in one process
   pdserve            `pdserve up`: the disaggregated stack
   pdserve-fp16       `pdserve up --prefill-weights fp16 --decode-weights fp16`: the same stack on fp16 weights
+  pdserve-bf16       `pdserve up --prefill-weights bf16 --decode-weights bf16`: bf16 weights (oneDNN bf16 products
+                     where the CPU has bf16 units)
   pdserve-spec       `pdserve up --speculative prompt-lookup`: the same stack, speculating by prompt lookup
   pdserve-draft      `pdserve up --speculative draft --draft-model DIR`: the same stack, speculating with a draft
   pdserve-no-prefix-cache   `pdserve up --no-prefix-caching`: the same stack, no KV reused across requests
@@ -49,7 +51,8 @@ class PeerUnavailable(Exception):
 
 
 # pdserve peers whose decode tier runs apart, on the decode cores alone.
-DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-spec", "pdserve-draft", "pdserve-no-prefix-cache",
+DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-bf16", "pdserve-spec", "pdserve-draft",
+                           "pdserve-no-prefix-cache",
                            "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d"})
 
 # Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
@@ -70,6 +73,7 @@ class PeerOptions:
     fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
     weights: str = "fp32"  # every pdserve peer's weight format, both tiers (pdserve-fp16 excepted: always fp16)
     kv_blocks: int = 0  # every pdserve stack's KV pool in blocks, both tiers (`pdserve up --kv-blocks`); 0: default
+    kv_dtype: str = "float32"  # every pdserve stack's KV cache dtype (`pdserve up --kv-dtype`)
     llama_server_slots: int = 16  # llama-server's --parallel: sequences it batches
     context_per_slot: int = 2048  # llama-server's context per slot: the longest request's prompt + new tokens
 
@@ -145,7 +149,7 @@ def stack_command(options: PeerOptions, ports: dict[str, int], colocated: bool,
             "--metrics-port", "0", "--http-port", "0",  # no fixed ports but these three: stacks run side by side
             *(["--certs-dir", str(options.certs_dir)] if options.certs_dir else ["--insecure"]),
             "--prefill-weights", options.weights, "--decode-weights", options.weights,
-            *(["--kv-blocks", str(options.kv_blocks)] if options.kv_blocks else []),
+            *(["--kv-blocks", str(options.kv_blocks)] if options.kv_blocks else []), "--kv-dtype", options.kv_dtype,
             *(["--colocated"] if colocated else []), *_cpu_flags(options, colocated), *extra]
 
 
@@ -173,7 +177,7 @@ def start_pdserve(options: PeerOptions) -> RunningPeer:
 def weights_of(name: str, options: PeerOptions) -> str:
     """The weights a peer serves: a pdserve weight format name, "fp32" for hf-static, "gguf" for llama.cpp."""
     return {"hf-static": "fp32", "llama.cpp": "gguf", "llama-server": "gguf",
-            "pdserve-fp16": "fp16"}.get(name, options.weights)
+            "pdserve-fp16": "fp16", "pdserve-bf16": "bf16"}.get(name, options.weights)
 
 
 def start_pdserve_fp16(options: PeerOptions) -> RunningPeer:
@@ -182,6 +186,10 @@ def start_pdserve_fp16(options: PeerOptions) -> RunningPeer:
 
 def _fixed_k(options: PeerOptions) -> tuple[str, ...]:
     return ("--speculative-fixed-k",) if options.fixed_k else ()
+
+
+def start_pdserve_bf16(options: PeerOptions) -> RunningPeer:
+    return start_stack("pdserve-bf16", dataclasses.replace(options, weights="bf16"), colocated=False)
 
 
 def start_pdserve_spec(options: PeerOptions) -> RunningPeer:
@@ -280,6 +288,7 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "pdserve-unified": start_unified,
     "pdserve": start_pdserve,
     "pdserve-fp16": start_pdserve_fp16,
+    "pdserve-bf16": start_pdserve_bf16,
     "pdserve-spec": start_pdserve_spec,
     "pdserve-draft": start_pdserve_draft,
     "pdserve-no-prefix-cache": start_pdserve_no_prefix_cache,

@@ -199,12 +199,20 @@ def roofline_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _pool(summary: dict) -> str:
+    blocks = summary.get("kv_blocks")
+    return f"{blocks} blocks per tier" if blocks else "sized by each tier's --kv-memory-mb default"
+
+
 def write_markdown(out_dir: Path, summary: dict) -> Path:
     w = summary["workload"]
     parts = [f"# pdserve bench: {w['name']}", "",
              f"{summary['created']}, commit {summary['git_commit']}.", "", f"Machine: {summary['machine']}", "",
              f"Workload `{w['name']}`: {w['description']}; {w['num_requests']} requests, seed {w['seed']}. "
-             f"Goodput objectives: TTFT <= {summary['slo']['ttft_ms']:g} ms and TPOT <= {summary['slo']['tpot_ms']:g} ms.",
+             f"Goodput objectives: TTFT <= {summary['slo']['ttft_ms']:g} ms and TPOT <= {summary['slo']['tpot_ms']:g} ms. "
+             f"pdserve peers: weights {summary.get('pdserve_weights', 'fp32')} (unless the peer's name says), KV "
+             f"{summary.get('kv_dtype', 'float32')}, KV pool "
+             f"{_pool(summary)}.",
              "", runs_table(summary["runs"]), "",
              "TTFT, TPOT and e2e are measured at the client. done/planned: completed within the run's time cap / "
              "requests planned. KV pushed: prompt KV bytes sent prefill -> decode; MB/s over the push window (prefill compute plus the transfer tail, since pages leave layer by layer as they are computed); tail: transfer time left after compute ended. load avg: the machine's 1-minute load average as the run started (other work "

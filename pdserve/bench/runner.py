@@ -272,6 +272,7 @@ def execute(args) -> dict:
                           max_batch_size=args.max_batch_size, draft_model=getattr(args, "draft_model", None),
                           fixed_k=getattr(args, "fixed_k", False), weights=getattr(args, "pdserve_weights", "fp32"),
                           kv_blocks=getattr(args, "kv_blocks", 0),
+                          kv_dtype=getattr(args, "kv_dtype", "float32"),
                           llama_server_slots=getattr(args, "llama_server_slots", 16),
                           context_per_slot=context_per_slot(requests))
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
@@ -282,7 +283,7 @@ def execute(args) -> dict:
                             "num_requests": args.num_requests, "seed": args.seed},
                "workloads": [{"name": w.name, "description": w.description} for w in workloads],
                "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms}, "pdserve_weights": options.weights,
-               "kv_blocks": options.kv_blocks or None,
+               "kv_blocks": options.kv_blocks or None, "kv_dtype": options.kv_dtype,
                "peers": [], "skipped": []}
     collected = Collected([], [])
     for name, start in _targets(args, options):

@@ -29,6 +29,9 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser, model_dir: Path) -> No
                           help="gate: fail when top-1 agreement with fp32 is below this")
     evaluate.add_argument("--min-accuracy", action="append", type=_floor, default=[], metavar="SUITE=ACCURACY",
                           help="gate: fail when a task suite's accuracy is below this floor (repeatable)")
+    evaluate.add_argument("--cpu-weight-layout", choices=("single", "dual"), default="single",
+                          help="dual: every format through the CPU copies a tier adds where they measure faster "
+                               "(oneDNN fp32 / bf16, FBGEMM fp16), as served on this CPU; single: the plain path")
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
 
 

@@ -39,7 +39,8 @@ def run_from_args(args) -> int:
     torch.set_num_threads(resolve_threads(args.threads))
     suites = load_suites(args.suites, args.only)
     gate = Gate(args.max_ppl_increase, args.min_agreement, dict(args.min_accuracy))
-    results = evaluate(args.model, args.weights or ["int8"], suites, gate)
+    results = evaluate(args.model, args.weights or ["int8"], suites, gate,
+                       cpu_copies=getattr(args, "cpu_weight_layout", "single") == "dual")
     # Kernels, and so summation orders and the figures' last digits, differ between CPUs.
     print(f"Machine: {describe_machine()}\n")
     print(table(results))
