@@ -105,12 +105,13 @@ def test_a_decode_instance_that_stops_mid_stream_is_left_for_another_and_the_str
 
 
 def test_a_prompt_whose_prefill_outlasts_the_lease_is_served(model, model_dir):
-    """The reservation's lease (0.5 s here) is renewed by every KV chunk that lands, so a prompt whose prefill
-    takes several leases (1,000 tokens in chunks of 8) is served, not expired half-way."""
-    lease_ms = 500
-    tiers = InProcessTiers({"p": prefill_engine(model, num_blocks=80, chunk_size=8)},
-                           {"d": decode_engine(model, model_dir, num_blocks=80, lease_s=lease_ms / 1000)})
-    spec = GenerationSpec("long", [1000 + i % 500 for i in range(1000)], 4, SamplingConfig(), ())
+    """The reservation's lease (0.1 s here) is renewed by every KV chunk that lands (each layer of each forward),
+    so a prompt whose prefill takes several leases (400 tokens in chunks of 8: 50 forwards of 30 layers) is
+    served, not expired half-way."""
+    lease_ms = 100
+    tiers = InProcessTiers({"p": prefill_engine(model, num_blocks=40, chunk_size=8)},
+                           {"d": decode_engine(model, model_dir, num_blocks=40, lease_s=lease_ms / 1000)})
+    spec = GenerationSpec("long", [1000 + i % 500 for i in range(400)], 4, SamplingConfig(), ())
     generation = Generation(spec, Router(("p",), ("d",)), tiers, eos_token_ids=frozenset(), lease_ms=lease_ms,
                             deadline=None, trace_parent=INVALID_SPAN)
     with tiers.running():
