@@ -58,10 +58,12 @@ class LlamaModel:
         self.device = torch.device(device)
         w = {name: tensor.to(self.device, dtype) for name, tensor in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # (vocab, hidden)
+        if isinstance(self.embed, torch.Tensor) and not config.tie_word_embeddings:
+            self.embed = self.embed.clone()  # its own memory, not a view of the checkpoint's map (see _layer)
         self.lm_head = make_linear(self.embed if config.tie_word_embeddings else w["lm_head.weight"], weight_format)
         if config.tie_word_embeddings and isinstance(self.lm_head, DenseLinear):
             self.embed = self.lm_head.weight  # the head's transposed copy serves lookups too: one copy held
-        self.final_norm = w["model.norm.weight"]
+        self.final_norm = w["model.norm.weight"].clone()  # see _layer: kept tensors own their memory
         self.layers = [self._layer(config, w, i, weight_format) for i in range(config.num_layers)]
         cos, sin_signed = _rotary_tables(config)  # (max_positions, head_dim) each
         self.cos, self.sin_signed = cos.to(self.device, dtype), sin_signed.to(self.device, dtype)
@@ -100,11 +102,14 @@ class LlamaModel:
             mlp = MoeMlp.from_layer(w, p + "mlp.", config.num_experts, config.num_experts_per_tok, weight_format)
         else:
             mlp = DenseMlp.from_weights(w, p + "mlp.", weight_format)
+        # Norms are kept as loaded: clones, not views of the checkpoint's memory map, which a single view would keep
+        # mapped and resident (the whole file, 513 MiB for the default model) after the projections were copied
+        # out of it.
         return LayerWeights(
-            input_norm=w[p + "input_layernorm.weight"],
+            input_norm=w[p + "input_layernorm.weight"].clone(),
             qkv=make_linear(torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]), weight_format),
             out=make_linear(w[p + "self_attn.o_proj.weight"], weight_format),
-            post_norm=w[p + "post_attention_layernorm.weight"],
+            post_norm=w[p + "post_attention_layernorm.weight"].clone(),
             mlp=mlp,
         )
 

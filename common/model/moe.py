@@ -75,7 +75,7 @@ class MoeMlp:
     def from_layer(cls, w: dict, prefix: str, num_experts: int, top_k: int, weight_format: str) -> "MoeMlp":
         """A layer's weights named as split_experts names them, under prefix (`model.layers.<i>.mlp.`)."""
         experts = [DenseMlp.from_weights(w, f"{prefix}experts.{e}.", weight_format) for e in range(num_experts)]
-        return cls(w[prefix + "gate.weight"], experts, top_k)
+        return cls(w[prefix + "gate.weight"].clone(), experts, top_k)  # owned: not a view of the checkpoint's map
 
     def linears(self) -> tuple:
         return tuple(linear for expert in self.experts for linear in expert.linears())
