@@ -47,6 +47,8 @@ def _add_trace(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--trace", type=Path, help="JSONL arrivals: arrival_s, prompt_tokens, output_tokens")
     parser.add_argument("--rate", type=_positive, help="Poisson arrivals, req/s (with --workload)")
     parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, help="every request's output length, replacing the "
+                                                          "workload's (as `pdserve bench --max-new-tokens`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-batch-size", type=int, default=32, help="decode batch limit")
     parser.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -94,7 +96,7 @@ def _arrivals(args):
         raise SystemExit("pdserve plan: --workload needs --rate (req/s)")
     requests = sorted(make_requests(workload, args.num_requests, args.seed), key=lambda r: r.index)
     offsets = poisson_offsets_s(len(requests), args.rate, args.seed)
-    return [Arrival(at, len(r.prompt_ids), r.max_new_tokens) for at, r in zip(offsets, requests)]
+    return [Arrival(at, len(r.prompt_ids), args.max_new_tokens or r.max_new_tokens) for at, r in zip(offsets, requests)]
 
 
 def _load_profile(path: Path):

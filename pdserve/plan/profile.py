@@ -2,9 +2,12 @@
 against batch and context, the KV transfer tail and the fixed overhead of a request, all through the gateway as a
 client sees them (the responses' timings give prefill compute and the transfer tail).
 
-Prompts are random token ids (seeded, distinct per request), so no prefix cache helps, and long enough (64+)
-that the gateway never prefills them on the decode tier. A decode step's time is read where every sequence of
-a batch is generating: between the last first token and the first last token of B requests sent together.
+Prefill prompts are random token ids (seeded, distinct per request), so no prefix cache helps, and long enough
+(64+) that the gateway never prefills them on the decode tier. A decode step's time is read where every sequence
+of a batch is generating: between the last first token and the first last token of B requests sent together.
+So that B requests of a long context start decoding together (not one prefill after another), they share all
+but their last 16 tokens, which one request puts in the prefix caches first: each then prefills 16 tokens, and
+decodes over the whole context.
 """
 
 import random
@@ -22,6 +25,7 @@ DECODE_BATCHES = (1, 4, 16)
 DECODE_CONTEXTS = (64, 768)
 DECODE_NEW_TOKENS = 48
 _REPEATS = 3
+_UNIQUE_TOKENS = 16  # a decode measurement's requests differ only in their last tokens (see above)
 
 
 def _prompt(rng: random.Random, tokens: int) -> tuple[int, ...]:
@@ -91,7 +95,9 @@ def profile_stack(address: str, cores_per_instance: float = 1.0, seed: int = 0, 
     steps = []
     for context in DECODE_CONTEXTS:
         for batch in DECODE_BATCHES:
-            requests = [BenchRequest(next(index), "decode", _prompt(rng, context), DECODE_NEW_TOKENS)
+            shared = _prompt(rng, context - _UNIQUE_TOKENS)
+            _run(address, [BenchRequest(next(index), "prefix", shared + _prompt(rng, _UNIQUE_TOKENS), 1)], 1)
+            requests = [BenchRequest(next(index), "decode", shared + _prompt(rng, _UNIQUE_TOKENS), DECODE_NEW_TOKENS)
                         for _ in range(batch)]
             step = _window_step_ms(_run(address, requests, batch))
             steps.append({"batch": batch, "context": context, "step_ms": step})
