@@ -11,6 +11,10 @@ import torch
 
 from pdserve.cli import main
 
+# Three stacks started one after another (90 s on 2 cores): a benchmark sweep, run by `make slow`; the sweep's pure
+# pieces are in test_trilemma_units.py, in `make test`.
+pytestmark = pytest.mark.slow
+
 CONFIGS = ("spec=prompt-lookup", "decode=int8")
 FIDELITY_PROMPTS, FIDELITY_TOKENS = 3, 24
 
