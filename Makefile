@@ -53,7 +53,7 @@ docker-wheels: $(STAMP)
 	scripts/docker/wheels $(BIN)
 
 # llama.cpp's own server, the bench's strongest CPU peer (`pdserve bench --peers llama-server,...`): built once
-# from source into ~/.cache/pdserve/llama.cpp (about 25 minutes on 2 cores; needs cmake and a C++ compiler).
+# from source into ~/.cache/pdserve/llama.cpp (14 minutes measured on 2 cores; needs cmake and a C++ compiler).
 llama-server: $(STAMP)
 	scripts/bench/build-llama-server $(BIN)/pip
 

@@ -271,7 +271,7 @@ def start_llama_server(options: PeerOptions) -> RunningPeer:
     binary = llama_server.find_llama_server()
     if binary is None:
         raise PeerUnavailable("llama-server is not built here: `make llama-server` builds llama.cpp's server from "
-                              "source once (about 25 minutes on 2 cores), or put one on PATH. Skipped.")
+                              "source once (about 15 minutes on 2 cores), or put one on PATH. Skipped.")
     from pdserve.prepare.default_model import default_gguf_path
 
     port = free_port(options.host)

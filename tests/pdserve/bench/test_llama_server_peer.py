@@ -59,7 +59,7 @@ def test_server_command_gives_every_slot_its_context_and_the_threads():
 def server():
     binary = llama_server.find_llama_server()
     if binary is None:
-        pytest.skip("llama-server is not built here (`make llama-server`, about 25 minutes on 2 cores)")
+        pytest.skip("llama-server is not built here (`make llama-server`, about 15 minutes on 2 cores)")
     from pdserve.prepare.default_model import default_gguf_path
 
     port = free_port("127.0.0.1")
