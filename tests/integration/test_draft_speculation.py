@@ -69,6 +69,7 @@ def test_concurrent_draft_and_plain_requests_equal_their_solo_outputs(draft_stac
     assert results == [s for s in solo for _ in (True, False)]
 
 
+@pytest.mark.slow  # a stack of its own (25 s); the draft's losslessness and colocated serving are each in make test
 def test_colocated_mode_speculates_with_the_draft_too(model_dir, draft_dir):
     import grpc
 

@@ -3,6 +3,7 @@ alone and mixed with non-speculating requests, and it does speculate where the t
 
 import concurrent.futures
 
+import pytest
 from helpers import collect, request
 from speculation_prompts import MAX_NEW_TOKENS, PROMPTS
 
@@ -33,6 +34,8 @@ def test_extractive_prompt_accepts_drafts(stack):
     assert last.speculation.tokens_per_verify_step > 1.0
 
 
+@pytest.mark.slow  # 22 s; mixed batches of speculating and plain sequences stay in make test through the draft
+# engine's tests (tests/decode_svc/test_draft_engine.py) and test_draft_speculation.py
 def test_concurrent_mix_of_speculating_and_plain_requests_equals_solo(stack):
     solo = [_run(stack, p, False)[0] for p in PROMPTS]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2 * len(PROMPTS)) as pool:
