@@ -1,5 +1,5 @@
 """Whether torch.compile pays for a decode step on this CPU: the model's decode forward (one thread, a batch at
-context 128) eager, then compiled (inductor, dynamic shapes), medians of interleaved steps, and what compiling cost.
+context 128) eager, then compiled (inductor, static shapes: one compilation per shape), medians of interleaved steps, and what compiling cost.
 
     .venv/bin/python scripts/micro/compiled_step.py [WEIGHTS] [BATCH]      (defaults fp16 1)
 """
@@ -18,7 +18,7 @@ runner = default_runner(1024, weights)
 runner.model.add_blocked_copies()
 step = items(batch, 128)
 eager = runner.model.decode
-compiled = torch.compile(eager, dynamic=True)
+compiled = torch.compile(eager, dynamic=False)  # dynamic=True fails in inductor here (a broadcast of two symbolic sizes)
 
 
 def timed(forward, repeats: int = 15) -> float:
