@@ -6,14 +6,17 @@ The gguf package dequantizes; the tokenizer is rebuilt from the GGUF vocabulary 
 `tokenizers` library. Tests check both against transformers' own GGUF loader.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # the conversion's libraries load only when a conversion runs: a process that finds the model
+    import numpy as np  # prepared (`pdserve up`'s launcher) does not hold torch's ~250 MB for nothing
+    import torch
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,6 +59,7 @@ def prepare_default_model(model_dir: Path, gguf_path: Path | None = None) -> Pat
     if is_prepared(model_dir):
         return model_dir
     from gguf import GGUFReader
+    from safetensors.torch import save_file
 
     reader = GGUFReader(str(gguf_path or default_gguf_path()))
     meta = {name: field for name, field in reader.fields.items()}
@@ -116,6 +120,8 @@ def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def _hf_state_dict(reader, config: dict) -> dict[str, torch.Tensor]:
+    import numpy as np
+    import torch
     from gguf.quants import dequantize
 
     state = {}
