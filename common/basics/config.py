@@ -43,16 +43,19 @@ def option(default, help: str, **flag):
     return field(default=default, metadata={"help": help, **flag})
 
 
+def cache_root(cache_home: str | None, home: str) -> Path:
+    """What pdserve keeps outside git on this machine: $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve."""
+    return (Path(cache_home) if cache_home else Path(home) / ".cache") / "pdserve"
+
+
 def default_model_dir(cache_home: str | None, home: str) -> Path:
     """Where the prepared default model lives: $XDG_CACHE_HOME/pdserve/models/... (outside git)."""
-    base = Path(cache_home) if cache_home else Path(home) / ".cache"
-    return base / "pdserve" / "models" / "SmolLM2-135M-Instruct"
+    return cache_root(cache_home, home) / "models" / "SmolLM2-135M-Instruct"
 
 
 def default_certs_dir(cache_home: str | None, home: str) -> Path:
     """Where `pdserve up` keeps the development CA and the tiers' certificates (outside git)."""
-    base = Path(cache_home) if cache_home else Path(home) / ".cache"
-    return base / "pdserve" / "certs"
+    return cache_root(cache_home, home) / "certs"
 
 
 def _check_port(port: int) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from common.basics.config import cache_root
 from common.model.linear import DenseLinear, PackedLinear
 from common.model.llama import LlamaModel
 from common.runtime.machine import machine_facts
@@ -81,8 +82,7 @@ def measure_layouts(model: LlamaModel, rows: tuple[int, ...]) -> LayoutChoice | 
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pdserve" / "cpu-paths.json"
+    return cache_root(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")) / "cpu-paths.json"
 
 
 def _key(model: LlamaModel, weights: str, rows: tuple[int, ...]) -> str:

@@ -2,8 +2,8 @@
 continuously over `-np` slots; the load generator talks to it straight over HTTP (no wrapper process between
 them), sending each prompt as token ids to /completion and reading the streamed tokens back.
 
-The binary is found on PATH, at $PDSERVE_LLAMA_SERVER, or where `make llama-server`
-(scripts/bench/build-llama-server) builds it: $PDSERVE_CACHE/llama.cpp/bin (default ~/.cache/pdserve/...).
+The binary is found at $PDSERVE_LLAMA_SERVER, on PATH, or where `make llama-server`
+(scripts/bench/build-llama-server) builds it: $XDG_CACHE_HOME/pdserve/llama.cpp/bin (default ~/.cache/pdserve/...).
 """
 
 import http.client
@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from common.basics.config import cache_root
 from pdserve.v1 import common_pb2, gateway_pb2
 
 SCHEME = "http://"  # a gateway address with this prefix is a llama-server, not a pdserve.v1.Gateway
@@ -30,8 +31,7 @@ def find_llama_server() -> Path | None:
     on_path = shutil.which("llama-server")
     if on_path:
         return Path(on_path)
-    cache = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
-    built = cache / "llama.cpp" / "bin" / "llama-server"
+    built = cache_root(os.environ.get("XDG_CACHE_HOME"), os.path.expanduser("~")) / "llama.cpp" / "bin" / "llama-server"
     return built if built.is_file() else None
 
 
