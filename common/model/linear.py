@@ -39,6 +39,10 @@ class DenseLinear:
         self.blocked = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)  # sized for ~16 rows
         return True
 
+    def drop_copy(self) -> None:
+        """Back to the one plain copy (what add_blocked_copy added is freed)."""
+        self.blocked = None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocked is not None and x.numel() > x.shape[-1]:
             return torch.ops.mkldnn._linear_pointwise(x, self.blocked, None, "none", [], "")
@@ -91,16 +95,26 @@ class PackedLinear:
             return True
         return False
 
+    @property
+    def has_copy(self) -> bool:
+        return self.fp16_packed is not None or self.bf16_blocked is not None
+
+    def drop_copy(self) -> None:
+        """Back to the unpacked weight alone (only while it is still held: see drop_unpacked)."""
+        if self.weight is None:
+            raise ValueError("the unpacked weight was dropped: the packed copy is all this linear holds")
+        self.fp16_packed = self.bf16_blocked = None
+
     def drop_unpacked(self) -> bool:
         """Frees the unpacked weight where the packed copy serves every product; returns whether it did. Not
         for a weight whose rows are also looked up (a tied embedding): the packed copy cannot give rows."""
-        if self.fp16_packed is None and self.bf16_blocked is None:
+        if not self.has_copy:
             return False
         self.weight = None
         return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp16_packed is None and self.bf16_blocked is None:
+        if not self.has_copy:
             return self.weight.matmul(x)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (tokens, in_features)
         if self.fp16_packed is not None:
@@ -112,7 +126,7 @@ class PackedLinear:
 
     @property
     def nbytes(self) -> int:
-        copy = 0 if self.fp16_packed is None and self.bf16_blocked is None else self.out_features * self.in_features * 2
+        copy = self.out_features * self.in_features * 2 if self.has_copy else 0  # fp16 / bf16: 2 bytes each
         return (0 if self.weight is None else self.weight.nbytes) + copy
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from common.basics.config import cache_root
-from common.model.linear import DenseLinear, PackedLinear
 from common.model.llama import LlamaModel
 from common.runtime.machine import machine_facts
 
@@ -56,13 +55,6 @@ def _time_ms(linear, x: torch.Tensor) -> float:
     return best * 1e3
 
 
-def _drop_copy(linear) -> None:
-    if isinstance(linear, DenseLinear):
-        linear.blocked = None
-    elif isinstance(linear, PackedLinear):
-        linear.fp16_packed, linear.bf16_blocked = None, None
-
-
 def measure_layouts(model: LlamaModel, rows: tuple[int, ...]) -> LayoutChoice | None:
     """Times the LM head and layer 0's projections (scaled by the layer count) at each row count, without and
     with their copies; None where no linear of this model gets a copy on this machine (nothing to choose)."""
@@ -74,7 +66,7 @@ def measure_layouts(model: LlamaModel, rows: tuple[int, ...]) -> LayoutChoice | 
         return None
     blocked = {id(linear): [_time_ms(linear, torch.randn(n, linear.in_features)) for n in rows] for linear in sample}
     for linear in copied:
-        _drop_copy(linear)
+        linear.drop_copy()
     single = tuple(sum(w * plain[id(lin)][i] for lin, w in zip(sample, weights)) for i in range(len(rows)))
     dual = tuple(sum(w * blocked[id(lin)][i] for lin, w in zip(sample, weights)) for i in range(len(rows)))
     layout = "dual" if sum(dual) < sum(single) else "single"

@@ -2,7 +2,8 @@
 
 A peer is a process tree (`pdserve up` and its tiers, or one server process). Each process is named by its role
 (gateway, prefill, decode, colocated, launcher, or the program's name), and its peak resident set size (VmHWM
-from /proc) is read while the tree is sampled, so a process that ends between samples still counts its peak.
+from /proc) is read every half second: a peak reached between samples is still caught by the next one, though a
+process that ends before it is counted only up to its last sample.
 """
 
 import threading

@@ -63,6 +63,7 @@ class ExternalTarget:
     stats_address: str | None
     stats_tls: Tls | None = None  # mutual TLS to the decode tier's Stats, when its stack has certificates
     cpus: str = "not managed by the harness"
+    process = None  # no process of the harness's: nothing to sample for memory
 
     def stop(self) -> None:
         pass
@@ -97,9 +98,8 @@ def run_one(target, workload: str, requests: list[BenchRequest], load: LoadSpec,
     load_average = os.getloadavg()[0]  # other work on the machine, for the record
     bar = tqdm(total=len(requests), desc=f"{target.name} | {workload} | {load.label}", unit="req",
                disable=not progress, leave=True)
-    process = getattr(target, "process", None)  # a peer the harness started; None for --address
     with StatsPoller(target.stats_address, target.stats_tls) as poller, \
-            RssSampler(process.pid if process else None) as rss:
+            RssSampler(target.process.pid if target.process else None) as rss:
         results, duration_s = run_load(target.gateway_address, requests, load, on_done=lambda _: bar.update())
     bar.close()
     run = {"name": target.name, "workload": workload, "load": load.label, "mode": load.mode,
