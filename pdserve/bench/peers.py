@@ -29,27 +29,19 @@ differ only in how decode grows a sequence's KV.
 import dataclasses
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
-from common.edge.server import Tls, is_serving
-from pdserve.affinity import pin_to
 from pdserve.bench import llama_server
+from pdserve.bench.peer_process import (
+    PeerOptions,
+    PeerUnavailable,
+    RunningPeer,
+    cpus_text,
+    launch,
+)
 from pdserve.certs import ensure_certs, gateway_identity
 from pdserve.launcher import free_port
-
-_START_TIMEOUT_S = 240.0
-_STOP_TIMEOUT_S = 20.0
-
-
-class PeerUnavailable(Exception):
-    """The peer cannot run here; the message says why and how to get it."""
-
 
 # pdserve peers whose decode tier runs apart, on the decode cores alone.
 DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-bf16", "pdserve-spec", "pdserve-draft",
@@ -60,81 +52,11 @@ DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-bf16", "pdserve-s
 TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp", "llama-server"})
 
 
-@dataclass(frozen=True)
-class PeerOptions:
-    model_dir: Path
-    log_dir: Path
-    certs_dir: Path | None = None  # stack peers speak mutual TLS with these certificates; None: plaintext
-    prefill_cpus: frozenset[int] | None = None
-    decode_cpus: frozenset[int] | None = None
-    gateway_cpus: frozenset[int] | None = None
-    max_batch_size: int = 32
-    host: str = "127.0.0.1"
-    draft_model: Path | None = None  # pdserve-draft's draft (`pdserve distill-draft` writes one)
-    fixed_k: bool = False  # speculating peers always propose their k (--speculative-fixed-k): to measure acceptance
-    weights: str = "fp32"  # every pdserve peer's weight format, both tiers (pdserve-fp16 excepted: always fp16)
-    kv_blocks: int = 0  # every pdserve stack's KV pool in blocks, both tiers (`pdserve up --kv-blocks`); 0: default
-    kv_dtype: str = "float32"  # every pdserve stack's KV cache dtype (`pdserve up --kv-dtype`)
-    llama_server_slots: int = 16  # llama-server's --parallel: sequences it batches
-    context_per_slot: int = 2048  # llama-server's context per slot: the longest request's prompt + new tokens
-
-    @property
-    def engine_cpus(self) -> frozenset[int] | None:
-        """The cores of a single-process peer: the prefill and decode cores together."""
-        if self.prefill_cpus is None or self.decode_cpus is None:
-            return None
-        return self.prefill_cpus | self.decode_cpus
-
-
-@dataclass
-class RunningPeer:
-    name: str
-    gateway_address: str
-    stats_address: str | None  # a pdserve.v1.Decode Stats endpoint, or None
-    stats_tls: Tls | None  # mutual TLS to it (a stack peer's decode tier)
-    process: subprocess.Popen
-    log_path: Path
-    cpus: str
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _cpus_text(cpus: frozenset[int] | None) -> str:
-    return ",".join(map(str, sorted(cpus))) if cpus else "any"
-
-
-def _launch(name: str, command: list[str], options: PeerOptions, addresses: list[str], gateway: str,
-            stats: str | None, cpus: frozenset[int] | None, cpus_label: str, tls: Tls | None = None,
-            ready: Callable[[], bool] | None = None, env: dict[str, str] | None = None) -> RunningPeer:
-    """Starts a peer and waits until every address serves (those other than the gateway over `tls`, when given),
-    or until `ready()` when given."""
-    options.log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = options.log_dir / f"{name}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin_to(cpus), env=env)
-    peer = RunningPeer(name, gateway, stats, tls, process, log_path, cpus_label)
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    ready = ready or (lambda: all(is_serving(a, tls=None if a == gateway else tls) for a in addresses))
-    while not ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            peer.stop()
-            raise RuntimeError(f"peer {name} did not start (exit {process.returncode}); see {log_path}")
-        time.sleep(0.5)
-    return peer
-
-
 def _cpu_flags(options: PeerOptions, colocated: bool) -> list[str]:
     tiers = {"gateway": options.gateway_cpus}
     tiers |= {"colocated": options.engine_cpus} if colocated else {"prefill": options.prefill_cpus,
                                                                     "decode": options.decode_cpus}
-    return [arg for tier, cpus in tiers.items() if cpus for arg in (f"--{tier}-cpus", _cpus_text(cpus))]
+    return [arg for tier, cpus in tiers.items() if cpus for arg in (f"--{tier}-cpus", cpus_text(cpus))]
 
 
 # pdserve-spec's only difference from pdserve: everything else (cores, batch limit, defaults) is the same.
@@ -160,14 +82,14 @@ def start_stack(name: str, options: PeerOptions, colocated: bool, extra: tuple[s
     command = stack_command(options, ports, colocated, extra)
     addresses = {tier: f"{host}:{port}" for tier, port in ports.items()}
     if colocated:
-        label = f"prefill+decode {_cpus_text(options.engine_cpus)}"
+        label = f"prefill+decode {cpus_text(options.engine_cpus)}"
     else:
-        label = f"prefill {_cpus_text(options.prefill_cpus)}, decode {_cpus_text(options.decode_cpus)}"
-    label += f", gateway {_cpus_text(options.gateway_cpus)}"
+        label = f"prefill {cpus_text(options.prefill_cpus)}, decode {cpus_text(options.decode_cpus)}"
+    label += f", gateway {cpus_text(options.gateway_cpus)}"
     # the launcher makes the certificates too; made here first, the wait can use them from the start
     tls = gateway_identity(ensure_certs(options.certs_dir).ca.parent) if options.certs_dir else None
     # the launcher pins its children; the launcher process itself only waits
-    return _launch(name, command, options, list(addresses.values()), addresses["gateway"], addresses["decode"],
+    return launch(name, command, options, list(addresses.values()), addresses["gateway"], addresses["decode"],
                    None, label, tls)
 
 
@@ -249,8 +171,8 @@ def start_hf_static(options: PeerOptions) -> RunningPeer:
     command = [sys.executable, "-m", "pdserve.bench.hf_static", "--model", str(options.model_dir),
                "--host", options.host, "--port", address.rsplit(":", 1)[1],
                "--max-batch-size", str(options.max_batch_size)]
-    return _launch("hf-static", command, options, [address], address, address, options.engine_cpus,
-                   f"one process {_cpus_text(options.engine_cpus)}")
+    return launch("hf-static", command, options, [address], address, address, options.engine_cpus,
+                   f"one process {cpus_text(options.engine_cpus)}")
 
 
 def start_llama_cpp(options: PeerOptions) -> RunningPeer:
@@ -263,8 +185,8 @@ def start_llama_cpp(options: PeerOptions) -> RunningPeer:
     threads = len(options.engine_cpus) if options.engine_cpus else 0
     command = [sys.executable, "-m", "pdserve.bench.llama_cpp_peer", "--gguf", str(default_gguf_path()),
                "--host", options.host, "--port", address.rsplit(":", 1)[1], "--threads", str(threads)]
-    return _launch("llama.cpp", command, options, [address], address, address, options.engine_cpus,
-                   f"one process {_cpus_text(options.engine_cpus)}")
+    return launch("llama.cpp", command, options, [address], address, address, options.engine_cpus,
+                   f"one process {cpus_text(options.engine_cpus)}")
 
 
 def start_llama_server(options: PeerOptions) -> RunningPeer:
@@ -282,8 +204,8 @@ def start_llama_server(options: PeerOptions) -> RunningPeer:
     # llama.cpp's OpenMP threads as a user runs them: without the OMP_WAIT_POLICY=PASSIVE pdserve sets for its own
     # processes (inherited here, it makes every barrier sleep: 37 ms a token at batch 1 instead of 10).
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
-    return _launch("llama-server", command, options, [address], address, None, options.engine_cpus,
-                   f"one process {_cpus_text(options.engine_cpus)}", ready=lambda: llama_server.is_ready(address),
+    return launch("llama-server", command, options, [address], address, None, options.engine_cpus,
+                   f"one process {cpus_text(options.engine_cpus)}", ready=lambda: llama_server.is_ready(address),
                    env=env)
 
 

@@ -29,14 +29,8 @@ from pdserve.bench.metrics import (
     tpot_ms,
     ttft_ms,
 )
-from pdserve.bench.peers import (
-    DISAGGREGATED,
-    PEERS,
-    TOKEN_IDS_ONLY,
-    PeerOptions,
-    PeerUnavailable,
-    weights_of,
-)
+from pdserve.bench.peer_process import PeerOptions, PeerUnavailable
+from pdserve.bench.peers import DISAGGREGATED, PEERS, TOKEN_IDS_ONLY, weights_of
 from pdserve.bench.request import BenchRequest
 from pdserve.bench.roofline import (
     count_parameters,

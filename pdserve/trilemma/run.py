@@ -5,7 +5,7 @@ from pathlib import Path
 
 from common.basics.config import default_certs_dir
 from common.runtime.machine import machine_facts
-from pdserve.bench.peers import PeerOptions
+from pdserve.bench.peer_process import PeerOptions
 from pdserve.bench.runner import git_commit, machine_description
 from pdserve.bench.workloads import WORKLOADS
 from pdserve.trilemma import measures, report

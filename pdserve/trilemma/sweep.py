@@ -24,7 +24,8 @@ import grpc
 from common.basics.config import KV_DTYPES, SPECULATIVE_METHODS, WEIGHT_FORMAT_NAMES
 from pdserve.bench.loadgen import LoadSpec, run_load
 from pdserve.bench.metrics import Slo, summarize
-from pdserve.bench.peers import PeerOptions, RunningPeer, start_stack
+from pdserve.bench.peer_process import PeerOptions, RunningPeer
+from pdserve.bench.peers import start_stack
 from pdserve.bench.texts import OPEN_CHAT_PROMPTS
 from pdserve.bench.workloads import WORKLOADS, make_requests
 from pdserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc

@@ -11,7 +11,7 @@ from pdserve.bench import peers, report
 from pdserve.bench.cli import _workload_list
 from pdserve.bench.loadgen import RequestResult, _to_proto, send_one
 from pdserve.bench.metrics import Slo, speculation, summarize
-from pdserve.bench.peers import PeerOptions
+from pdserve.bench.peer_process import PeerOptions
 from pdserve.bench.runner import _logged_step_costs, speculation_comparison
 from pdserve.bench.workloads import (
     OPEN_CHAT_PROMPTS,
@@ -187,7 +187,7 @@ def test_verify_cost_lines_quote_the_measurement_and_the_peer_log(tmp_path):
 def test_the_spec_peer_is_the_pdserve_peer_plus_prompt_lookup(monkeypatch, tmp_path):
     commands = {}
     monkeypatch.setattr(peers, "free_port", lambda host: 4321)
-    monkeypatch.setattr(peers, "_launch", lambda name, command, *rest: commands.setdefault(name, command))
+    monkeypatch.setattr(peers, "launch", lambda name, command, *rest: commands.setdefault(name, command))
     options = PeerOptions(model_dir=tmp_path, log_dir=tmp_path, prefill_cpus=frozenset({0}),
                           decode_cpus=frozenset({1}))
     peers.PEERS["pdserve"](options)
@@ -211,7 +211,7 @@ def test_workload_lists_parse_and_refuse_unknown_or_repeated_names():
 def test_the_draft_peer_is_the_pdserve_peer_plus_its_draft_and_is_compared_with_both(monkeypatch, tmp_path):
     commands = {}
     monkeypatch.setattr(peers, "free_port", lambda host: 4321)
-    monkeypatch.setattr(peers, "_launch", lambda name, command, *rest: commands.setdefault(name, command))
+    monkeypatch.setattr(peers, "launch", lambda name, command, *rest: commands.setdefault(name, command))
     (tmp_path / "draft").mkdir()
     options = PeerOptions(model_dir=tmp_path, log_dir=tmp_path, draft_model=tmp_path / "draft")
     with pytest.raises(peers.PeerUnavailable, match="pdserve distill-draft"):
@@ -233,7 +233,7 @@ def test_the_draft_peer_is_the_pdserve_peer_plus_its_draft_and_is_compared_with_
 def test_the_fp16_peer_and_pdserve_weights_set_both_tiers_of_the_stack(monkeypatch, tmp_path):
     commands = {}
     monkeypatch.setattr(peers, "free_port", lambda host: 4321)
-    monkeypatch.setattr(peers, "_launch", lambda name, command, *rest: commands.setdefault(name, command))
+    monkeypatch.setattr(peers, "launch", lambda name, command, *rest: commands.setdefault(name, command))
     for name in ("pdserve", "pdserve-fp16", "pdserve-colocated"):
         peers.PEERS[name](PeerOptions(model_dir=tmp_path, log_dir=tmp_path))
     parsed = {name: build_parser(tmp_path).parse_args(command[command.index("up"):] if "up" in command else command)

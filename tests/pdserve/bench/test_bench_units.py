@@ -129,7 +129,8 @@ def test_markdown_report_has_a_row_per_run_and_the_roofline(tmp_path):
 
 
 def test_each_batch1_floor_counts_the_bytes_its_peer_serves(model_dir):
-    from pdserve.bench.peers import PeerOptions, weights_of
+    from pdserve.bench.peer_process import PeerOptions
+    from pdserve.bench.peers import weights_of
     from pdserve.bench.roofline import served_weight_bytes
     from pdserve.bench.runner import _engine_threads
     from pdserve.prepare.default_model import default_gguf_path

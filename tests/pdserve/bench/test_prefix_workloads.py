@@ -14,11 +14,11 @@ import pytest
 from pdserve.bench import report
 from pdserve.bench.loadgen import LoadSpec, RequestResult, _closed_loop, _open_loop
 from pdserve.bench.metrics import decode_kv, prefix_reuse
+from pdserve.bench.peer_process import PeerOptions
 from pdserve.bench.peers import (
     NO_LOCAL_PREFILL_FLAGS,
     NO_PREFIX_CACHE_FLAGS,
     UPFRONT_FLAGS,
-    PeerOptions,
     stack_command,
 )
 from pdserve.bench.sessions import ChatMl, document
