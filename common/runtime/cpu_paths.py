@@ -56,19 +56,23 @@ def _time_ms(linear, x: torch.Tensor) -> float:
 
 
 def measure_layouts(model: LlamaModel, rows: tuple[int, ...]) -> LayoutChoice | None:
-    """Times the LM head and layer 0's projections (scaled by the layer count) at each row count, without and
-    with their copies; None where no linear of this model gets a copy on this machine (nothing to choose)."""
+    """Times the LM head and layer 0's projections (scaled by the layer count) at each row count, with and
+    without their copies; None, timing nothing, where no linear of this model gets a copy on this machine (other
+    formats, or off CPU)."""
     sample = [model.lm_head, *model.linears()[1:][:len(model.linears()[1:]) // model.config.num_layers]]
-    weights = [1.0] + [float(model.config.num_layers)] * (len(sample) - 1)
-    plain = {id(linear): [_time_ms(linear, torch.randn(n, linear.in_features)) for n in rows] for linear in sample}
     copied = [linear for linear in sample if linear.add_blocked_copy()]
     if not copied:
         return None
-    blocked = {id(linear): [_time_ms(linear, torch.randn(n, linear.in_features)) for n in rows] for linear in sample}
+    weights = [1.0] + [float(model.config.num_layers)] * (len(sample) - 1)
+
+    def step_ms() -> tuple[float, ...]:
+        per_linear = [[_time_ms(linear, torch.randn(n, linear.in_features)) for n in rows] for linear in sample]
+        return tuple(sum(w * times[i] for w, times in zip(weights, per_linear)) for i in range(len(rows)))
+
+    dual = step_ms()
     for linear in copied:
         linear.drop_copy()
-    single = tuple(sum(w * plain[id(lin)][i] for lin, w in zip(sample, weights)) for i in range(len(rows)))
-    dual = tuple(sum(w * blocked[id(lin)][i] for lin, w in zip(sample, weights)) for i in range(len(rows)))
+    single = step_ms()
     layout = "dual" if sum(dual) < sum(single) else "single"
     return LayoutChoice(layout, rows, single, dual)
 

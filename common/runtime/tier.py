@@ -39,13 +39,12 @@ def build_runtime(config: TierConfig) -> TierRuntime:
         )
     model = load_model(config.model_dir, config.weights, resolve_device(config.device))
     layout = config.cpu_weight_layout
-    if layout == "auto" and model.device.type == "cpu":
-        rows = DECODE_ROWS if isinstance(config, DecodeConfig) else PREFILL_ROWS
-        choice = choose_layout(model, config.weights, rows)
+    if layout == "auto":  # off CPU nothing gets a copy: there is nothing to choose
+        choice = choose_layout(model, config.weights, DECODE_ROWS if isinstance(config, DecodeConfig) else PREFILL_ROWS)
         layout = choice.layout if choice else "single"
         if choice:
             log.info("%s; --cpu-weight-layout dual|single forces one", choice.describe())
-    if layout in ("dual", "auto"):
+    if layout == "dual":
         single = stored_weight_bytes(model)["total"]
         if model.add_blocked_copies():
             log.info("weights %.1f MiB, %.1f MiB with the copies for the CPU's faster products "
