@@ -102,8 +102,11 @@ def _arrivals(args):
 def _load_profile(path: Path):
     from pdserve.plan.simulate import Profile
 
-    data = json.loads(path.read_text())
-    return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["profile"].items()})
+    try:
+        data = json.loads(path.read_text())
+        return Profile(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["profile"].items()})
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"pdserve plan: {path} is not a profile `pdserve plan profile` wrote ({error})") from None
 
 
 def _row(label: str, summary: dict) -> str:

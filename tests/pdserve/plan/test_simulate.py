@@ -97,3 +97,36 @@ def test_cli_refuses_a_topology_it_cannot_read(bad, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pdserve.cli", "plan", "simulate", "--profile", "x.json",
                              "--topology", bad, "--rate", "1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "topology" in result.stderr
+
+
+def _recommend(tmp_path, tpot_ms: str) -> dict:
+    """Prefill at 400 ms a prompt (whatever its length), a cheap decode step, chat prompts at 4 req/s."""
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"profile": {"prefill_ms": [400, 0, 0], "step_ms": [10, 0.5, 0],
+                                               "transfer_tail_ms": 0, "overhead_ms": 0}}))
+    out = tmp_path / f"plan-{tpot_ms}.json"
+    result = subprocess.run([sys.executable, "-m", "pdserve.cli", "plan", "recommend", "--profile", str(profile),
+                             "--workload", "chat", "--rate", "4", "--num-requests", "24", "--ttft-ms", "2000",
+                             "--tpot-ms", tpot_ms, "--max-instances", "4", "--json", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def test_recommend_names_the_fewest_instances_that_meet_the_objectives(tmp_path):
+    # One prefill instance cannot keep up with 400 ms prompts at 4 req/s (TTFT p99 ~3.8 s); two unified engines,
+    # each prefilling its own prompts, can, at a TPOT their prompts' chunks stretch to ~90 ms.
+    loose = _recommend(tmp_path, "100")
+    assert loose["best"]["topology"] == "unified x2 (2 cores)" and loose["best"]["instances"] == 2
+    assert not next(r for r in loose["rows"] if r["topology"].startswith("1P1D"))["meets"]
+    # Under a 50 ms TPOT objective no two instances do, and of three the disaggregated 2P1D keeps TPOT lowest.
+    tight = _recommend(tmp_path, "50")
+    assert tight["best"]["topology"] == "2P1D (2+1 cores)" and tight["best"]["instances"] == 3
+
+
+def test_a_file_that_is_no_profile_is_refused_by_name(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"profile": {"prefill_ms": [1, 2, 3]}}')
+    result = subprocess.run([sys.executable, "-m", "pdserve.cli", "plan", "simulate", "--profile", str(bad),
+                             "--topology", "1P1D", "--rate", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "is not a profile" in result.stderr
