@@ -35,7 +35,16 @@ def test_exact_answer_checks():
     contains = TaskItem(prompt="", answer="Paris", match="contains", ignore_case=True)
     assert contains.is_correct("The capital is PARIS.") and not contains.is_correct("Lyon")
     with pytest.raises(ValueError):
-        TaskItem(prompt="", answer="", match="regex")
+        TaskItem(prompt="", answer="", match="fuzzy")
+
+
+def test_regex_answers_are_searched_in_the_stripped_completion():
+    begins = TaskItem(prompt="", answer=r"^\W*water\b", match="regex", ignore_case=True)
+    assert begins.is_correct(' "Water" is wet.') and not begins.is_correct("The water")
+    digits = TaskItem(prompt="", answer=r"\b7\b", match="regex")
+    assert digits.is_correct("Seven is 7.") and not digits.is_correct("Seven is 77.")
+    with pytest.raises(ValueError):
+        TaskItem(prompt="", answer="(unclosed", match="regex")
 
 
 def test_suite_files_hold_one_kind_of_item(tmp_path):
