@@ -1,9 +1,13 @@
-"""Fidelity of weight formats against the fp32 reference on the same prompts.
+"""Fidelity of weight formats and KV cache dtypes against the reference (fp32 weights, float32 KV) on the
+same prompts.
 
-For every configuration: perplexity on the perplexity suites and its change from fp32, top-1 agreement and
-mean KL(fp32 || config) of the next-token distributions at every position of those texts, and accuracy on
-each task suite. Results as JSON and a table; the gate exits non-zero when a configuration regresses past
---max-ppl-increase, --min-agreement or a --min-accuracy floor.
+A configuration is a (weights, KV dtype) pair. For every configuration: perplexity on the perplexity suites and
+its change from the reference, top-1 agreement and mean KL(reference || config) of the next-token distributions
+at every position of those texts, all through a KV pool of the configuration's dtype, and on each task suite
+the right/wrong outcome of every item, the accuracy with its 95 % interval and the paired difference from the
+reference over the same items (common/fidelity/stats.py). Results as JSON and a table; the gate exits non-zero
+when a configuration regresses past --max-ppl-increase, --min-agreement, a --min-accuracy floor or
+--max-accuracy-drop.
 """
 
 import math
@@ -16,10 +20,12 @@ import torch
 
 from common.basics.tokenizer import TextTokenizer
 from common.fidelity.scoring import Scorer
+from common.fidelity.stats import PairedDifference, Proportion, accuracy, paired_difference
 from common.fidelity.suites import Suite
 from common.model.weights import load_model, stored_weight_bytes
 
 REFERENCE = "fp32"
+REFERENCE_KV = "float32"
 MAX_TOKENS = 4096  # KV slots of the scorer: the longest text, or one task suite's prompts plus completions
 
 
@@ -34,6 +40,19 @@ class ConfigResult:
     accuracy: dict[str, float]
     seconds: float
     failures: list[str] = field(default_factory=list)
+    kv_dtype: str = REFERENCE_KV
+    outcomes: dict[str, list[bool]] = field(default_factory=dict)  # suite -> right/wrong per item, in order
+    accuracy_interval: dict[str, Proportion] = field(default_factory=dict)
+    difference: dict[str, PairedDifference] = field(default_factory=dict)  # config - reference, same items
+    suite_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.weights, self.kv_dtype) == (REFERENCE, REFERENCE_KV)
+
+    @property
+    def name(self) -> str:
+        return self.weights if self.kv_dtype == REFERENCE_KV else f"{self.weights} / kv {self.kv_dtype}"
 
 
 @dataclass
@@ -41,6 +60,7 @@ class Gate:
     max_ppl_increase: float | None = None
     min_agreement: float | None = None
     min_accuracy: dict[str, float] = field(default_factory=dict)
+    max_accuracy_drop: float | None = None  # fraction: fail when the whole 95 % interval lies below -this
 
     def failures(self, result: ConfigResult) -> list[str]:
         found = []
@@ -56,18 +76,28 @@ class Gate:
                 found.append(f"no task suite named {suite!r} was run")
             elif result.accuracy[suite] < floor:
                 found.append(f"{suite} accuracy {result.accuracy[suite]:.1%} < {floor:.1%}")
+        if self.max_accuracy_drop is not None:
+            found += self._drops(result)
         return found
+
+    def _drops(self, result: ConfigResult) -> list[str]:
+        if not result.difference:
+            return ["no task suite was run, so accuracy drops cannot be gated: run a task suite too"]
+        return [f"{suite} accuracy {d.estimate * 100:+.1f} points against the reference (95% interval "
+                f"{d.low * 100:+.1f} to {d.high * 100:+.1f}: {d.num_lost} items lost, {d.num_gained} gained), "
+                f"beyond the {self.max_accuracy_drop * 100:.1f} points allowed"
+                for suite, d in result.difference.items() if d.high < -self.max_accuracy_drop]
 
 
 def perplexity_text_ids(scorer: Scorer, suites: list[Suite]) -> list[list[int]]:
     return [scorer.tokenizer.encode(t)[:MAX_TOKENS] for s in suites if s.is_perplexity for t in s.texts]
 
 
-def _accuracy(scorer: Scorer, suite: Suite) -> float:
+def outcomes(scorer: Scorer, suite: Suite) -> list[bool]:
+    """Whether each task item's greedy completion is right, in the suite's order."""
     prompts = [scorer.encode(item.prompt, item.chat) for item in suite.tasks]
     completions = scorer.greedy(prompts, [item.max_new_tokens for item in suite.tasks])
-    correct = [item.is_correct(scorer.tokenizer.decode(ids)) for item, ids in zip(suite.tasks, completions)]
-    return sum(correct) / len(correct)
+    return [item.is_correct(scorer.tokenizer.decode(ids)) for item, ids in zip(suite.tasks, completions)]
 
 
 def score_texts(scorer: Scorer, texts: list[list[int]],
@@ -91,36 +121,64 @@ def score_texts(scorer: Scorer, texts: list[list[int]],
     return nll, count, agree, kl
 
 
-def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gate,
-             cpu_copies: bool = False) -> list[ConfigResult]:
-    """The reference first, then each format; every format's distributions are compared position by position.
-    cpu_copies: every model gets the CPU copies a tier adds with --cpu-weight-layout dual (the oneDNN / FBGEMM
-    products), so the figures are those of the path served on this CPU."""
+def configurations(formats: list[str], kv_dtypes: list[str]) -> list[tuple[str, str]]:
+    """(weights, KV dtype) pairs: the reference first, then every format with every KV dtype, each pair once and
+    grouped by format so that each model loads once."""
+    pairs = [(REFERENCE, REFERENCE_KV)]
+    for fmt in sorted(dict.fromkeys(formats), key=lambda f: f != REFERENCE):  # fp32 first: the reference loaded it
+        pairs += [(fmt, kv) for kv in dict.fromkeys(kv_dtypes) if (fmt, kv) not in pairs]
+    return pairs
+
+
+def _task_results(scorer: Scorer, suites: list[Suite], result: ConfigResult, reference: ConfigResult | None) -> None:
+    for suite in suites:
+        if suite.is_perplexity:
+            continue
+        start = time.monotonic()
+        right = outcomes(scorer, suite)
+        result.suite_seconds[suite.name] = time.monotonic() - start
+        result.outcomes[suite.name] = right
+        result.accuracy_interval[suite.name] = accuracy(right)
+        result.accuracy[suite.name] = result.accuracy_interval[suite.name].estimate
+        if reference is not None:
+            result.difference[suite.name] = paired_difference(right, reference.outcomes[suite.name])
+
+
+def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gate, cpu_copies: bool = False,
+             kv_dtypes: list[str] | None = None) -> list[ConfigResult]:
+    """The reference first, then every (format, KV dtype) pair (`configurations`); every pair's distributions are
+    compared position by position, its task outcomes item by item. cpu_copies: every model gets the CPU copies a
+    tier adds with --cpu-weight-layout dual (the oneDNN / FBGEMM products), so the figures are those of the path
+    served on this CPU."""
     tokenizer = TextTokenizer(model_dir)
     reference_log_probs: list[torch.Tensor] = []
     reference_nll = 0.0
-    results = []
-    for fmt in [REFERENCE, *[f for f in formats if f != REFERENCE]]:
+    results: list[ConfigResult] = []
+    model, loaded = None, None
+    for fmt, kv_dtype in configurations(formats, kv_dtypes or [REFERENCE_KV]):
         start = time.monotonic()
-        model = load_model(model_dir, fmt)
-        if cpu_copies:
-            model.add_blocked_copies()
-        scorer = Scorer(model, tokenizer, MAX_TOKENS)
+        if fmt != loaded:
+            del model
+            model, loaded = load_model(model_dir, fmt), fmt
+            if cpu_copies:
+                model.add_blocked_copies()
+        scorer = Scorer(model, tokenizer, MAX_TOKENS, kv_dtype)
         nll, count, agree, kl = score_texts(scorer, perplexity_text_ids(scorer, suites), reference_log_probs)
-        if fmt == REFERENCE:
+        is_reference = not results
+        if is_reference:
             reference_nll = nll
-        perplexity = math.exp(nll / count) if count else float("nan")
         result = ConfigResult(
-            weights=fmt, weight_bytes=stored_weight_bytes(model)["total"], perplexity=perplexity,
+            weights=fmt, kv_dtype=kv_dtype, weight_bytes=stored_weight_bytes(model)["total"],
+            perplexity=math.exp(nll / count) if count else float("nan"),
             # No perplexity text scored (e.g. --only a task suite): nothing measured, so NaN, never a perfect score.
             ppl_increase=math.exp((nll - reference_nll) / count) - 1 if count else float("nan"),
-            top1_agreement=(agree / count if fmt != REFERENCE else 1.0) if count else float("nan"),
-            mean_kl=kl / count if count else float("nan"),
-            accuracy={s.name: _accuracy(scorer, s) for s in suites if not s.is_perplexity},
-            seconds=time.monotonic() - start)
-        if fmt != REFERENCE:
+            top1_agreement=(1.0 if is_reference else agree / count) if count else float("nan"),
+            mean_kl=kl / count if count else float("nan"), accuracy={}, seconds=0.0)
+        _task_results(scorer, suites, result, None if is_reference else results[0])
+        result.seconds = time.monotonic() - start
+        if not is_reference:
             result.failures = gate.failures(result)
         results.append(result)
-        print(f"pdserve eval: {fmt} done in {result.seconds:.0f} s", file=sys.stderr, flush=True)
-        del model, scorer
+        print(f"pdserve eval: {result.name} done in {result.seconds:.0f} s", file=sys.stderr, flush=True)
+        del scorer
     return results

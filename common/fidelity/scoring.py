@@ -10,6 +10,7 @@ from common.model.llama import LlamaModel, PrefillSpan
 from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
 
 BLOCK_SIZE = 16
+MAX_BATCH = 64  # task prompts per greedy batch
 
 
 class Scorer:
@@ -32,16 +33,22 @@ class Scorer:
         logits = self.model.prefill(ids, slots.clone(), slots, spans, self.kv)[:-1]  # (n - 1, vocab)
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
-    @torch.inference_mode()
     def greedy(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
-        """Greedy completions of all prompts in one batch (stops at an end-of-sequence token)."""
+        """Greedy completions of all prompts (each stops at an end-of-sequence token), run in batches of at most
+        MAX_BATCH prompts that fit the scorer's KV pool, in order."""
+        blocks = [-(-(len(ids) + limit) // BLOCK_SIZE) for ids, limit in zip(prompts, max_new_tokens)]
+        completions = []
+        for batch in batches(blocks, self.kv.num_blocks, MAX_BATCH):
+            completions += self._greedy_batch([prompts[i] for i in batch], [max_new_tokens[i] for i in batch])
+        return completions
+
+    @torch.inference_mode()
+    def _greedy_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
         tables, next_block = [], 0
         for ids, limit in zip(prompts, max_new_tokens):
             count = -(-(len(ids) + limit) // BLOCK_SIZE)
             tables.append(list(range(next_block, next_block + count)))
             next_block += count
-        if next_block > self.kv.num_blocks:
-            raise ValueError("task prompts exceed the scorer's KV pool; raise max_tokens")
         logits = self.runner.run_prefill([PrefillChunk(ids, 0, t) for ids, t in zip(prompts, tables)])
         outputs = [[int(t)] for t in logits.argmax(dim=-1).tolist()]
         eos = set(self.model.config.eos_token_ids)
@@ -57,3 +64,20 @@ class Scorer:
         if chat:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
+
+
+def batches(num_blocks: list[int], capacity: int, max_batch: int) -> list[list[int]]:
+    """Indices of consecutive prompts grouped so that no group needs more than `capacity` KV blocks or holds
+    more than `max_batch` prompts."""
+    groups: list[list[int]] = []
+    used = capacity + 1
+    for index, blocks in enumerate(num_blocks):
+        if blocks > capacity:
+            raise ValueError(f"a task prompt needs {blocks} KV blocks, the scorer's pool holds {capacity}; "
+                             "raise max_tokens")
+        if used + blocks > capacity or len(groups[-1]) == max_batch:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += blocks
+    return groups

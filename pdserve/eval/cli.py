@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from common.basics.config import WEIGHT_FORMAT_NAMES
+from common.basics.config import KV_DTYPES, WEIGHT_FORMAT_NAMES
 from common.fidelity.suites import DEFAULT_SUITES_DIR
 from pdserve.command import Command
 
@@ -20,8 +20,16 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser, model_dir: Path) -> No
     evaluate.add_argument("--model", type=Path, default=model_dir)
     evaluate.add_argument("--weights", action="append", choices=WEIGHT_FORMAT_NAMES, metavar="FORMAT",
                           help=f"a configuration to evaluate (repeatable; default int8): {', '.join(WEIGHT_FORMAT_NAMES)}")
-    evaluate.add_argument("--suites", type=Path, default=DEFAULT_SUITES_DIR, help="directory of *.jsonl suites")
+    evaluate.add_argument("--kv-dtype", action="append", choices=KV_DTYPES, metavar="DTYPE",
+                          help="a KV cache dtype to evaluate (repeatable; default float32): "
+                               f"{', '.join(KV_DTYPES)}. Every --weights format runs with every --kv-dtype; the "
+                               "reference is always fp32 weights with a float32 KV cache, and each pair is "
+                               "compared with it (--weights fp32 --kv-dtype int8: the KV cache's cost alone)")
+    evaluate.add_argument("--suites", type=Path, default=DEFAULT_SUITES_DIR,
+                          help="directory of *.jsonl suites (its subdirectories too: generated/)")
     evaluate.add_argument("--only", action="append", metavar="SUITE", help="run only these suites (repeatable)")
+    evaluate.add_argument("--max-items", type=int, metavar="N",
+                          help="score only the first N items of each task suite (a quicker, wider-interval run)")
     evaluate.add_argument("--json", type=Path, help="also write the full results here")
     evaluate.add_argument("--max-ppl-increase", type=float, metavar="FRACTION",
                           help="gate: fail when perplexity grows by more than this fraction (0.05 = 5%%)")
@@ -29,6 +37,10 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser, model_dir: Path) -> No
                           help="gate: fail when top-1 agreement with fp32 is below this")
     evaluate.add_argument("--min-accuracy", action="append", type=_floor, default=[], metavar="SUITE=ACCURACY",
                           help="gate: fail when a task suite's accuracy is below this floor (repeatable)")
+    evaluate.add_argument("--max-accuracy-drop", type=float, metavar="FRACTION",
+                          help="gate: fail when, on any task suite, the whole 95%% interval of (accuracy - the "
+                               "reference's accuracy) over the same items lies below -FRACTION (0: any "
+                               "statistically significant drop fails; 0.02: a drop surely beyond 2 points)")
     evaluate.add_argument("--cpu-weight-layout", choices=("single", "dual"), default="single",
                           help="dual: every format through the CPU copies a tier adds where they measure faster "
                                "(oneDNN fp32 / bf16, FBGEMM fp16), as served on this CPU; single: the plain path")

@@ -1,5 +1,5 @@
-"""`pdserve eval`: scores weight formats against fp32 (common/fidelity/harness.py), prints the table, writes
---json, and exits non-zero when the gate fails."""
+"""`pdserve eval`: scores (weights, KV dtype) configurations against the reference (common/fidelity/harness.py),
+prints the table, writes --json, and exits non-zero when the gate fails."""
 
 import json
 import math
@@ -9,7 +9,8 @@ from dataclasses import asdict
 import torch
 
 from common.basics.config import resolve_threads
-from common.fidelity.harness import REFERENCE, ConfigResult, Gate, evaluate
+from common.fidelity.harness import ConfigResult, Gate, evaluate
+from common.fidelity.stats import Proportion
 from common.fidelity.suites import load_suites
 from common.runtime.machine import describe_machine, machine_facts
 
@@ -19,17 +20,23 @@ def _shown(value: float, spec: str) -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
 
+def _accuracy_shown(proportion: Proportion) -> str:
+    """62% ±4: the accuracy and the larger side of its 95 % interval, in points."""
+    half = max(proportion.estimate - proportion.low, proportion.high - proportion.estimate)
+    return f"{proportion.estimate:.0%} ±{half * 100:.0f}"
+
+
 def table(results: list[ConfigResult]) -> str:
     task_names = list(results[0].accuracy) if results else []
     reference_bytes = results[0].weight_bytes if results else 1
-    head = ["weights", "MiB", "% fp32", "ppl", "Δppl", "top-1 agree", "mean KL", *task_names, "gate"]
+    head = ["weights", "kv", "MiB", "% fp32", "ppl", "Δppl", "top-1 agree", "mean KL", *task_names, "gate"]
     rows = []
     for r in results:
-        gate = "ref" if r.weights == REFERENCE else ("FAIL: " + "; ".join(r.failures) if r.failures else "pass")
-        rows.append([r.weights, f"{r.weight_bytes / 2**20:.1f}", f"{r.weight_bytes / reference_bytes:.1%}",
+        gate = "ref" if r.is_reference else ("FAIL: " + "; ".join(r.failures) if r.failures else "pass")
+        rows.append([r.weights, r.kv_dtype, f"{r.weight_bytes / 2**20:.1f}", f"{r.weight_bytes / reference_bytes:.1%}",
                      _shown(r.perplexity, ".3f"), _shown(r.ppl_increase, "+.2%"), _shown(r.top1_agreement, ".1%"),
                      _shown(r.mean_kl, ".4f"),
-                     *[f"{r.accuracy[name]:.0%}" for name in task_names], gate])
+                     *[_accuracy_shown(r.accuracy_interval[name]) for name in task_names], gate])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -37,10 +44,13 @@ def table(results: list[ConfigResult]) -> str:
 
 def run_from_args(args) -> int:
     torch.set_num_threads(resolve_threads(args.threads))
-    suites = load_suites(args.suites, args.only)
-    gate = Gate(args.max_ppl_increase, args.min_agreement, dict(args.min_accuracy))
+    suites = [s.head(getattr(args, "max_items", None)) for s in load_suites(args.suites, args.only)]
+    gate = Gate(args.max_ppl_increase, args.min_agreement, dict(args.min_accuracy),
+                getattr(args, "max_accuracy_drop", None))
+    kv_dtypes = getattr(args, "kv_dtype", None)
     results = evaluate(args.model, args.weights or ["int8"], suites, gate,
-                       cpu_copies=getattr(args, "cpu_weight_layout", "single") == "dual")
+                       cpu_copies=getattr(args, "cpu_weight_layout", "single") == "dual",
+                       **({"kv_dtypes": kv_dtypes} if kv_dtypes else {}))  # float32 KV unless asked
     # Kernels, and so summation orders and the figures' last digits, differ between CPUs.
     print(f"Machine: {describe_machine()}\n")
     print(table(results))
@@ -48,7 +58,7 @@ def run_from_args(args) -> int:
         args.json.write_text(json.dumps({"model": str(args.model), "machine_facts": machine_facts(),
                                          "suites": [s.name for s in suites],
                                          "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    failed = [r.weights for r in results if r.failures]
+    failed = [r.name for r in results if r.failures]
     if failed:
         print(f"pdserve eval: gate failed for {', '.join(failed)}", file=sys.stderr)
         return 1
