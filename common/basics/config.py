@@ -24,7 +24,8 @@ SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
 KV_GROWTH = ("lazy", "upfront")
 # How a tier stores its weights; common/model/linear.py registers each (a unit test keeps the two equal).
 WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
-                       "int4-awq", "int4-awq-g32", "int4-awq-g64", "int4-awq-g128")
+                       *(f"int4-{method}{group}" for method in ("awq", "gptq")
+                         for group in ("", "-g32", "-g64", "-g128")))
 
 # Where each tier listens when run on its own (`pdserve gateway|prefill|decode`); configurations built in
 # code default to port 0 (a free one).

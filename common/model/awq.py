@@ -8,48 +8,25 @@ exactly equivalent before quantisation:
     q/k/v       <- input_layernorm weight       gate/up <- post_attention_layernorm weight
     o_proj      <- v_proj rows (one scale per KV-head channel, shared by the query heads of its group)
     down_proj   <- up_proj rows
-As in AutoAWQ, activations come from one forward pass of the unquantised model. AutoAWQ's extra clipping
-search is not done here. Mixture-of-experts models are refused: each expert sees only the tokens routed to it,
-so its scales would need per-expert calibration (and folding into a shared norm no longer fits); their int4
-formats round to nearest per expert (int4-g32/g64/g128).
+Then AWQ's clipping search: each (row, group) range of the scaled weight is shrunk where that loses less on
+the same activations (common/model/clip_search.py), and the folded weights are clamped to it, so plain
+round-to-nearest packing quantises within the chosen ranges. As in AutoAWQ, activations come from one
+forward pass of the unquantised model (common/model/calibration.py; mixture-of-experts models are refused).
 """
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from common.basics.model_config import ModelConfig
-from common.kv.pool import KvPool
+from common.model.calibration import calibration_model, check_supported, run_prefill
+from common.model.clip_search import gram, search_clip_ranges
 from common.model.linear import WeightFormat
-from common.model.llama import LlamaModel
 from common.model.mlp import DenseMlp
 from common.model.packed import replicate_pad_columns
 from common.model.quant_int4 import INT4_MAX
-from common.model.runner import ModelRunner, PrefillChunk
 
 GRID = 10  # ratios 0, 0.1, ..., 0.9 (AutoAWQ searches 20; 10 halves calibration time on these CPUs)
-CALIBRATION_FILE = Path(__file__).with_name("awq_calibration.txt")
-CALIBRATION_TOKENS = 512
-SEQUENCE_TOKENS = 128
-
-
-def calibration_token_ids(model_dir: Path) -> list[list[int]]:
-    """The calibration texts (paragraphs of awq_calibration.txt), tokenised and cut into sequences."""
-    from common.basics.tokenizer import TextTokenizer
-
-    tokenizer = TextTokenizer(model_dir)
-    ids: list[int] = []
-    for paragraph in CALIBRATION_FILE.read_text().split("\n\n"):
-        ids += tokenizer.encode(paragraph.strip() + "\n")
-    ids = ids[:CALIBRATION_TOKENS]
-    return [ids[i:i + SEQUENCE_TOKENS] for i in range(0, len(ids), SEQUENCE_TOKENS)]
-
-
-def check_supported(config: ModelConfig, fmt: WeightFormat) -> None:
-    if config.is_moe:
-        raise ValueError(f"weight format {fmt.name!r}: AWQ calibration is not supported for mixture-of-experts "
-                         f"models; use int4-g{fmt.group_size} (round-to-nearest int4, quantised per expert)")
 
 
 def search_scale(x: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -83,65 +60,96 @@ def fake_quantize_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return codes.mul_(scale).add_(low).view(rows, -1)[:, :cols]
 
 
-class _Searcher:
-    """Stands in for a dense linear during calibration: searches its scale on the activations it sees."""
+@dataclasses.dataclass(frozen=True)
+class AwqChoice:
+    scale: torch.Tensor  # (in,): the weight is multiplied by it, the input divided
+    clip: tuple[torch.Tensor, torch.Tensor] | None  # (low, high) per (row, group) of the scaled weight, or none
 
-    def __init__(self, inner, found: dict, key: tuple[int, str], group_size: int, shared_groups=None) -> None:
+
+class _Searcher:
+    """Stands in for a dense linear during calibration: searches its scale, then the clipping of the scaled
+    weight, on the activations it sees."""
+
+    def __init__(self, inner, found: dict, key: tuple[int, str], group_size: int, clip: bool,
+                 shared_groups=None) -> None:
         self.inner, self.found, self.key = inner, found, key
-        self.group_size, self.shared_groups = group_size, shared_groups
+        self.group_size, self.clip, self.shared_groups = group_size, clip, shared_groups
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.found[self.key] = search_scale(x.float(), self.inner.weight.float(), self.group_size,
-                                            self.shared_groups)
+        x32, weight = x.float(), self.inner.weight.float()
+        s = search_scale(x32, weight, self.group_size, self.shared_groups)
+        clip = search_clip_ranges(weight * s, gram(x32 / s), self.group_size) if self.clip else None
+        self.found[self.key] = AwqChoice(s, clip)
         return self.inner(x)
 
 
 def search_scales(config: ModelConfig, weights: dict[str, torch.Tensor], calibration: list[list[int]],
-                  group_size: int) -> dict[tuple[int, str], torch.Tensor]:
-    """{(layer, "qkv" | "out" | "gate_up" | "down"): s} from one batched prefill of the calibration sequences."""
-    model = LlamaModel(config, weights, torch.float32, "cpu", weight_format="fp32")
-    found: dict[tuple[int, str], torch.Tensor] = {}
+                  group_size: int, clip: bool) -> dict[tuple[int, str], AwqChoice]:
+    """{(layer, "qkv" | "out" | "gate_up" | "down"): choice} from one batched prefill of the calibration
+    sequences."""
+    model = calibration_model(config, weights)
+    found: dict[tuple[int, str], AwqChoice] = {}
     heads = (config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim)
     for i, layer in enumerate(model.layers):
         model.layers[i] = dataclasses.replace(
-            layer, qkv=_Searcher(layer.qkv, found, (i, "qkv"), group_size),
-            out=_Searcher(layer.out, found, (i, "out"), group_size, heads),
-            mlp=DenseMlp(_Searcher(layer.mlp.gate_up, found, (i, "gate_up"), group_size),
-                         _Searcher(layer.mlp.down, found, (i, "down"), group_size)))
-    block_size = 16
-    num_blocks = sum(-(-len(ids) // block_size) for ids in calibration)
-    kv = KvPool(num_layers=config.num_layers, num_blocks=num_blocks, block_size=block_size,
-                num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=torch.float32)
-    chunks, next_block = [], 0
-    for ids in calibration:
-        count = -(-len(ids) // block_size)
-        chunks.append(PrefillChunk(ids, 0, list(range(next_block, next_block + count))))
-        next_block += count
-    ModelRunner(model, kv).run_prefill(chunks)
+            layer, qkv=_Searcher(layer.qkv, found, (i, "qkv"), group_size, clip),
+            out=_Searcher(layer.out, found, (i, "out"), group_size, clip, heads),
+            mlp=DenseMlp(_Searcher(layer.mlp.gate_up, found, (i, "gate_up"), group_size, clip),
+                         _Searcher(layer.mlp.down, found, (i, "down"), group_size, clip)))
+    run_prefill(model, calibration)
     return found
 
 
 def apply_awq(config: ModelConfig, weights: dict[str, torch.Tensor], calibration: list[list[int]],
-              fmt: WeightFormat) -> dict[str, torch.Tensor]:
-    """Dense weights with AWQ scales folded in: the same function in full precision, easier to quantise."""
+              fmt: WeightFormat, clip: bool = True) -> dict[str, torch.Tensor]:
+    """Dense weights with AWQ scales folded in (the same function in full precision, easier to quantise),
+    clamped to the clipping search's ranges where `clip` (then no longer the same function: the clamp is
+    what quantisation would do to them anyway, within a range chosen to lose least)."""
     check_supported(config, fmt)
-    scales = search_scales(config, weights, calibration, fmt.group_size)
+    choices = search_scales(config, weights, calibration, fmt.group_size, clip)
     w = {name: tensor.float().clone() for name, tensor in weights.items()}
     kv_heads, group, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    q_rows, kv_rows = config.num_heads * head_dim, kv_heads * head_dim
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        s = scales[(i, "qkv")]
-        w[p + "input_layernorm.weight"] /= s
+        qkv, out, gate_up, down = (choices[(i, key)] for key in ("qkv", "out", "gate_up", "down"))
+        w[p + "input_layernorm.weight"] /= qkv.scale
         for name in ("q", "k", "v"):
-            w[p + f"self_attn.{name}_proj.weight"] *= s
-        s = scales[(i, "out")]
-        w[p + "self_attn.v_proj.weight"] /= s.view(kv_heads, group, head_dim)[:, 0].reshape(-1, 1)
-        w[p + "self_attn.o_proj.weight"] *= s
-        s = scales[(i, "gate_up")]
-        w[p + "post_attention_layernorm.weight"] /= s
+            w[p + f"self_attn.{name}_proj.weight"] *= qkv.scale
+        v_rows = out.scale.view(kv_heads, group, head_dim)[:, 0].reshape(-1)
+        w[p + "self_attn.v_proj.weight"] /= v_rows[:, None]
+        w[p + "self_attn.o_proj.weight"] *= out.scale
+        w[p + "post_attention_layernorm.weight"] /= gate_up.scale
         for name in ("gate", "up"):
-            w[p + f"mlp.{name}_proj.weight"] *= s
-        s = scales[(i, "down")]
-        w[p + "mlp.up_proj.weight"] /= s[:, None]
-        w[p + "mlp.down_proj.weight"] *= s
+            w[p + f"mlp.{name}_proj.weight"] *= gate_up.scale
+        w[p + "mlp.up_proj.weight"] /= down.scale[:, None]
+        w[p + "mlp.down_proj.weight"] *= down.scale
+        if not clip:
+            continue
+        # Ranges were searched before the row scalings folded in after them (v rows by o_proj's scale, up rows
+        # by down_proj's): a row divided by c has its range divided by c.
+        q_k = torch.ones(q_rows + kv_rows)
+        row_scales = {"qkv": torch.cat([q_k, 1 / v_rows]), "out": None,
+                      "gate_up": torch.cat([torch.ones(config.intermediate_size), 1 / down.scale]), "down": None}
+        names = {"qkv": [("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)],
+                 "out": [("self_attn.o_proj", None)],
+                 "gate_up": [("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)],
+                 "down": [("mlp.down_proj", None)]}
+        for key, parts in names.items():
+            low, high = choices[(i, key)].clip
+            if row_scales[key] is not None:
+                low, high = low * row_scales[key][:, None], high * row_scales[key][:, None]
+            first = 0
+            for name, rows in parts:
+                rows = rows or low.shape[0]
+                weight = w[p + name + ".weight"]
+                w[p + name + ".weight"] = clamp_to_ranges(weight, low[first:first + rows], high[first:first + rows],
+                                                          fmt.group_size)
+                first += rows
     return w
+
+
+def clamp_to_ranges(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, group_size: int) -> torch.Tensor:
+    """weight (rows, in) clamped to per-(row, group) ranges (rows, groups)."""
+    column_groups = torch.arange(weight.shape[1]) // group_size
+    return torch.minimum(torch.maximum(weight, low[:, column_groups]), high[:, column_groups])

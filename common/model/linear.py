@@ -162,14 +162,19 @@ class WeightFormat:
     pack: Packer  # projections (q, k, v, o, gate, up, down)
     pack_embedding: Packer  # embedding / LM head rows
     saved: bool = False  # quantised once and kept as a checkpoint (casts are cheap to redo at start-up)
-    calibrated: bool = False  # packing needs activations (AWQ): only checkpoints from weights.py are accepted
+    method: str | None = None  # "awq" or "gptq": packing needs activations (common/model/calibration.py)
     group_size: int | None = None  # int4 formats
+
+    @property
+    def calibrated(self) -> bool:
+        """Only checkpoints from common/model/weights.py are accepted: packing a lone tensor cannot calibrate."""
+        return self.method is not None
 
     def __call__(self, weight: torch.Tensor | PackedWeight) -> DenseLinear | PackedLinear:
         if isinstance(weight, PackedWeight):
             return PackedLinear(weight)
         if self.calibrated:
-            raise ValueError(f"weight format {self.name!r} is calibrated (AWQ): load it with "
+            raise ValueError(f"weight format {self.name!r} is calibrated ({self.method}): load it with "
                              "common.model.weights.load_model, which calibrates once and saves a checkpoint")
         packed = self.pack(weight)
         return PackedLinear(packed) if isinstance(packed, PackedWeight) else DenseLinear(packed)
@@ -185,6 +190,10 @@ def _int4(group_size: int) -> Packer:
 
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP_SIZE = 128
+DEFAULT_INT4_METHOD = "gptq"  # `int4`: the int4 g128 quantiser that keeps the model best (docs/fidelity.md)
+
+
+CALIBRATION_METHODS = ("awq", "gptq")
 
 
 def _int4_formats() -> dict[str, WeightFormat]:
@@ -193,10 +202,13 @@ def _int4_formats() -> dict[str, WeightFormat]:
         # The embedding doubles as the LM head: int8 rows keep it close to fp32 at a quarter of its bytes.
         formats[f"int4-g{group}"] = WeightFormat(f"int4-g{group}", _int4(group), Int8Weight.pack, saved=True,
                                                  group_size=group)
-        formats[f"int4-awq-g{group}"] = WeightFormat(f"int4-awq-g{group}", _int4(group), Int8Weight.pack,
-                                                     saved=True, calibrated=True, group_size=group)
-    formats["int4"] = formats[f"int4-g{DEFAULT_INT4_GROUP_SIZE}"]
-    formats["int4-awq"] = formats[f"int4-awq-g{DEFAULT_INT4_GROUP_SIZE}"]
+        for method in CALIBRATION_METHODS:
+            name = f"int4-{method}-g{group}"
+            formats[name] = WeightFormat(name, _int4(group), Int8Weight.pack, saved=True, method=method,
+                                         group_size=group)
+    formats["int4"] = formats[f"int4-{DEFAULT_INT4_METHOD}-g{DEFAULT_INT4_GROUP_SIZE}"]
+    for method in CALIBRATION_METHODS:
+        formats[f"int4-{method}"] = formats[f"int4-{method}-g{DEFAULT_INT4_GROUP_SIZE}"]
     return formats
 
 

@@ -29,19 +29,29 @@ class Int4Weight(PackedWeight):
 
     @classmethod
     def pack(cls, weight: torch.Tensor, group_size: int) -> "Int4Weight":
-        rows, cols = weight.shape
+        """Round to nearest, each group's range its own minimum and maximum."""
+        low, high = group_ranges(weight, group_size)
+        return cls.from_ranges(weight, low, high, group_size)
+
+    @classmethod
+    def from_ranges(cls, weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor,
+                    group_size: int) -> "Int4Weight":
+        """Round to nearest within given group ranges (rows, groups): elements outside a range clip to it."""
+        scales, mins = range_parameters(low, high)
+        return cls.from_codes(quantize_codes(weight.float(), scales, mins, group_size), scales, mins, group_size,
+                              weight.dtype)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                   compute_dtype: torch.dtype = torch.float32) -> "Int4Weight":
+        """Codes (rows, in) in [0, 15] chosen elsewhere (GPTQ), with their groups' fp16 scales and minimums."""
+        rows, cols = codes.shape
         if cols % 2:
             raise ValueError(f"int4 packing needs an even number of input features, got {cols}")
-        groups = replicate_pad_columns(weight.float(), group_size).view(rows, -1, group_size)
-        low, high = groups.amin(dim=2), groups.amax(dim=2)  # (rows, groups)
-        scales = ((high - low) / INT4_MAX).to(torch.float16)
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # constant group: all codes 0
-        mins = low.to(torch.float16)
-        codes = torch.round((groups - mins[..., None].float()) / scales[..., None].float()).clamp(0, INT4_MAX)
-        codes = codes.view(rows, -1)[:, :cols].to(torch.uint8)
+        codes = codes.to(torch.uint8)
         packed = codes[:, : cols // 2] | (codes[:, cols // 2:] << 4)
-        return cls(in_features=cols, compute_dtype=weight.dtype, group_size=group_size, packed=packed,
-                   scales=scales, mins=mins)
+        return cls(in_features=cols, compute_dtype=compute_dtype, group_size=group_size, packed=packed,
+                   scales=scales.to(torch.float16), mins=mins.to(torch.float16))
 
     def dequantize_rows(self, rows=slice(None)) -> torch.Tensor:
         packed = self.packed[rows]
@@ -59,3 +69,25 @@ class Int4Weight(PackedWeight):
         from common.kernels.quant_matmul import int4_matmul
 
         return int4_matmul(x, self.packed, self.scales, self.mins, self.group_size)
+
+
+def group_ranges(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's minimum and maximum, (rows, groups) each in fp32; a short last group counts its own
+    elements only."""
+    rows = weight.shape[0]
+    groups = replicate_pad_columns(weight.float(), group_size).view(rows, -1, group_size)
+    return groups.amin(dim=2), groups.amax(dim=2)
+
+
+def range_parameters(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scales, mins) that map codes 0..15 onto [low, high]; a constant group gets scale 1 (codes 0)."""
+    scales = ((high - low) / INT4_MAX).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return scales, low.to(torch.float16)
+
+
+def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Round-to-nearest codes (rows, in) of fp32 weights under per-group fp16 scales and minimums."""
+    column_groups = torch.arange(weight.shape[1], device=weight.device) // group_size
+    scale, low = scales.float()[:, column_groups], mins.float()[:, column_groups]
+    return torch.round((weight - low) / scale).clamp_(0, INT4_MAX)

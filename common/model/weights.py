@@ -30,7 +30,7 @@ from common.model.quant_fp8 import Fp8Weight
 from common.model.quant_int4 import Int4Weight
 from common.model.quant_int8 import Int8Weight
 
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"  # 2: AWQ clips its ranges (checkpoints of 1 are rebuilt)
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 PACKED_KINDS: dict[str, type[PackedWeight]] = {cls.kind: cls for cls in (CastWeight, Fp8Weight, Int8Weight, Int4Weight)}
 
@@ -113,15 +113,7 @@ def prepare_weights(model_dir: Path, format_name: str, *, save: bool = True,
     digest = source_digest or weights_digest(model_dir)
     if _checkpoint_matches(path, fmt.name, digest):
         return load_checkpoint(path)
-    if fmt.calibrated:
-        from common.model.awq import apply_awq, calibration_token_ids, check_supported
-
-        config = ModelConfig.from_dir(model_dir)
-        check_supported(config, fmt)  # before loading and tokenising anything
-        dense = apply_awq(config, load_dense(model_dir), calibration_token_ids(model_dir), fmt)
-    else:
-        dense = load_dense(model_dir)
-    packed = pack_weights(dense, fmt)
+    packed = calibrated_weights(model_dir, fmt) if fmt.calibrated else pack_weights(load_dense(model_dir), fmt)
     if save:
         try:
             save_checkpoint(path, packed, fmt.name, digest)
@@ -129,6 +121,21 @@ def prepare_weights(model_dir: Path, format_name: str, *, save: bool = True,
             print(f"pdserve: cannot save the {fmt.name} checkpoint at {path} ({error}); "
                   "run `pdserve quantize` where the model directory is writable", file=sys.stderr)
     return packed
+
+
+def calibrated_weights(model_dir: Path, fmt: WeightFormat) -> dict[str, torch.Tensor | PackedWeight]:
+    """AWQ: scales folded and ranges clipped, then packed to nearest; GPTQ: packed by GPTQ itself."""
+    from common.model.calibration import calibration_token_ids, check_supported
+
+    config = ModelConfig.from_dir(model_dir)
+    check_supported(config, fmt)  # before loading and tokenising anything
+    if fmt.method == "awq":
+        from common.model.awq import apply_awq
+
+        return pack_weights(apply_awq(config, load_dense(model_dir), calibration_token_ids(model_dir), fmt), fmt)
+    from common.model.gptq import apply_gptq
+
+    return apply_gptq(config, load_dense(model_dir), calibration_token_ids(model_dir, generated=True), fmt)
 
 
 def load_model(model_dir: Path, format_name: str = "fp32", device: torch.device | str = "cpu",

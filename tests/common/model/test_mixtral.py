@@ -159,10 +159,11 @@ def test_weight_format_applies_to_each_expert_and_its_checkpoint_reloads(tiny, m
     torch.testing.assert_close(again, logits, atol=0, rtol=0)
 
 
-def test_awq_formats_refuse_mixture_of_experts_clearly(tiny):
+@pytest.mark.parametrize("format_name", ["int4-awq", "int4-gptq", "int4"])
+def test_calibrated_formats_refuse_mixture_of_experts_clearly(tiny, format_name):
     _, model_dir = tiny
-    with pytest.raises(ValueError, match="AWQ calibration is not supported for mixture-of-experts.*int4-g128"):
-        load_model(model_dir, "int4-awq")
+    with pytest.raises(ValueError, match="calibrated quantisation .* not supported for mixture-of-experts.*int4-g128"):
+        load_model(model_dir, format_name)
 
 
 def test_dense_models_count_no_experts(tmp_path):

@@ -101,11 +101,13 @@ def test_registry_builds_dense_and_packed_linears_and_refuses_uncalibrated_awq()
     w = _weight(8, 64, seed=7)
     assert isinstance(make_linear(w, "fp32"), DenseLinear)
     assert isinstance(make_linear(w, "int8"), PackedLinear)
-    with pytest.raises(ValueError, match="calibrated"):
-        make_linear(w, "int4-awq")
+    for calibrated in ("int4-awq", "int4-gptq", "int4"):
+        with pytest.raises(ValueError, match="calibrated"):
+            make_linear(w, calibrated)
     with pytest.raises(ValueError, match="unknown"):
         make_linear(w, "int3")
-    assert WEIGHT_FORMATS["int4"].group_size == 128 and WEIGHT_FORMATS["int4-awq-g32"].calibrated
+    assert WEIGHT_FORMATS["int4"] is WEIGHT_FORMATS["int4-gptq-g128"] and WEIGHT_FORMATS["int4-awq-g32"].calibrated
+    assert not WEIGHT_FORMATS["int4-g128"].calibrated  # round to nearest, by name
 
 
 def test_checkpoint_round_trip_keeps_every_packed_tensor(tmp_path):
