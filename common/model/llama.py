@@ -115,13 +115,16 @@ class LlamaModel:
 
     def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 spans: list[PrefillSpan], kv: KvPool, on_layer_kv: LayerKvHook | None = None,
-                expert_load: torch.Tensor | None = None) -> torch.Tensor:
-        """Runs prompt tokens (num_tokens,); returns logits (len(spans), vocab) at each span's last token."""
+                expert_load: torch.Tensor | None = None, every_position: bool = False) -> torch.Tensor:
+        """Runs prompt tokens (num_tokens,); returns logits (len(spans), vocab) at each span's last token, or with
+        every_position (the fidelity harness's long texts) (num_tokens, vocab) at every token."""
 
         def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
             return torch.cat([self._attend_span(layer, q, span, kv) for span in spans])
 
         hidden = self._forward(token_ids, positions, slots, kv, attend, on_layer_kv, expert_load)
+        if every_position:
+            return self._logits(hidden)
         last = torch.tensor([span.offset + span.num_tokens - 1 for span in spans], device=self.device)
         return self._logits(hidden[last])
 
