@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from common.basics.tokenizer import TextTokenizer
+from common.fidelity.long_context import LongContext, LongContextResult
 from common.fidelity.scoring import Scorer
 from common.fidelity.stats import PairedDifference, Proportion, accuracy, paired_difference
 from common.fidelity.suites import Suite
@@ -45,6 +46,7 @@ class ConfigResult:
     accuracy_interval: dict[str, Proportion] = field(default_factory=dict)
     difference: dict[str, PairedDifference] = field(default_factory=dict)  # config - reference, same items
     suite_seconds: dict[str, float] = field(default_factory=dict)
+    long_context: LongContextResult | None = None  # with --long-context
 
     @property
     def is_reference(self) -> bool:
@@ -145,12 +147,13 @@ def _task_results(scorer: Scorer, suites: list[Suite], result: ConfigResult, ref
 
 
 def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gate, cpu_copies: bool = False,
-             kv_dtypes: list[str] | None = None) -> list[ConfigResult]:
+             kv_dtypes: list[str] | None = None, long_context: bool = False) -> list[ConfigResult]:
     """The reference first, then every (format, KV dtype) pair (`configurations`); every pair's distributions are
     compared position by position, its task outcomes item by item. cpu_copies: every model gets the CPU copies a
     tier adds with --cpu-weight-layout dual (the oneDNN / FBGEMM products), so the figures are those of the path
-    served on this CPU."""
+    served on this CPU. long_context: also the long-context measures (common/fidelity/long_context.py)."""
     tokenizer = TextTokenizer(model_dir)
+    long_texts = LongContext(model_dir) if long_context else None
     reference_log_probs: list[torch.Tensor] = []
     reference_nll = 0.0
     results: list[ConfigResult] = []
@@ -175,6 +178,8 @@ def evaluate(model_dir: Path, formats: list[str], suites: list[Suite], gate: Gat
             top1_agreement=(1.0 if is_reference else agree / count) if count else float("nan"),
             mean_kl=kl / count if count else float("nan"), accuracy={}, seconds=0.0)
         _task_results(scorer, suites, result, None if is_reference else results[0])
+        if long_texts is not None:
+            result.long_context = long_texts.evaluate(model, kv_dtype)
         result.seconds = time.monotonic() - start
         if not is_reference:
             result.failures = gate.failures(result)

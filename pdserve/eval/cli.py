@@ -44,6 +44,10 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser, model_dir: Path) -> No
     evaluate.add_argument("--cpu-weight-layout", choices=("single", "dual"), default="single",
                           help="dual: every format through the CPU copies a tier adds where they measure faster "
                                "(oneDNN fp32 / bf16, FBGEMM fp16), as served on this CPU; single: the plain path")
+    evaluate.add_argument("--long-context", action="store_true",
+                          help="also perplexity, top-1 agreement and KL at 2k, 4k and 8k tokens of context, and "
+                               "needle retrieval from prompts of those lengths (about 5 minutes per configuration "
+                               "on two CPU cores)")
     evaluate.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
 
 

@@ -42,18 +42,40 @@ def table(results: list[ConfigResult]) -> str:
     return "\n".join(lines)
 
 
+def long_context_table(results: list[ConfigResult]) -> str:
+    marks = list(results[0].long_context.marks)
+    head = ["weights", "kv"]
+    for mark in marks:
+        head += [f"Δppl @{mark // 1024}k", f"top-1 @{mark // 1024}k", f"KL @{mark // 1024}k"]
+    head += [f"needles @{mark // 1024}k" for mark in marks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in results:
+        row = [r.weights, r.kv_dtype]
+        for mark in marks:
+            m = r.long_context.marks[mark]
+            row += [f"{m['ppl_increase']:+.2%}", f"{m['top1_agreement']:.1%}", f"{m['mean_kl']:.4f}"]
+        for mark in marks:
+            needles = [n for n in r.long_context.needles if n["length"] == mark]
+            row.append(f"{sum(n['correct'] for n in needles)}/{len(needles)}, "
+                       f"{sum(n['same_as_reference'] for n in needles)} same")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def run_from_args(args) -> int:
     torch.set_num_threads(resolve_threads(args.threads))
     suites = [s.head(getattr(args, "max_items", None)) for s in load_suites(args.suites, args.only)]
     gate = Gate(args.max_ppl_increase, args.min_agreement, dict(args.min_accuracy),
                 getattr(args, "max_accuracy_drop", None))
-    kv_dtypes = getattr(args, "kv_dtype", None)
     results = evaluate(args.model, args.weights or ["int8"], suites, gate,
                        cpu_copies=getattr(args, "cpu_weight_layout", "single") == "dual",
-                       **({"kv_dtypes": kv_dtypes} if kv_dtypes else {}))  # float32 KV unless asked
+                       kv_dtypes=getattr(args, "kv_dtype", None), long_context=getattr(args, "long_context", False))
     # Kernels, and so summation orders and the figures' last digits, differ between CPUs.
     print(f"Machine: {describe_machine()}\n")
     print(table(results))
+    if any(r.long_context for r in results):
+        print("\nLong context (evals/long/python-docs.txt; needles found / asked, answers equal to the reference's):\n")
+        print(long_context_table(results))
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "machine_facts": machine_facts(),
                                          "suites": [s.name for s in suites],

@@ -46,7 +46,7 @@ def test_eval_prints_the_machine_above_its_table_and_writes_the_facts(tmp_path, 
     result = ConfigResult(weights="fp32", weight_bytes=4, perplexity=10.0, ppl_increase=0.0, top1_agreement=1.0,
                           mean_kl=0.0, accuracy={}, seconds=1.0)
     monkeypatch.setattr(harness, "load_suites", lambda directory, only: [])
-    monkeypatch.setattr(harness, "evaluate", lambda model, formats, suites, gate, cpu_copies=False: [result])
+    monkeypatch.setattr(harness, "evaluate", lambda model, formats, suites, gate, **_: [result])
     args = Namespace(threads=torch.get_num_threads(), suites=tmp_path, only=None, max_ppl_increase=None,
                      min_agreement=None, min_accuracy=[], model=tmp_path, weights=None, json=tmp_path / "eval.json")
     assert harness.run_from_args(args) == 0
