@@ -8,15 +8,18 @@ batched prefill of the unquantised model through which stand-in linears see the 
 
 GPTQ also calibrates on calibration_generated.txt: 32 texts the default model wrote itself, sampled at
 temperature 1 from short openings (prose, code, French, Spanish, German, SQL, ...; `python -m
-common.model.calibration` writes them again). GPTQ fits each layer to its calibration inputs in 2,000-odd
-dimensions, so 512 tokens of hand-written text let it overfit them; the model's own distribution is the
-data-free calibration set of LLM-QAT and friends, and measured better than adding Python's documentation
-(docs/fidelity.md). AWQ's scale search measured better on the hand-written text alone.
+common.model.calibration` writes them again), cut into 40 sequences of 128 tokens. GPTQ fits each layer to its
+calibration inputs in up to 1,536 dimensions, so 512 tokens of hand-written text let it overfit them; the
+model's own distribution is the data-free calibration set of LLM-QAT and friends, and measured better than
+adding Python's documentation (docs/fidelity.md). AWQ's scale search measured better on the hand-written text
+alone. A checkpoint records a digest of the data it was calibrated on (calibration_digest) and is rebuilt
+when that changes.
 
 Mixture-of-experts models are refused: each expert sees only the tokens routed to it, so calibration would
 need per-expert activations (and AWQ's folding into a shared norm no longer fits).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from common.model.runner import ModelRunner, PrefillChunk
 CALIBRATION_FILE = Path(__file__).with_name("calibration.txt")
 GENERATED_FILE = Path(__file__).with_name("calibration_generated.txt")
 CALIBRATION_TOKENS = 512
-GENERATED_SEQUENCES = 32
+GENERATED_SEQUENCES = 40  # every whole 128-token sequence of the file
 SEQUENCE_TOKENS = 128
 BLOCK_SIZE = 16
 OPENINGS = ("The", "In 1998,", "def main():", "Dear Sir,", "The recipe", "Scientists have", "Chapter 1",
@@ -51,6 +54,16 @@ def calibration_token_ids(model_dir: Path, generated: bool = False) -> list[list
         sequences += [s for s in _cut(_paragraph_ids(model_dir, GENERATED_FILE)) if len(s) == SEQUENCE_TOKENS][
             :GENERATED_SEQUENCES]
     return sequences
+
+
+def calibration_digest(method: str) -> str:
+    """sha256 of the data a method calibrates on and how much of it (checkpoints record it)."""
+    digest = hashlib.sha256(CALIBRATION_FILE.read_bytes())
+    digest.update(f"{CALIBRATION_TOKENS}/{SEQUENCE_TOKENS}".encode())
+    if method == "gptq":
+        digest.update(GENERATED_FILE.read_bytes())
+        digest.update(f"/{GENERATED_SEQUENCES}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _paragraph_ids(model_dir: Path, path: Path) -> list[int]:

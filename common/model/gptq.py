@@ -22,7 +22,7 @@ implementation the updates are applied lazily in blocks of 128 columns.
 - Refit: with the codes fixed, each group's scale and minimum are refitted by least squares to the output
   error (refit_ranges), and GPTQ runs again under them: measured better than either pass alone.
 
-Calibration: the hand-written texts and 32 texts the model wrote itself (common/model/calibration.py).
+Calibration: the hand-written texts and texts the model wrote itself (common/model/calibration.py).
 Measured on the default model (docs/fidelity.md): AWQ's scales folded first and GPTQ after them did worse
 than GPTQ alone, so that combination is not offered.
 """

@@ -60,7 +60,7 @@ def pack_weights(weights: dict[str, torch.Tensor], fmt: WeightFormat) -> dict[st
 
 
 def save_checkpoint(path: Path, weights: dict[str, torch.Tensor | PackedWeight], format_name: str,
-                    source_digest: str) -> None:
+                    source_digest: str, recipe: str = "") -> None:
     tensors, layouts = {}, {}
     for name, weight in weights.items():
         if isinstance(weight, PackedWeight):
@@ -69,7 +69,7 @@ def save_checkpoint(path: Path, weights: dict[str, torch.Tensor | PackedWeight],
         else:
             tensors[name] = weight.contiguous()
     metadata = {"pdserve_layout_version": LAYOUT_VERSION, "pdserve_weight_format": format_name,
-                "source_digest": source_digest, "packed": json.dumps(layouts)}
+                "source_digest": source_digest, "recipe": recipe, "packed": json.dumps(layouts)}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     save_file(tensors, str(partial), metadata=metadata)
@@ -94,13 +94,24 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor | PackedWeight]:
     return weights
 
 
-def _checkpoint_matches(path: Path, format_name: str, source_digest: str) -> bool:
+def _checkpoint_matches(path: Path, format_name: str, source_digest: str, recipe: str) -> bool:
     if not path.exists():
         return False
     marker = read_marker(path)
     return (marker.get("pdserve_layout_version") == LAYOUT_VERSION
             and marker.get("pdserve_weight_format") == format_name
-            and marker.get("source_digest") == source_digest)
+            and marker.get("source_digest") == source_digest
+            and marker.get("recipe", "") == recipe)
+
+
+def recipe_digest(fmt: WeightFormat) -> str:
+    """What a calibrated checkpoint was computed from besides the weights: its method and calibration data
+    (a change to either rebuilds it); empty for formats that need no calibration."""
+    if not fmt.calibrated:
+        return ""
+    from common.model.calibration import calibration_digest
+
+    return f"{fmt.method}:{calibration_digest(fmt.method)}"
 
 
 def prepare_weights(model_dir: Path, format_name: str, *, save: bool = True,
@@ -111,12 +122,13 @@ def prepare_weights(model_dir: Path, format_name: str, *, save: bool = True,
         return pack_weights(load_dense(model_dir), fmt)
     path = checkpoint_path(model_dir, fmt.name)
     digest = source_digest or weights_digest(model_dir)
-    if _checkpoint_matches(path, fmt.name, digest):
+    recipe = recipe_digest(fmt)
+    if _checkpoint_matches(path, fmt.name, digest, recipe):
         return load_checkpoint(path)
     packed = calibrated_weights(model_dir, fmt) if fmt.calibrated else pack_weights(load_dense(model_dir), fmt)
     if save:
         try:
-            save_checkpoint(path, packed, fmt.name, digest)
+            save_checkpoint(path, packed, fmt.name, digest, recipe)
         except OSError as error:  # a read-only model volume: serve anyway, say why the next start repeats this
             print(f"pdserve: cannot save the {fmt.name} checkpoint at {path} ({error}); "
                   "run `pdserve quantize` where the model directory is writable", file=sys.stderr)

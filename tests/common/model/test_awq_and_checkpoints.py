@@ -151,6 +151,17 @@ def test_gptq_checkpoint_is_saved_reloaded_and_closer_than_round_to_nearest(tiny
     qkv = load_model(model_dir, "int4-gptq-g32").layers[0].qkv.weight
     assert isinstance(qkv, Int4Weight) and qkv.group_size == 32
 
+    import common.model.gptq as gptq
+
+    def fail(*_):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(gptq, "apply_gptq", fail)
+    load_model(model_dir, "int4-gptq-g32")  # the same calibration data: the checkpoint serves
+    monkeypatch.setattr(calibration, "calibration_digest", lambda method: "other calibration data")
+    with pytest.raises(AssertionError, match="calibrated again"):
+        load_model(model_dir, "int4-gptq-g32")
+
 
 @pytest.mark.parametrize("cols,group", [(96, 32), (96, 64)])
 def test_search_quantises_exactly_as_the_int4_format_does(cols, group):
