@@ -140,12 +140,13 @@ def test_awq_checkpoint_keeps_the_model_closer_than_round_to_nearest(tiny, monke
 def test_gptq_checkpoint_is_saved_reloaded_and_closer_than_round_to_nearest(tiny, monkeypatch):
     """GPTQ spreads each rounding error over the inputs not yet quantised, calibrated layer after layer on
     what the quantised layers before produce: its int4 model must be clearly closer to the reference than
-    round-to-nearest at the same group size (measured 0.21x RTN's KL: 0.0023 against 0.0108)."""
+    round-to-nearest at the same group size: measured 0.21x RTN's KL (0.0023 against 0.0108); without GPTQ's
+    error spreading (clipped ranges and the refit alone) 0.50x, which fails."""
     model, model_dir, _ = tiny
     monkeypatch.setattr(calibration, "calibration_token_ids",
                         lambda *_, **__: [list(range(1, 60)), list(range(40, 100)), list(range(5, 100, 2))])
     gptq_kl, rtn_kl = _mean_kl(model, model_dir, "int4-gptq-g32"), _mean_kl(model, model_dir, "int4-g32")
-    assert gptq_kl < 0.7 * rtn_kl, (gptq_kl, rtn_kl)
+    assert gptq_kl < 0.35 * rtn_kl, (gptq_kl, rtn_kl)
     assert weights_module.read_marker(checkpoint_path(model_dir, "int4-gptq-g32"))["pdserve_weight_format"] == \
         "int4-gptq-g32"
     qkv = load_model(model_dir, "int4-gptq-g32").layers[0].qkv.weight
