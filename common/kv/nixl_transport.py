@@ -16,6 +16,12 @@ Ordering: NIXL's UCX backend reports a WRITE DONE only after flushing its endpoi
 memory), and sends a transfer's notification only from the call that finds it DONE. finish() therefore waits for
 every write to be DONE before it notifies: a receiver never sees the notification before the data.
 The NIXL agent is not thread-safe as built here (sync mode NONE): one thread per agent.
+
+Progress (measured, nixl 1.5, UCX, two processes on one host): the writer needs NIXL's progress thread. A receiver
+with one sees notifications 8-15 ms late; without one (progress_thread=False) it sees them within 0.1 ms of
+notified() being polled, but with UCX's default error handling (peer; AM over TCP) a WRITE completes only while the
+receiver is being polled. ucx_params={"ucx_error_handling_mode": "none"} makes writes complete without the
+receiver (AM over shared memory) at the price of UCX not noticing a dead peer.
 """
 
 import struct
