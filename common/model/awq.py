@@ -19,12 +19,12 @@ import dataclasses
 import torch
 
 from common.basics.model_config import ModelConfig
-from common.model.calibration import calibration_model, check_supported, run_prefill
+from common.model.calibration import calibration_model, check_supported, fused_projections, run_prefill
 from common.model.clip_search import gram, search_clip_ranges
 from common.model.linear import WeightFormat
 from common.model.mlp import DenseMlp
 from common.model.packed import replicate_pad_columns
-from common.model.quant_int4 import INT4_MAX
+from common.model.quant_int4 import fake_quantize_groups
 
 GRID = 10  # ratios 0, 0.1, ..., 0.9 (AutoAWQ searches 20; 10 halves calibration time on these CPUs)
 
@@ -53,11 +53,7 @@ def fake_quantize_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     nibble packing: the search calls this GRID times per linear."""
     rows, cols = weight.shape
     groups = replicate_pad_columns(weight, group_size).view(rows, -1, group_size)
-    low = groups.amin(dim=2, keepdim=True).half().float()
-    scale = ((groups.amax(dim=2, keepdim=True) - groups.amin(dim=2, keepdim=True)) / INT4_MAX).half().float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = groups.sub(low).div_(scale).round_().clamp_(0, INT4_MAX)
-    return codes.mul_(scale).add_(low).view(rows, -1)[:, :cols]
+    return fake_quantize_groups(groups, groups.amin(dim=2), groups.amax(dim=2)).view(rows, -1)[:, :cols]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,24 +124,15 @@ def apply_awq(config: ModelConfig, weights: dict[str, torch.Tensor], calibration
             continue
         # Ranges were searched before the row scalings folded in after them (v rows by o_proj's scale, up rows
         # by down_proj's): a row divided by c has its range divided by c.
-        q_k = torch.ones(q_rows + kv_rows)
-        row_scales = {"qkv": torch.cat([q_k, 1 / v_rows]), "out": None,
-                      "gate_up": torch.cat([torch.ones(config.intermediate_size), 1 / down.scale]), "down": None}
-        names = {"qkv": [("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)],
-                 "out": [("self_attn.o_proj", None)],
-                 "gate_up": [("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)],
-                 "down": [("mlp.down_proj", None)]}
-        for key, parts in names.items():
+        row_scales = {"qkv": torch.cat([torch.ones(q_rows + kv_rows), 1 / v_rows]),
+                      "gate_up": torch.cat([torch.ones(config.intermediate_size), 1 / down.scale])}
+        for key, parts in fused_projections(config).items():
             low, high = choices[(i, key)].clip
-            if row_scales[key] is not None:
+            if key in row_scales:
                 low, high = low * row_scales[key][:, None], high * row_scales[key][:, None]
-            first = 0
             for name, rows in parts:
-                rows = rows or low.shape[0]
-                weight = w[p + name + ".weight"]
-                w[p + name + ".weight"] = clamp_to_ranges(weight, low[first:first + rows], high[first:first + rows],
+                w[p + name + ".weight"] = clamp_to_ranges(w[p + name + ".weight"], low[rows], high[rows],
                                                           fmt.group_size)
-                first += rows
     return w
 
 

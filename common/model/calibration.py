@@ -87,6 +87,18 @@ def check_supported(config: ModelConfig, fmt: WeightFormat) -> None:
                          "quantised per expert)")
 
 
+def fused_projections(config: ModelConfig) -> dict[str, list[tuple[str, slice]]]:
+    """Each calibrated linear of a layer -> the checkpoint projections its rows are, with their rows: q/k/v and
+    gate/up are one linear each in the model, and a quantiser's result is split back by these."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    hidden, inner = config.hidden_size, config.intermediate_size
+    return {"qkv": [("self_attn.q_proj", slice(0, q)), ("self_attn.k_proj", slice(q, q + kv)),
+                    ("self_attn.v_proj", slice(q + kv, q + 2 * kv))],
+            "out": [("self_attn.o_proj", slice(0, hidden))],
+            "gate_up": [("mlp.gate_proj", slice(0, inner)), ("mlp.up_proj", slice(inner, 2 * inner))],
+            "down": [("mlp.down_proj", slice(0, hidden))]}
+
+
 def calibration_model(config: ModelConfig, weights: dict[str, torch.Tensor]) -> LlamaModel:
     return LlamaModel(config, weights, torch.float32, "cpu", weight_format="fp32")
 

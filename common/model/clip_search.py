@@ -15,7 +15,7 @@ calibration inputs).
 import torch
 
 from common.model.packed import replicate_pad_columns
-from common.model.quant_int4 import INT4_MAX, group_ranges
+from common.model.quant_int4 import fake_quantize_groups, group_ranges
 
 GRID = 20
 MAX_SHRINK = 0.5
@@ -48,7 +48,7 @@ def search_clip_ranges(weight: torch.Tensor, hessian: torch.Tensor, group_size: 
             ratio = 1 - MAX_SHRINK * step / GRID
             lo = torch.maximum(low[part], -reach * ratio)
             hi = torch.maximum(torch.minimum(high[part], reach * ratio), lo)  # an all-positive group: lo > m r
-            error = (w - _fake_quantize(w, lo, hi)).transpose(0, 1)  # (groups, r, g)
+            error = (w - fake_quantize_groups(w, lo, hi)).transpose(0, 1)  # (groups, r, g)
             loss = (torch.bmm(error, blocks) * error).sum(dim=2).T  # (r, groups)
             better = loss < best_loss
             best_loss = torch.where(better, loss, best_loss)
@@ -56,10 +56,3 @@ def search_clip_ranges(weight: torch.Tensor, hessian: torch.Tensor, group_size: 
             high[part] = torch.where(better, hi, high[part])
     return low, high
 
-
-def _fake_quantize(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Quantise (r, groups, g) within ranges (r, groups) and dequantise, with the format's fp16 parameters."""
-    scale = ((hi - lo) / INT4_MAX).half().float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
-    mins = lo.half().float()[..., None]
-    return torch.round((w - mins) / scale).clamp_(0, INT4_MAX).mul_(scale).add_(mins)

@@ -32,7 +32,7 @@ import dataclasses
 import torch
 
 from common.basics.model_config import ModelConfig
-from common.model.calibration import calibration_model, check_supported, run_prefill
+from common.model.calibration import calibration_model, check_supported, fused_projections, run_prefill
 from common.model.clip_search import gram, search_clip_ranges
 from common.model.linear import DenseLinear, WeightFormat
 from common.model.mlp import DenseMlp
@@ -115,29 +115,17 @@ def apply_gptq(config: ModelConfig, weights: dict[str, torch.Tensor], calibratio
             mlp=DenseMlp(_Quantiser(layer.mlp.gate_up, found, (i, "gate_up"), fmt.group_size),
                          _Quantiser(layer.mlp.down, found, (i, "down"), fmt.group_size)))
     run_prefill(model, calibration)
-    packed: dict[str, torch.Tensor | PackedWeight] = {}
-    for name, tensor in weights.items():
-        packed[name] = fmt.pack_embedding(tensor) if name in ("model.embed_tokens.weight", "lm_head.weight") else tensor
-    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    from common.model.weights import pack_weights
+
+    packed = pack_weights({name: t for name, t in weights.items() if not name.endswith("_proj.weight")}, fmt)
     for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        parts = {"qkv": [("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)],
-                 "out": [("self_attn.o_proj", None)], "gate_up": [("mlp.gate_proj", None), ("mlp.up_proj", None)],
-                 "down": [("mlp.down_proj", None)]}
-        for key, names in parts.items():
+        for key, parts in fused_projections(config).items():
             whole = found[(i, key)]
-            sizes = [rows or whole.shape[0] // len(names) for _, rows in names]
-            for (name, _), rows in zip(names, _split_rows(whole, sizes)):
-                packed[p + name + ".weight"] = rows
+            for name, rows in parts:
+                packed[f"model.layers.{i}.{name}.weight"] = dataclasses.replace(
+                    whole, packed=whole.packed[rows].clone(), scales=whole.scales[rows].clone(),
+                    mins=whole.mins[rows].clone())
     return packed
-
-
-def _split_rows(weight: Int4Weight, sizes: list[int]) -> list[Int4Weight]:
-    bounds = [0]
-    for size in sizes:
-        bounds.append(bounds[-1] + size)
-    return [dataclasses.replace(weight, packed=weight.packed[a:b].clone(), scales=weight.scales[a:b].clone(),
-                                mins=weight.mins[a:b].clone()) for a, b in zip(bounds, bounds[1:])]
 
 
 def refit_ranges(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor,

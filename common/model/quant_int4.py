@@ -91,3 +91,11 @@ def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tenso
     column_groups = torch.arange(weight.shape[1], device=weight.device) // group_size
     scale, low = scales.float()[:, column_groups], mins.float()[:, column_groups]
     return torch.round((weight - low) / scale).clamp_(0, INT4_MAX)
+
+
+def fake_quantize_groups(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Groups (..., g) quantised within ranges (...) and dequantised, with the format's fp16 scale and minimum:
+    what packing and dequantize_rows give, for searches that try many ranges."""
+    scales, mins = range_parameters(low, high)
+    scale, mins = scales.float()[..., None], mins.float()[..., None]
+    return torch.round((groups - mins) / scale).clamp_(0, INT4_MAX).mul_(scale).add_(mins)
