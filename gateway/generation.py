@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Span, SpanKind
 
-from common.basics.errors import Unavailable, Upstream
+from common.basics.errors import PdserveError, Unavailable, Upstream
 from common.basics.sampling import TokenLogprob
 from common.edge.tracing import child_span
 from gateway.router import Router
@@ -109,7 +109,11 @@ class Generation:
             address, reservation = self._reserve(span, avoid)
             handle, uncached = reservation.handle, self._prompt_len() - reservation.num_cached_tokens
             local = uncached <= self.local_prefill_tokens
-            prefill_address = "" if local else self.router.pick_prefill(avoid, self._prompt())
+            try:
+                prefill_address = "" if local else self.router.pick_prefill(avoid, self._prompt())
+            except PdserveError:  # no prefill instance: the reservation would wait out its lease
+                self.tiers.release(address, handle, self._context(span))
+                raise
             span.set_attributes({"pdserve.decode.address": address, "pdserve.prefill.address": prefill_address,
                                  "pdserve.kv.handle": handle, "pdserve.resumed_after_tokens": len(self._sent),
                                  "pdserve.decode.cached_tokens": reservation.num_cached_tokens,

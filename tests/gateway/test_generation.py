@@ -7,7 +7,7 @@ from helpers import assert_greedy_matches, hf_greedy
 from in_process_tiers import InProcessTiers, decode_engine, prefill_engine
 from opentelemetry.trace import INVALID_SPAN
 
-from common.basics.errors import Upstream
+from common.basics.errors import Unavailable, Upstream
 from common.basics.sampling import SamplingConfig
 from common.model.llama import LlamaModel
 from gateway.generation import Generation
@@ -60,6 +60,21 @@ def test_when_no_decode_instance_can_take_it_the_client_hears_why(tiers, model):
     assert raised.value.status == "RESOURCE_EXHAUSTED"
     assert "no decode instance can take this request now" in str(raised.value)
     assert "need 4 KV blocks; this decode instance's pool holds 1" in str(raised.value)
+    assert _all_free(tiers)
+
+
+def test_when_no_prefill_instance_serves_the_reservation_is_released_at_once(model, model_dir):
+    """The decode instance reserved, then no prefill instance was in rotation (one killed and restarting): the
+    client hears so, and the reservation does not wait out its lease."""
+    tiers = InProcessTiers({"p": prefill_engine(model)}, {"d": decode_engine(model, model_dir)})
+    membership = Membership(("p",), ("d",), check=lambda address: address != "p")
+    membership.refresh(("p", "d"))
+    spec = GenerationSpec("req-np", list(range(100, 140)), MAX_NEW, SamplingConfig(), ())
+    generation = Generation(spec, Router(("p",), ("d",), membership), tiers, eos_token_ids=frozenset(),
+                            lease_ms=30_000, deadline=None, trace_parent=INVALID_SPAN)
+    with tiers.running(), pytest.raises(Unavailable, match="no prefill instance is serving now"):
+        list(generation.run())
+    assert tiers.decode_engines["d"].stats().num_reserved == 0
     assert _all_free(tiers)
 
 
