@@ -1,50 +1,66 @@
 """KV over NIXL (the transfer library of vLLM, SGLang and Dynamo): one-sided WRITEs from the prefill pool straight
-into the blocks the decode pool reserved, then a completion notification. No tier wiring here yet.
+into the blocks the decode pool reserved. This module holds the NIXL side; common/kv/nixl_stream.py the gRPC
+control stream around it (Decode.WriteKv) and the tiers' sender and receiver.
 
-  decode   NixlKvAgent over its pool's tensors registers them once; metadata() and block_descs(reserved block ids)
-           travel to prefill over the control plane; notified(prefill agent, message) says whether the transfer
-           named by message is complete.
-  prefill  NixlKvAgent over its own pool; connect(decode's metadata) -> the decode agent's name;
-           KvBlockWriter(agent, name, descs).write(layers, local block ids) as each layer is computed;
-           finish(message) once every layer is written; abort() on cancel.
+  decode   NixlKvAgent over its pool's tensors registers them once; its metadata() and layout() travel to the
+           writer over the mutually authenticated control stream, with the reserved block ids.
+  prefill  NixlKvAgent over its own pool; remote(metadata, layout) checks the decode pool's layout against its
+           own and prepares descriptors of every (tensor, layer, block) there once per decode agent;
+           write(remote, layer, local blocks, remote blocks) posts one WRITE of those blocks of one layer in every
+           tensor; state(handle) polls it to DONE.
 
 A pool tensor has layout (layers, blocks * block_size, ...) (common/kv/pool.py: key and value, plus the scales of
-quantised pools), so (tensor, layer, block) is one contiguous region; descriptors list those regions in
-(tensor, layer, block) order. NIXL refuses any descriptor outside memory the remote agent registered.
+quantised pools), so (tensor, layer, block) is one contiguous region, and the descriptor lists are prepared once
+(prep_xfer_dlist) and indexed per write (make_prepped_xfer): a write costs microseconds to post, where building
+its descriptors each time cost ~0.3 ms. NIXL merges regions contiguous on both sides into one, and refuses any
+descriptor outside memory the remote agent registered.
 
 Ordering: NIXL's UCX backend reports a WRITE DONE only after flushing its endpoint (the bytes are in the remote
-memory), and sends a transfer's notification only from the call that finds it DONE. finish() therefore waits for
-every write to be DONE before it notifies: a receiver never sees the notification before the data.
-The NIXL agent is not thread-safe as built here (sync mode NONE): one thread per agent.
+memory): the writer commits (over gRPC) only once every write is DONE, so decode never reads KV still in flight.
 
-Progress (measured, nixl 1.5, UCX, two processes on one host): the writer needs NIXL's progress thread. A receiver
-with one sees notifications 8-15 ms late; without one (progress_thread=False) it sees them within 0.1 ms of
-notified() being polled, but with UCX's default error handling (peer; AM over TCP) a WRITE completes only while the
-receiver is being polled. ucx_params={"ucx_error_handling_mode": "none"} makes writes complete without the
-receiver (AM over shared memory) at the price of UCX not noticing a dead peer.
+Progress (measured, nixl 1.5, UCX, two processes on one host): with UCX's default error handling (peer) a WRITE
+completes only while the target agent makes progress, so both agents run NIXL's progress thread. NIXL's Python
+wrapper starts that thread with no pause between rounds (pthrDelay 0): it spun a whole core per agent, idle or not,
+and on a 2-core host halved prefill and decode. The agent here is built with a pause of PROGRESS_PAUSE_US instead
+(about 3% of a core per idle agent; a 768 KiB WRITE still completed in 0.2 ms). The agent is not thread-safe as
+built here (NIXL's sync mode NONE): every call goes under one lock.
 """
 
-import struct
-import time
+import importlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from common.basics.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument
+from common.basics.config import NIXL_INSTALL as INSTALL_HINT
+from common.basics.config import NIXL_MODULES
+from common.basics.errors import FailedPrecondition, Internal, InvalidArgument
 
-INSTALL_HINT = "pip install --no-deps nixl nixl-cu12"  # plain `pip install nixl` would pull a CUDA build of torch
-_HEADER = struct.Struct("<III")  # (tensors, layers, blocks) before the descriptors' raw bytes
+_LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for the local side of a prepared descriptor list
+PROGRESS_PAUSE_US = 1000  # between rounds of NIXL's progress thread
 
 
-def _nixl_api():
-    """nixl._api, imported on first use: NIXL is an optional extra."""
+def nixl_api():
+    """NIXL's Python API, imported on first use: NIXL is an optional extra. Raises FailedPrecondition naming the
+    install."""
+    errors = []
+    for module in NIXL_MODULES:
+        try:
+            return importlib.import_module(f"{module}._api")
+        except ImportError as error:
+            errors.append(str(error))
+    raise FailedPrecondition(f"--kv-transport nixl needs NIXL, which is not installed here: {INSTALL_HINT} "
+                             f"({'; '.join(errors)})")
+
+
+def nixl_installed() -> bool:
     try:
-        from nixl import _api
-    except ImportError as error:
-        raise ImportError(f"the NIXL KV transport needs NIXL: {INSTALL_HINT} ({error})") from error
-    return _api
+        nixl_api()
+    except FailedPrecondition:
+        return False
+    return True
 
 
 def pool_tensors(pool) -> list[torch.Tensor]:
@@ -54,49 +70,59 @@ def pool_tensors(pool) -> list[torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class BlockDescs:
-    """Where some blocks of a pool lie: array (tensors, layers, blocks, 3) of uint64 (address, bytes, device)."""
+class PoolLayout:
+    """Where a KV pool's tensors lie in their process: block b of layer l of tensor t starts at
+    addresses[t] + l * layer_bytes[t] + b * layer_bytes[t] / num_blocks."""
 
-    array: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.array.ndim != 4 or self.array.shape[3] != 3 or self.array.dtype != np.uint64:
-            raise InvalidArgument(f"block descriptors must be uint64 (tensors, layers, blocks, 3); got "
-                                  f"{self.array.dtype} {self.array.shape}")
-
-    @property
-    def num_blocks(self) -> int:
-        return self.array.shape[2]
-
-    def to_bytes(self) -> bytes:
-        """Little-endian: the shape's first three sizes as uint32, then the descriptors (never pickle)."""
-        return _HEADER.pack(*self.array.shape[:3]) + self.array.astype("<u8").tobytes()
+    addresses: tuple[int, ...]
+    layer_bytes: tuple[int, ...]
+    num_layers: int
+    num_blocks: int
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "BlockDescs":
-        if len(data) < _HEADER.size:
-            raise InvalidArgument(f"NIXL block descriptors need a {_HEADER.size}-byte header; got {len(data)} bytes")
-        shape = (*_HEADER.unpack_from(data), 3)
-        expected = _HEADER.size + 8 * int(np.prod(shape))
-        if len(data) != expected:
-            raise InvalidArgument(f"NIXL block descriptors of shape {shape} need {expected} bytes; got {len(data)}")
-        array = np.frombuffer(data, dtype="<u8", offset=_HEADER.size).reshape(shape).astype(np.uint64)
-        return cls(array)
+    def of(cls, tensors: Sequence[torch.Tensor], num_blocks: int) -> "PoolLayout":
+        return cls(tuple(t.data_ptr() for t in tensors), tuple(t[0].numel() * t.element_size() for t in tensors),
+                   tensors[0].shape[0], num_blocks)
+
+    def block_bytes(self) -> tuple[int, ...]:
+        return tuple(size // self.num_blocks for size in self.layer_bytes)
+
+    def descs(self) -> np.ndarray:
+        """(tensors * layers * blocks, 3) uint64 (address, bytes, device 0), in (tensor, layer, block) order."""
+        layers, blocks = np.arange(self.num_layers, dtype=np.uint64), np.arange(self.num_blocks, dtype=np.uint64)
+        array = np.zeros((len(self.addresses), self.num_layers, self.num_blocks, 3), dtype=np.uint64)
+        for t, (address, size, block) in enumerate(zip(self.addresses, self.layer_bytes, self.block_bytes())):
+            array[t, :, :, 0] = (np.uint64(address) + layers[:, None] * np.uint64(size)
+                                 + blocks[None, :] * np.uint64(block))
+            array[t, :, :, 1] = block
+        return array.reshape(-1, 3)
+
+    def indices(self, layer: int, blocks: Sequence[int]) -> np.ndarray:
+        """Positions in descs() of `blocks` of `layer` in every tensor, tensor-major."""
+        blocks = np.asarray(blocks, dtype=np.int64)
+        tensors = np.arange(len(self.addresses), dtype=np.int64)
+        return ((tensors[:, None] * self.num_layers + layer) * self.num_blocks + blocks[None, :]).reshape(-1)
+
+    def check_against(self, mine: "PoolLayout") -> None:
+        """Raises FailedPrecondition unless a remote pool of this layout takes this process's blocks as they are."""
+        if (len(self.addresses), self.num_layers) != (len(mine.addresses), mine.num_layers) or \
+                self.block_bytes() != mine.block_bytes():
+            raise FailedPrecondition(
+                f"the decode pool's NIXL layout ({len(self.addresses)} tensors, {self.num_layers} layers, block bytes "
+                f"{self.block_bytes()}) differs from this pool's ({len(mine.addresses)}, {mine.num_layers}, "
+                f"{mine.block_bytes()}); run prefill and decode with the same model, --kv-dtype and --block-size")
+        if self.num_blocks < 1 or any(size % self.num_blocks for size in self.layer_bytes) or not all(self.addresses):
+            raise InvalidArgument(f"the decode pool's NIXL layout is malformed: {self}")
 
 
-def merge_runs(local: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of (N, 3) descriptors with every run that is contiguous on both sides made one descriptor: blocks
-    reserved in a row become one WRITE per tensor and layer instead of one per block."""
-    if len(local) < 2:
-        return local, remote
-    ends_local, ends_remote = local[:-1, 0] + local[:-1, 1], remote[:-1, 0] + remote[:-1, 1]
-    starts = np.ones(len(local), dtype=bool)
-    starts[1:] = (local[1:, 0] != ends_local) | (remote[1:, 0] != ends_remote)
-    first = np.flatnonzero(starts)
-    lengths = np.add.reduceat(local[:, 1], first)
-    merged_local, merged_remote = local[first].copy(), remote[first].copy()
-    merged_local[:, 1] = merged_remote[:, 1] = lengths
-    return merged_local, merged_remote
+@dataclass(frozen=True)
+class RemotePool:
+    """A decode agent as this agent knows it: its name, its pool's layout, and its prepared descriptor list."""
+
+    name: str
+    layout: PoolLayout
+    metadata: bytes
+    dlist: object  # nixl_prepped_dlist_handle
 
 
 class NixlKvAgent:
@@ -104,141 +130,109 @@ class NixlKvAgent:
     contiguous, on the CPU (DRAM)."""
 
     def __init__(self, name: str, tensors: Sequence[torch.Tensor], block_size: int,
-                 ucx_params: dict[str, str] | None = None, progress_thread: bool = True) -> None:
-        api = _nixl_api()
+                 ucx_params: dict[str, str] | None = None) -> None:
+        api = nixl_api()
         for tensor in tensors:
-            if tensor.device.type != "cpu" or not tensor.is_contiguous():
-                raise InvalidArgument(f"NIXL registers contiguous CPU tensors here; got {tensor.device} "
-                                      f"contiguous={tensor.is_contiguous()}")
+            if tensor.device.type != "cpu":
+                raise FailedPrecondition(f"--kv-transport nixl moves KV pools in host memory (DRAM) only so far; this "
+                                         f"pool is on {tensor.device}: use --kv-transport grpc, or --device cpu")
+            if not tensor.is_contiguous():
+                raise InvalidArgument("NIXL registers contiguous tensors: the pool's are not")
             if tensor.shape[1] % block_size:
                 raise InvalidArgument(f"{tensor.shape[1]} slots are not whole blocks of {block_size}")
         self.name = name
         self.block_size = block_size
-        self.num_layers = tensors[0].shape[0]
-        self.num_blocks = tensors[0].shape[1] // block_size
+        self.pool_layout = PoolLayout.of(tensors, tensors[0].shape[1] // block_size)
         self._tensors = list(tensors)  # kept alive: NIXL holds their addresses
-        # The progress thread is needed: without it a WRITE completes only while the target's agent is polled.
-        self._agent = api.nixl_agent(name, api.nixl_agent_config(enable_prog_thread=progress_thread, backends=[]))
+        self._lock = threading.Lock()
+        self._api = api
+        self._agent = _paced_agent(api, name)
         if "UCX" not in self._agent.plugin_list:
             raise Internal(f"NIXL has no UCX plugin here (plugins: {self._agent.plugin_list})")
         self._agent.create_backend("UCX", dict(ucx_params or {}))
         self._registered = self._agent.register_memory(self._tensors)
-        self._notifs: dict[str, list[bytes]] = {}
+        self._local_dlist = None  # prepared on the first write: a decode agent never writes
+        self._remotes: dict[str, RemotePool] = {}
 
     def metadata(self) -> bytes:
         """What a remote agent needs to write here (connection info and registrations); taken after registering."""
-        return self._agent.get_agent_metadata()
+        with self._lock:
+            return self._agent.get_agent_metadata()
 
-    def connect(self, metadata: bytes) -> str:
-        """Loads a remote agent's metadata (again, if it changed); returns its name."""
-        name = self._agent.add_remote_agent(metadata)
-        return name.decode() if isinstance(name, bytes) else name
+    def remote(self, name: str, metadata: bytes, layout: PoolLayout) -> RemotePool:
+        """The decode agent `name` ready to be written: its metadata loaded and its pool's descriptors prepared, once
+        (again when its metadata changed: a restarted instance). Raises FailedPrecondition if its layout differs."""
+        layout.check_against(self.pool_layout)
+        with self._lock:
+            known = self._remotes.get(name)
+            if known is not None and known.metadata == metadata and known.layout == layout:
+                return known
+            if known is not None:
+                self._agent.release_dlist_handle(known.dlist)
+                self._agent.remove_remote_agent(name)
+            loaded = self._agent.add_remote_agent(metadata)
+            loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
+            if loaded != name:
+                if loaded not in self._remotes:
+                    self._agent.remove_remote_agent(loaded)
+                raise InvalidArgument(f"the NIXL metadata names agent {loaded!r}, the decode tier said {name!r}")
+            try:
+                dlist = self._agent.prep_xfer_dlist(name, self._agent.get_xfer_descs(layout.descs(), "DRAM"))
+            except self._api.nixlBind.nixlNotFoundError:
+                self._agent.remove_remote_agent(name)
+                raise InvalidArgument(f"the decode pool's layout names memory that agent {name} has not registered "
+                                      "with NIXL") from None
+            self._remotes[name] = remote = RemotePool(name, layout, metadata, dlist)
+            return remote
 
-    def disconnect(self, name: str) -> None:
-        self._agent.remove_remote_agent(name)
-
-    def block_descs(self, block_ids: Sequence[int], layers: Sequence[int] | None = None) -> BlockDescs:
-        """Descriptors of the regions of block_ids in every tensor, in `layers` (default all), in that order."""
-        blocks = np.asarray(block_ids, dtype=np.uint64)
-        if blocks.size and int(blocks.max()) >= self.num_blocks:
-            raise InvalidArgument(f"block id {int(blocks.max())} is outside the pool's {self.num_blocks} blocks")
-        layer_ids = np.arange(self.num_layers, dtype=np.uint64) if layers is None else np.asarray(layers, np.uint64)
-        array = np.zeros((len(self._tensors), len(layer_ids), len(blocks), 3), dtype=np.uint64)
-        for t, tensor in enumerate(self._tensors):
-            layer_bytes = tensor[0].numel() * tensor.element_size()
-            block_bytes = layer_bytes // self.num_blocks
-            array[t, :, :, 0] = (tensor.data_ptr() + layer_ids[:, None] * np.uint64(layer_bytes)
-                                 + blocks[None, :] * np.uint64(block_bytes))
-            array[t, :, :, 1] = block_bytes
-        return BlockDescs(array)
-
-    def start_write(self, remote: str, local: BlockDescs, target: BlockDescs):
-        """Posts one WRITE of local's regions onto target's (same shape); returns the NIXL handle."""
-        if local.array.shape != target.array.shape or not np.array_equal(local.array[..., 1], target.array[..., 1]):
-            raise FailedPrecondition(f"KV layout mismatch: local regions {local.array.shape} vs remote "
-                                     f"{target.array.shape}, or their sizes differ; both tiers need the same "
-                                     "model, --kv-dtype and --block-size")
-        local_rows, remote_rows = merge_runs(local.array.reshape(-1, 3), target.array.reshape(-1, 3))
-        local_list = self._agent.get_xfer_descs(local_rows, "DRAM")
-        remote_list = self._agent.get_xfer_descs(remote_rows, "DRAM")
-        handle = self._agent.initialize_xfer("WRITE", local_list, remote_list, remote)
-        if self._agent.transfer(handle) == "ERR":
-            handle.release()
-            raise Internal(f"NIXL could not post a WRITE of {local.array.size // 3} regions to {remote}")
+    def write(self, remote: RemotePool, layer: int, local_blocks: Sequence[int], remote_blocks: Sequence[int]):
+        """Posts one WRITE of local_blocks of `layer` (every tensor) onto remote_blocks; returns the NIXL handle."""
+        if len(local_blocks) != len(remote_blocks) or not local_blocks:
+            raise InvalidArgument(f"{len(local_blocks)} local blocks for {len(remote_blocks)} remote ones")
+        sides = ((local_blocks, self.pool_layout, "local"), (remote_blocks, remote.layout, "remote"))
+        for blocks, layout, side in sides:
+            if not 0 <= layer < layout.num_layers or min(blocks) < 0 or max(blocks) >= layout.num_blocks:
+                raise InvalidArgument(f"layer {layer} or {side} blocks {min(blocks)}..{max(blocks)} are outside "
+                                      f"the pool's {layout.num_layers} layers x {layout.num_blocks} blocks")
+        with self._lock:
+            if self._local_dlist is None:
+                self._local_dlist = self._agent.prep_xfer_dlist(
+                    _LOCAL, self._agent.get_xfer_descs(self.pool_layout.descs(), "DRAM"))
+            handle = self._agent.make_prepped_xfer("WRITE", self._local_dlist,
+                                                   self.pool_layout.indices(layer, local_blocks), remote.dlist,
+                                                   remote.layout.indices(layer, remote_blocks))
+            if self._agent.transfer(handle) == "ERR":
+                self._agent.release_xfer_handle(handle)
+                raise Internal(f"NIXL could not post a WRITE of {len(local_blocks)} blocks to {remote.name}")
         return handle
 
-    def write_state(self, handle) -> str:
-        """"DONE", "PROC" or "ERR"; polling is what makes a transfer progress and its notification go."""
-        return self._agent.check_xfer_state(handle)
+    def state(self, handle) -> str:
+        """"DONE", "PROC" or "ERR"."""
+        with self._lock:
+            return self._agent.check_xfer_state(handle)
 
-    def notify(self, remote: str, message: bytes) -> None:
-        self._agent.send_notif(remote, message)
-
-    def notified(self, remote: str, message: bytes) -> bool:
-        """Whether `remote` sent exactly `message` (consumed when found). NIXL's own check_remote_xfer_done
-        matches prefixes, so b"kv h1" would also match b"kv h10"."""
-        for name, messages in self._agent.get_new_notifs().items():
-            name = name.decode() if isinstance(name, bytes) else name
-            self._notifs.setdefault(name, []).extend(messages)
-        waiting = self._notifs.get(remote, [])
-        if message in waiting:
-            waiting.remove(message)
-            return True
-        return False
+    def release(self, handle) -> None:
+        with self._lock:
+            self._agent.release_xfer_handle(handle)
 
     def close(self) -> None:
-        self._agent.deregister_memory(self._registered)
+        with self._lock:
+            for remote in self._remotes.values():
+                self._agent.release_dlist_handle(remote.dlist)
+            if self._local_dlist is not None:
+                self._agent.release_dlist_handle(self._local_dlist)
+            self._agent.deregister_memory(self._registered)
+            self._remotes.clear()
 
 
-class KvBlockWriter:
-    """Writes one transfer's blocks into a remote reservation: target holds the reserved blocks' descriptors
-    (every layer), local block i goes to reserved block first_target + i."""
-
-    def __init__(self, agent: NixlKvAgent, remote: str, target: BlockDescs, timeout_s: float = 30.0) -> None:
-        self._agent, self._remote, self._target = agent, remote, target
-        self._timeout_s = timeout_s
-        self._pending: list = []  # NIXL handles not yet DONE
-        self.num_bytes = 0
-        self.aborted = False
-
-    def write(self, layers: Sequence[int], local_blocks: Sequence[int], first_target: int = 0) -> None:
-        end = first_target + len(local_blocks)
-        if end > self._target.num_blocks:
-            raise InvalidArgument(f"blocks [{first_target}, {end}) exceed the {self._target.num_blocks} reserved")
-        local = self._agent.block_descs(local_blocks, layers)
-        target = BlockDescs(np.ascontiguousarray(self._target.array[:, list(layers), first_target:end]))
-        self._pending.append(self._agent.start_write(self._remote, local, target))
-        self.num_bytes += int(local.array[..., 1].sum())
-        self.poll()
-
-    def poll(self) -> int:
-        """Progresses the writes in flight; returns how many are still in flight. Raises Internal on a failure."""
-        still = []
-        for handle in self._pending:
-            state = self._agent.write_state(handle)
-            if state == "ERR":
-                self.abort()
-                raise Internal(f"a NIXL WRITE to {self._remote} failed")
-            if state == "DONE":
-                handle.release()
-            else:
-                still.append(handle)
-        self._pending = still
-        return len(still)
-
-    def finish(self, message: bytes) -> None:
-        """Waits until every write is in the remote memory, then sends message (the completion notification)."""
-        deadline = time.monotonic() + self._timeout_s
-        while self.poll():
-            if time.monotonic() > deadline:
-                self.abort()
-                raise DeadlineExceeded(f"NIXL writes to {self._remote} did not complete in {self._timeout_s} s")
-            time.sleep(50e-6)
-        self._agent.notify(self._remote, message)
-
-    def abort(self) -> None:
-        """Releases the writes in flight (NIXL cancels what it can); no notification is sent."""
-        self.aborted = True
-        for handle in self._pending:
-            handle.release()
-        self._pending = []
+def _paced_agent(api, name: str):
+    """nixl_agent (the Python wrapper) over a core agent whose progress thread pauses PROGRESS_PAUSE_US between
+    rounds: the wrapper offers no such setting, so its core agent, made without a progress thread, is replaced
+    before any backend or memory is attached to it."""
+    agent = api.nixl_agent(name, api.nixl_agent_config(enable_prog_thread=False, backends=[]))
+    config = api.nixlBind.nixlAgentConfig()
+    config.useProgThread, config.pthrDelay = True, PROGRESS_PAUSE_US
+    config.useListenThread, config.lthrDelay, config.captureTelemetry = False, 100_000, False
+    config.syncMode = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE.value
+    agent.agent = api.nixlBind.nixlAgent(name, config)
+    return agent

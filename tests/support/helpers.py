@@ -1,7 +1,9 @@
 """Client helpers for the integration tests."""
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from pdserve.v1 import gateway_pb2
@@ -80,3 +82,16 @@ def run_bench(stack, out, *args: str) -> tuple:
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     return code, out, summary, records, before, after
+
+
+def require_nixl() -> None:
+    """Skips a test that needs NIXL where it is not installed, unless PDSERVE_REQUIRE_NIXL=1 (`make test`, which
+    installs it): there its absence fails the test instead, so the NIXL tests cannot quietly stop running."""
+    from common.kv.nixl_transport import INSTALL_HINT, nixl_installed
+
+    if nixl_installed():
+        return
+    message = f"NIXL is not installed: {INSTALL_HINT}"
+    if os.environ.get("PDSERVE_REQUIRE_NIXL") == "1":
+        pytest.fail(message + " (PDSERVE_REQUIRE_NIXL=1: `make test` installs it)")
+    pytest.skip(message)
