@@ -15,6 +15,11 @@
 A reservation nobody decodes is freed by release(), or by the lease running out (expire in step()); a call
 naming a lease that ran out hears so (ABORTED), not that the reservation never existed.
 
+KV written over NIXL (--kv-transport nixl; common/kv/nixl_stream.py): open_write() hands the writer the
+reservation's blocks, renew_write() is its progress, commit_write() checks the KV and completes the transfer
+(the sequence is then admitted as after a push), close_write() ends the writer's stream. A reservation that ends
+while its writer may still write is fenced, not freed (decode_svc/kv_writes.py).
+
 Lazy KV growth (--kv-growth lazy, the default): a sequence holds blocks for what it has, and each step first
 gives every running sequence the blocks that step writes. When the pool runs out, the most recently admitted
 sequence is preempted: its full blocks go to the prefix cache, all its blocks are freed, and it waits at the
@@ -54,6 +59,7 @@ from common.runtime.engine_loop import EngineLoop
 from decode_svc.calibration import measure_step_costs
 from decode_svc.draft import DraftProposer
 from decode_svc.kv_memory import KvMemory
+from decode_svc.kv_writes import KvWrites
 from decode_svc.scheduler import Scheduler, SeqView
 from decode_svc.sequence import DecodeEvent, DecodeStatsSnapshot, Sequence, Transfer
 from decode_svc.speculation import (
@@ -86,7 +92,7 @@ class DecodeEngine:
                  tokenizer: TextTokenizer, speculation: SpeculationConfig = SpeculationConfig(),
                  draft: DraftProposer | None = None, max_lease_s: float | None = None,
                  kv_growth: str = "lazy", grammars: ModelGrammars | None = None,
-                 step_prefill_tokens: int = 0) -> None:
+                 step_prefill_tokens: int = 0, fence_s: float = 10.0) -> None:
         self.runner = runner
         self.step_prefill_tokens = step_prefill_tokens  # per step, for KV computed here; 0: all of it first
         self.grammars = grammars  # enforces requests' response formats; None: such requests are refused
@@ -113,6 +119,7 @@ class DecodeEngine:
         self._admissions = itertools.count()
         spare = speculation.num_tokens if speculation.method != "none" else 0
         self.memory = KvMemory(blocks, lazy=self.lazy, spare_tokens=spare, draft=draft)
+        self.writes = KvWrites(blocks, fence_s)  # NIXL writers and the blocks fenced for them
         self.draining = False  # set on SIGTERM: no new reservation; what is held finishes
 
     # Reservation and KV arrival (RPC threads).
@@ -184,8 +191,58 @@ class DecodeEngine:
 
     def release(self, handle: str) -> bool:
         with self._cond:
-            self.transfers.pop(handle, None)
+            if self.transfers.pop(handle, None) is not None and self.writes.end(handle, "the reservation was released"):
+                return True
             return self.blocks.release(handle)
+
+    # KV written over NIXL (RPC threads: the WriteKv stream).
+
+    def open_write(self, handle: str, writer: str, token_start: int) -> tuple[list[int], int]:
+        """The reservation's blocks (in token order) and prompt length, for `writer` to write from token_start on."""
+        with self._cond:
+            transfer = self._transfer(handle)
+            if self.writes.writing(handle):
+                raise FailedPrecondition(f"the KV reservation {handle!r} is being written already")
+            if transfer.received != [transfer.num_cached_tokens] * len(transfer.received):
+                raise FailedPrecondition(f"KV was pushed to the reservation {handle!r} already")
+            if token_start != transfer.num_cached_tokens:
+                raise InvalidArgument(f"the write starts at token {token_start}; the reservation holds KV up to token "
+                                      f"{transfer.num_cached_tokens} (its num_cached_tokens): write from there")
+            self.writes.writers[handle] = writer
+            self.blocks.renew(handle, time.monotonic())
+            return list(transfer.block_ids), transfer.num_prompt_tokens
+
+    def renew_write(self, handle: str) -> None:
+        with self._cond:
+            if handle in self.transfers:
+                self.blocks.renew(handle, time.monotonic())
+
+    def write_revoked(self, handle: str) -> str | None:
+        """Why the reservation being written ended, or None while it lives."""
+        with self._cond:
+            return self.writes.revoked(handle)
+
+    def commit_write(self, handle: str) -> None:
+        """Every WRITE is in this pool: the KV is checked (finite) and the transfer complete."""
+        with self._cond:
+            transfer = self._transfer(handle)
+            if handle not in self.writes.writers:
+                raise FailedPrecondition(f"no KV write into {handle!r} is open")
+            start, end = transfer.num_cached_tokens, transfer.num_prompt_tokens
+            for layer in range(len(transfer.received)):
+                if not self.runner.read_kv(layer, transfer.block_ids, start, end).all_finite():
+                    raise InvalidArgument(f"the KV written into {handle!r} holds NaN or infinite values in layer "
+                                          f"{layer}, tokens [{start}, {end})")
+            transfer.received = [end] * len(transfer.received)
+            del self.writes.writers[handle]
+            self.blocks.renew(handle, time.monotonic())
+            self.blocks.register(transfer.block_ids, transfer.prompt_ids)
+            self._cond.notify()
+
+    def close_write(self, handle: str, confirmed: bool) -> None:
+        """The writer's stream ended; confirmed: it committed or stopped, so none of its WRITEs is in flight."""
+        with self._cond:
+            self.writes.close(handle, confirmed)
 
     def _transfer(self, handle: str) -> Transfer:
         transfer = self.transfers.get(handle)
@@ -214,6 +271,9 @@ class DecodeEngine:
                                         first_step + len(first), "decode") if sampling.grammar else None
         with self._cond:
             transfer = self._transfer(handle)
+            if self.writes.writing(handle):
+                raise FailedPrecondition(f"KV is still being written into {handle!r} over NIXL; decode it once the "
+                                         "prefill tier has answered")
             if max_new_tokens > transfer.max_new_tokens:
                 raise InvalidArgument(f"max_new_tokens {max_new_tokens} exceeds the {transfer.max_new_tokens} reserved")
             if transfer.prompt_ids and prompt_ids and list(prompt_ids) != transfer.prompt_ids:
@@ -408,7 +468,11 @@ class DecodeEngine:
         seq.outbox.put(DecodeEvent(token_ids, reason, (start - seq.arrived_at) * 1000, seq.spec, logprobs=logprobs))
 
     def _expire_leases(self) -> None:
-        for reservation in self.blocks.expire(time.monotonic()):
+        self.writes.sweep()
+        for reservation in self.blocks.expired(time.monotonic()):
+            if not self.writes.end(reservation.handle, f"its lease ended ({reservation.lease_s:g} s without KV "
+                                                       "progress)"):
+                self.blocks.release(reservation.handle)
             self.transfers.pop(reservation.handle, None)
             self._counts["expired"] += 1
             self._expired[reservation.handle] = reservation.lease_s
@@ -447,7 +511,7 @@ class DecodeEngine:
     def busy(self) -> bool:
         """Whether any reservation or sequence is held (what a drain waits for)."""
         with self._cond:
-            return bool(self.transfers or self.waiting or self.running)
+            return bool(self.transfers or self.waiting or self.running or self.writes.fences)
 
     def _has_work(self) -> bool:
         return bool(self.running) or any(s.transfer.complete or s.cancelled or s.pending_kv_from is not None
@@ -478,6 +542,7 @@ class DecodeEngine:
                 num_prefix_hit_tokens=self.blocks.prefix_counts.hit_tokens,
                 num_local_prefills=c["local_prefills"],
                 num_preempted_waiting=sum(1 for s in self.waiting if s.num_preemptions),
+                num_fenced_blocks=self.writes.num_fenced_blocks,
             )
 
     def cache_summary(self, known_version: int) -> PrefixSummary:

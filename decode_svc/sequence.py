@@ -115,3 +115,4 @@ class DecodeStatsSnapshot:
     num_prefix_hit_tokens: int = 0
     num_local_prefills: int = 0
     num_preempted_waiting: int = 0
+    num_fenced_blocks: int = 0

@@ -1,6 +1,7 @@
 """The decode service edge: validates, converts protobuf to engine calls, and back."""
 
 import queue
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -9,7 +10,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
 from common.basics.config import DecodeConfig
-from common.basics.errors import Internal, PdserveError, Unavailable
+from common.basics.errors import FailedPrecondition, Internal, PdserveError, Unavailable
 from common.basics.grammar import model_grammars
 from common.basics.tokenizer import TextTokenizer
 from common.edge.errors import maps_errors
@@ -22,6 +23,8 @@ from common.kv.grpc_transport import (
     max_push_message_bytes,
     receive_chunks,
 )
+from common.kv.nixl_stream import serve_writes
+from common.kv.nixl_transport import NixlKvAgent, pool_tensors
 from common.runtime.tier import TierRuntime, build_runtime
 from decode_svc.convert import (
     decode_call_from_proto,
@@ -42,16 +45,28 @@ _POLL_S = 0.25
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: DecodeEngine, compat, metrics: DecodeMetrics, weight_format: str = "") -> None:
+    def __init__(self, engine: DecodeEngine, compat, metrics: DecodeMetrics, weight_format: str = "",
+                 nixl: NixlKvAgent | None = None) -> None:
         self.engine = engine
         self.compat = compat
         self.weight_format = weight_format  # reported in cache summaries
         self.metrics = metrics
+        self.nixl = nixl  # --kv-transport nixl: the agent over this instance's pool; None: KV comes by PushKv
+        self.kv_transport = "grpc" if nixl is None else "nixl"
+        self._nixl_metadata = nixl.metadata() if nixl is not None else b""
         self._tracer = tracer("pdserve.decode")
 
     @maps_errors
     def GetInfo(self, request, context):
-        return compat_to_proto(self.compat)
+        info = compat_to_proto(self.compat)
+        info.kv_transport = self.kv_transport
+        return info
+
+    def _transport_is(self, transport: str) -> None:
+        if self.kv_transport != transport:
+            raise FailedPrecondition(f"this decode instance receives KV over {self.kv_transport} "
+                                     f"(--kv-transport {self.kv_transport}), not {transport}; start prefill and "
+                                     "decode with the same --kv-transport")
 
     @maps_errors
     def Reserve(self, request, context):
@@ -65,6 +80,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @maps_errors
     def PushKv(self, request_iterator, context):
+        self._transport_is("grpc")
         with self._tracer.start_as_current_span("kv.receive", context=incoming_context(context),
                                                 kind=SpanKind.SERVER) as span:
             handle, ack = receive_chunks(request_iterator, self.engine, self.compat)
@@ -72,6 +88,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                  "pdserve.kv.handle": handle})
         self.metrics.kv_received_bytes.inc(ack.num_bytes)
         return ack_to_proto(ack)
+
+    @maps_errors
+    def WriteKv(self, request_iterator, context):
+        self._transport_is("nixl")
+        with self._tracer.start_as_current_span("kv.receive", context=incoming_context(context),
+                                                kind=SpanKind.SERVER) as span:
+            def committed(handle, ack):
+                span.set_attributes({"pdserve.kv.bytes": ack.num_bytes, "pdserve.kv.pages": ack.num_chunks,
+                                     "pdserve.kv.handle": handle, "pdserve.kv.transport": "nixl"})
+                self.metrics.kv_received_bytes.inc(ack.num_bytes)
+
+            yield from serve_writes(request_iterator, context, self.engine, self.nixl, self._nixl_metadata,
+                                    self.compat, committed)
 
     @maps_errors
     def Decode(self, request, context):
@@ -147,10 +176,13 @@ def build_decode(config: DecodeConfig, registry: CollectorRegistry, runtime: Tie
                           TextTokenizer(config.model_dir), speculation, draft_for(config, runtime.runner, runtime.blocks),
                           max_lease_s=config.max_lease_ms / 1000, kv_growth=config.kv_growth,
                           grammars=model_grammars(config.model_dir, runtime.runner.model.config),
-                          step_prefill_tokens=config.step_prefill_tokens)
+                          step_prefill_tokens=config.step_prefill_tokens, fence_s=config.nixl_fence_ms / 1000)
     registry.register(StatsCollector(engine.stats, DECODE_STATS, tier="decode"))
     context = runtime.runner.model.config.max_position_embeddings
-    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry), config.weights),
+    nixl = None
+    if config.kv_transport == "nixl":
+        nixl = NixlKvAgent(f"decode-{uuid.uuid4().hex[:12]}", pool_tensors(runtime.runner.kv), config.block_size)
+    return DecodeService(engine, DecodeServicer(engine, runtime.compat, DecodeMetrics(registry), config.weights, nixl),
                          max_push_message_bytes(runtime.compat, context))
 
 

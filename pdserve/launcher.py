@@ -38,7 +38,7 @@ def free_port(host: str) -> int:
 
 
 # `pdserve up` flags: one copy of what both model tiers share, one per tier of what each sets on its own.
-UP_SHARED = ("block_size", "kv_dtype", "device", "cpu_weight_layout", "kv_blocks", "prefix_caching")
+UP_SHARED = ("block_size", "kv_dtype", "kv_transport", "device", "cpu_weight_layout", "kv_blocks", "prefix_caching")
 UP_PER_TIER = ("weights", "kv_memory_mb", "threads", "port")
 UP_GATEWAY = ("local_prefill_tokens", "prefix_weight", "cache_poll_ms", "default_max_new_tokens",
               "max_new_tokens_limit", "max_stop_strings", "max_logprobs", "max_completions", "admission_factor", "api_keys_file", "public_tls_cert",

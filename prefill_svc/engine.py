@@ -14,6 +14,7 @@ The RPC thread then waits for the decode tier's acknowledgement and replies. A c
 leaves the queue (or the next step), aborts its sender and frees its blocks.
 """
 
+import functools
 import threading
 import time
 from collections import deque
@@ -170,6 +171,7 @@ class PrefillEngine:
                 self.blocks.free(cached)
                 return
             job.block_table = cached + fresh
+            job.sender.source(job.block_table)
             job.num_cached = job.num_computed = len(cached) * self.blocks.block_size
             self._push_cached(job)
             self.computing.append(self.queued.popleft())
@@ -201,13 +203,19 @@ class PrefillEngine:
         self.queued = deque(j for j in self.queued if not j.cancelled)
 
     def _retire(self, job: PrefillJob) -> None:
-        """Frees the job's local blocks and wakes its RPC thread. Caller holds the lock."""
+        """Frees the job's local blocks (once its sender no longer reads them) and wakes its RPC thread. Caller
+        holds the lock."""
         if job in self.computing:
             self.computing.remove(job)
-            self.blocks.free(job.block_table)
+            job.sender.release_source(functools.partial(self._free_blocks, job.block_table))
         if not job.cancelled:
             self._counts["prompts"] += 1
         job.done.set()
+
+    def _free_blocks(self, block_table: list[int]) -> None:
+        with self._cond:
+            self.blocks.free(block_table)
+            self._cond.notify()  # a queued prompt may fit now
 
     def start(self) -> None:
         self._loop.start()

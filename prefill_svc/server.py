@@ -2,6 +2,7 @@
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -41,6 +42,9 @@ from common.edge.server import (
 )
 from common.edge.tracing import incoming_context, tracer
 from common.kv.grpc_transport import GrpcKvSender
+from common.kv.nixl_stream import NixlKvSender
+from common.kv.nixl_transport import NixlKvAgent, pool_tensors
+from common.kv.transport import KvSender
 from common.runtime.tier import TierRuntime, build_runtime
 from pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from prefill_svc.convert import (
@@ -64,8 +68,10 @@ class DecodePeers:
     dns: name resolves to (resolved again when a request names an address not seen yet, at most once a second;
     the certificate is then checked against the name)."""
 
-    def __init__(self, compat: Compat, allowed: tuple[str, ...], tls: Tls | None = None) -> None:
+    def __init__(self, compat: Compat, allowed: tuple[str, ...], tls: Tls | None = None,
+                 kv_transport: str = "grpc") -> None:
         self.compat = compat
+        self.kv_transport = kv_transport
         self.targets = [parse_target(t) for t in allowed]
         self.allowed = frozenset(t.text for t in self.targets if not t.resolved)
         self.tls = tls
@@ -86,9 +92,14 @@ class DecodePeers:
             return stub
         stub = decode_pb2_grpc.DecodeStub(make_channel(address, self.tls, instance.tls_name))
         try:
-            theirs = compat_from_proto(stub.GetInfo(decode_pb2.GetInfoRequest(), timeout=_INFO_TIMEOUT_S))
+            info = stub.GetInfo(decode_pb2.GetInfoRequest(), timeout=_INFO_TIMEOUT_S)
         except grpc.RpcError as error:
             raise Unavailable(f"decode instance {address} did not answer GetInfo: {error.details()}") from None
+        theirs, transport = compat_from_proto(info), info.kv_transport or "grpc"
+        if transport != self.kv_transport:
+            raise FailedPrecondition(
+                f"decode instance {address} receives KV over {transport}, this prefill tier sends it over "
+                f"{self.kv_transport}; start prefill and decode with the same --kv-transport")
         if theirs != self.compat:
             raise FailedPrecondition(
                 f"decode instance {address} has an incompatible KV layout ({'; '.join(self.compat.differences(theirs))}); "
@@ -118,13 +129,15 @@ class DecodePeers:
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, engine: PrefillEngine, compat: Compat, vocab_size: int, metrics: PrefillMetrics,
-                 decode_addresses: tuple[str, ...], tls: Tls | None = None, weight_format: str = "") -> None:
+                 decode_addresses: tuple[str, ...], tls: Tls | None = None, weight_format: str = "",
+                 nixl: NixlKvAgent | None = None) -> None:
         self.engine = engine
+        self.nixl = nixl  # --kv-transport nixl: the agent over this instance's pool; None: KV goes by PushKv
         self.weight_format = weight_format  # reported in cache summaries
         self.metrics = metrics
         self.compat = compat
         self.vocab_size = vocab_size
-        self.peers = DecodePeers(compat, decode_addresses, tls)
+        self.peers = DecodePeers(compat, decode_addresses, tls, "grpc" if nixl is None else "nixl")
         self._tracer = tracer("pdserve.prefill")
 
     @maps_errors
@@ -145,7 +158,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         request_id = checked_request_id(request.request_id or metadata_value(context, REQUEST_ID_KEY) or "")
         with self._tracer.start_as_current_span("prefill", context=incoming_context(context), kind=SpanKind.SERVER,
                                                 attributes={"pdserve.request_id": request_id,
-                                                            "pdserve.prompt_tokens": len(request.prompt_token_ids)}):
+                                                            "pdserve.prompt_tokens": len(request.prompt_token_ids),
+                                                            "pdserve.kv.transport": self.peers.kv_transport}):
             try:
                 reply = self._prefill(call_from_proto(request, self.vocab_size, request_id), context)
             except PdserveError as error:
@@ -154,11 +168,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.metrics.requests.labels(grpc.StatusCode.OK.name).inc()
         return reply
 
+    def _sender(self, call: PrefillCall, span, timeout_s: float | None) -> KvSender:
+        stub = self.peers.stub_for(call.decode_address)
+        if self.nixl is not None:
+            return NixlKvSender(stub, self.nixl, handle=call.kv_handle, fingerprint=self.compat.fingerprint,
+                                kv_skip=call.kv_skip, request_id=call.request_id, trace_parent=span,
+                                timeout_s=timeout_s)
+        return GrpcKvSender(stub, handle=call.kv_handle, fingerprint=self.compat.fingerprint,
+                            kv_dtype=self.compat.kv_dtype, request_id=call.request_id, trace_parent=span,
+                            timeout_s=timeout_s)
+
     def _prefill(self, call: PrefillCall, context) -> prefill_pb2.PrefillResponse:
         span = trace.get_current_span()
-        sender = GrpcKvSender(self.peers.stub_for(call.decode_address), handle=call.kv_handle,
-                              fingerprint=self.compat.fingerprint, kv_dtype=self.compat.kv_dtype,
-                              request_id=call.request_id, trace_parent=span, timeout_s=time_remaining_s(context))
+        sender = self._sender(call, span, time_remaining_s(context))
         job = PrefillJob(call.request_id, call.prompt_ids, call.sampling, sender, call.first_step, call.kv_skip)
         self.engine.submit(job)
         context.add_callback(lambda: self.engine.cancel(job))
@@ -198,8 +220,11 @@ def build_prefill(config: PrefillConfig, registry: CollectorRegistry,
     registry.register(StatsCollector(engine.stats, PREFILL_STATS, tier="prefill"))
     model = runtime.runner.model.config
     tls = Tls.from_files(config.tls_cert, config.tls_key, config.tls_ca)
+    nixl = None
+    if config.kv_transport == "nixl":
+        nixl = NixlKvAgent(f"prefill-{uuid.uuid4().hex[:12]}", pool_tensors(runtime.runner.kv), config.block_size)
     servicer = PrefillServicer(engine, runtime.compat, model.vocab_size, PrefillMetrics(registry),
-                               config.decode_addresses, tls, config.weights)
+                               config.decode_addresses, tls, config.weights, nixl)
     # token ids are varints of at most 5 bytes
     return PrefillService(engine, servicer, 5 * model.max_position_embeddings + MESSAGE_MARGIN_BYTES)
 

@@ -4,6 +4,7 @@ Each field's default and help live here, once: the CLI builds every tier's flags
 (pdserve/flags.py), and `pdserve up` turns configurations back into each tier's command line the same way.
 Nothing here reads the environment or imports torch."""
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ SPECULATIVE_METHODS = ("none", "prompt-lookup", "draft")
 # (preempting the most recently admitted sequence when the pool runs out), "upfront" reserves prompt +
 # max_new_tokens at once (fewer sequences fit; kept to measure the difference).
 KV_GROWTH = ("lazy", "upfront")
+KV_TRANSPORTS = ("grpc", "nixl")
+# NIXL's Python packages: the meta-package (which picks a build by CUDA version) or a build itself; and how to add it.
+NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
+NIXL_INSTALL = "pip install 'pdserve[nixl]' (NIXL's cu12 build; install torch first)"
 # How a tier stores its weights; common/model/linear.py registers each (a unit test keeps the two equal).
 WEIGHT_FORMAT_NAMES = ("fp32", "fp16", "bf16", "fp8-e4m3", "int8", "int4", "int4-g32", "int4-g64", "int4-g128",
                        *(f"int4-{method}{group}" for method in ("awq", "gptq")
@@ -90,6 +95,11 @@ class TierConfig:
     kv_dtype: str = option("float32", "KV cache dtype (both tiers must agree); int8 and fp8 store per-row scales",
                            choices=KV_DTYPES)
     kv_memory_mb: int = option(1024, "memory budget of the KV pool")
+    kv_transport: str = option(
+        "grpc", "how KV moves from prefill to decode (both tiers must agree): grpc, checksummed chunks on the "
+                "tiers' gRPC connection; nixl, one-sided NIXL writes (UCX: RDMA, shared memory or TCP) straight "
+                "into decode's reserved blocks, controlled over gRPC (needs NIXL: pip install 'pdserve[nixl]')",
+        choices=KV_TRANSPORTS)
     kv_blocks: int = option(0, "KV pool size in blocks, overriding --kv-memory-mb (0: from --kv-memory-mb); for "
                                "tests and capacity planning")
     prefix_caching: bool = option(True, "keep full KV blocks after their request ends and reuse them for prompts "
@@ -117,6 +127,11 @@ class TierConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        if self.kv_transport == "nixl" and not any(importlib.util.find_spec(m) for m in NIXL_MODULES):
+            raise ValueError(f"--kv-transport nixl needs NIXL, which is not installed here: {NIXL_INSTALL}; or "
+                             "leave --kv-transport at grpc")
         if self.kv_memory_mb < 1:
             raise ValueError(f"kv_memory_mb must be >= 1, got {self.kv_memory_mb}")
         if self.kv_blocks < 0:
@@ -146,12 +161,17 @@ class DecodeConfig(TierConfig):
     draft_model: Path | None = option(
         None, "with --speculative draft: a Llama-family checkpoint sharing the model's tokenizer "
               "(`pdserve distill-draft` trains one)")
+    nixl_fence_ms: int = option(
+        10_000, "--kv-transport nixl: how long the blocks of an ended reservation stay out of reuse after its "
+                "writer's control stream broke without confirming that its writes stopped")
     step_prefill_tokens: int = option(
         0, "prompts prefilled on this tier (--local-prefill-tokens, recomputes) advance by at most this many tokens "
            "per step, between decode steps of the running batch (chunked prefill); 0: a prompt's whole KV first")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.nixl_fence_ms < 0:
+            raise ValueError(f"nixl_fence_ms must be >= 0, got {self.nixl_fence_ms}")
         if self.step_prefill_tokens < 0:
             raise ValueError(f"step_prefill_tokens must be >= 0 (0: no limit), got {self.step_prefill_tokens}")
         if self.speculative not in SPECULATIVE_METHODS:

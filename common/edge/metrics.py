@@ -116,6 +116,8 @@ DECODE_STATS: StatsFields = {
     "num_preemptions": ("pdserve_decode_preemptions", "Sequences preempted when the KV pool ran out (their KV "
                         "recomputed when admitted again)", "counter"),
     "num_preempted_waiting": ("pdserve_decode_preempted_waiting", "Preempted sequences waiting for room", "gauge"),
+    "num_fenced_blocks": ("pdserve_decode_kv_fenced_blocks", "Blocks of ended reservations held until their NIXL "
+                          "writer stops", "gauge"),
     "num_local_prefills": ("pdserve_decode_local_prefills", "Requests this decode instance prefilled itself "
                            "(conditional disaggregation)", "counter"),
 }

@@ -252,9 +252,13 @@ class BlockManager:
         self.free(reservation.block_ids)
         return True
 
+    def expired(self, now: float) -> list[Reservation]:
+        """The reservations whose lease has ended (still held: the caller releases or claims each)."""
+        return [r for r in self._reservations.values() if r.expires_at <= now]
+
     def expire(self, now: float) -> list[Reservation]:
         """Frees every reservation whose lease has ended; returns them."""
-        expired = [r for r in self._reservations.values() if r.expires_at <= now]
+        expired = self.expired(now)
         for reservation in expired:
             self.release(reservation.handle)
         return expired

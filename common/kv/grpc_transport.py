@@ -45,6 +45,12 @@ class GrpcKvSender:
         self._call: grpc.Future | None = None
         self._span: Span | None = None
 
+    def source(self, block_table: list[int]) -> None:
+        """Chunks carry the rows send() is given; where they lie locally does not matter here."""
+
+    def release_source(self, free) -> None:
+        free()  # the queued rows are copies of the pool's
+
     def send(self, layer: int, start: int, rows: KvRows) -> None:
         if self.state is not SenderState.SENDING:
             return

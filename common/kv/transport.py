@@ -1,18 +1,23 @@
 """How a prompt's KV travels from the prefill engine to the decode engine: two small protocols.
 
-  KvSender   (prefill side): send(layer, start, rows) as each layer of a chunk is computed; close() after
-             the last; abort() on cancel; wait() for the receiver's acknowledgement (a KvAck).
+  KvSender   (prefill side): source(block_table) once the prompt has local blocks; send(layer, start, rows) as
+             each layer of a chunk is computed; close() after the last; abort() on cancel; release_source(free)
+             when the engine is done with the prompt (free() frees its local blocks: at once where the rows were
+             copied, once no WRITE reads them for a one-sided transport); wait() for the receiver's
+             acknowledgement (a KvAck).
   KvReceiver (decode side): receive_kv(handle, layer, start, rows) stores rows into the reserved blocks,
              in token order per layer; transfer_complete(handle) once every layer has every prompt token.
 
 A sender moves SENDING -> CLOSED -> (acknowledged), or to ABORTED from either. Rows travel as the prefill pool
-stored them (int8 / fp8 codes with their scales). Two implementations: gRPC (common/kv/grpc_transport.py:
-Decode.PushKv, a client stream of checksummed chunks) between processes, and InProcessKvSender below, which
-hands rows straight to a receiver in the same process (unit tests of the engines, no sockets).
+stored them (int8 / fp8 codes with their scales). Three implementations: gRPC (common/kv/grpc_transport.py:
+Decode.PushKv, a client stream of checksummed chunks) and NIXL (common/kv/nixl_stream.py: one-sided writes from
+the local blocks that source() named, controlled by Decode.WriteKv) between processes, and InProcessKvSender
+below, which hands rows straight to a receiver in the same process (unit tests of the engines, no sockets).
 """
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,9 +73,11 @@ class KvSender(Protocol):
     state: SenderState
     log: SendLog
 
+    def source(self, block_table: list[int]) -> None: ...
     def send(self, layer: int, start: int, rows: KvRows) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
+    def release_source(self, free: Callable[[], None]) -> None: ...
     def wait(self) -> KvAck: ...
 
 
@@ -94,6 +101,12 @@ class InProcessKvSender:
         self._receiver, self._handle = receiver, handle
         self._num_chunks = self._num_bytes = 0
         self._refusal: PdserveError | None = None
+
+    def source(self, block_table: list[int]) -> None:
+        """The rows come with send(); where they lie locally does not matter here."""
+
+    def release_source(self, free: Callable[[], None]) -> None:
+        free()  # the receiver stored the rows during send()
 
     def send(self, layer: int, start: int, rows: KvRows) -> None:
         if self.state is not SenderState.SENDING:

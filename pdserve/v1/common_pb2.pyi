@@ -61,7 +61,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class CompatInfo(_message.Message):
-    __slots__ = ("model_id", "weights_digest", "kv_dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "fingerprint")
+    __slots__ = ("model_id", "weights_digest", "kv_dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "fingerprint", "kv_transport")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class CompatInfo(_message.Message):
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     weights_digest: str
     kv_dtype: str
@@ -78,7 +79,8 @@ class CompatInfo(_message.Message):
     num_kv_heads: int
     head_dim: int
     fingerprint: str
-    def __init__(self, model_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    kv_transport: str
+    def __init__(self, model_id: _Optional[str] = ..., weights_digest: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., fingerprint: _Optional[str] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class CacheSummaryRequest(_message.Message):
     __slots__ = ("known_version",)

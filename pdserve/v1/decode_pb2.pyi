@@ -77,6 +77,82 @@ class PushKvResponse(_message.Message):
     receive_ms: float
     def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., receive_ms: _Optional[float] = ...) -> None: ...
 
+class KvWriteRequest(_message.Message):
+    __slots__ = ("open", "progress", "commit", "stop")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    open: KvWriteOpen
+    progress: KvWriteProgress
+    commit: KvWriteCommit
+    stop: KvWriteStop
+    def __init__(self, open: _Optional[_Union[KvWriteOpen, _Mapping]] = ..., progress: _Optional[_Union[KvWriteProgress, _Mapping]] = ..., commit: _Optional[_Union[KvWriteCommit, _Mapping]] = ..., stop: _Optional[_Union[KvWriteStop, _Mapping]] = ...) -> None: ...
+
+class KvWriteOpen(_message.Message):
+    __slots__ = ("handle", "fingerprint", "writer_agent", "token_start")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WRITER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    fingerprint: str
+    writer_agent: str
+    token_start: int
+    def __init__(self, handle: _Optional[str] = ..., fingerprint: _Optional[str] = ..., writer_agent: _Optional[str] = ..., token_start: _Optional[int] = ...) -> None: ...
+
+class KvWriteProgress(_message.Message):
+    __slots__ = ("token_end",)
+    TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+    token_end: int
+    def __init__(self, token_end: _Optional[int] = ...) -> None: ...
+
+class KvWriteCommit(_message.Message):
+    __slots__ = ("num_bytes", "num_writes")
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_WRITES_FIELD_NUMBER: _ClassVar[int]
+    num_bytes: int
+    num_writes: int
+    def __init__(self, num_bytes: _Optional[int] = ..., num_writes: _Optional[int] = ...) -> None: ...
+
+class KvWriteStop(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KvWriteReply(_message.Message):
+    __slots__ = ("target", "ack", "revoke")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_FIELD_NUMBER: _ClassVar[int]
+    target: KvWriteTarget
+    ack: PushKvResponse
+    revoke: KvWriteRevoke
+    def __init__(self, target: _Optional[_Union[KvWriteTarget, _Mapping]] = ..., ack: _Optional[_Union[PushKvResponse, _Mapping]] = ..., revoke: _Optional[_Union[KvWriteRevoke, _Mapping]] = ...) -> None: ...
+
+class KvWriteTarget(_message.Message):
+    __slots__ = ("agent_name", "agent_metadata", "block_ids", "tensor_addresses", "layer_bytes", "num_blocks", "num_prompt_tokens")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    agent_metadata: bytes
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    tensor_addresses: _containers.RepeatedScalarFieldContainer[int]
+    layer_bytes: _containers.RepeatedScalarFieldContainer[int]
+    num_blocks: int
+    num_prompt_tokens: int
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., block_ids: _Optional[_Iterable[int]] = ..., tensor_addresses: _Optional[_Iterable[int]] = ..., layer_bytes: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class KvWriteRevoke(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class DecodeRequest(_message.Message):
     __slots__ = ("handle", "request_id", "first_token_id", "max_new_tokens", "sampling", "stop_token_ids", "stop", "prompt_token_ids", "speculative", "first_step", "prefill_locally")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
@@ -148,7 +224,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("num_blocks_total", "num_blocks_free", "num_reserved", "num_running", "num_steps", "num_tokens_generated", "max_batch_size", "mean_batch_size", "num_leases_expired", "num_cancelled", "block_size", "num_spec_proposed", "num_spec_accepted", "expert_load", "batch_capacity", "num_preemptions", "num_cached_blocks", "num_prefix_query_tokens", "num_prefix_hit_tokens", "num_local_prefills", "num_preempted_waiting")
+    __slots__ = ("num_blocks_total", "num_blocks_free", "num_reserved", "num_running", "num_steps", "num_tokens_generated", "max_batch_size", "mean_batch_size", "num_leases_expired", "num_cancelled", "block_size", "num_spec_proposed", "num_spec_accepted", "expert_load", "batch_capacity", "num_preemptions", "num_cached_blocks", "num_prefix_query_tokens", "num_prefix_hit_tokens", "num_local_prefills", "num_preempted_waiting", "num_fenced_blocks")
     NUM_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     NUM_RESERVED_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +246,7 @@ class DecodeStats(_message.Message):
     NUM_PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTED_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_FENCED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     num_blocks_total: int
     num_blocks_free: int
     num_reserved: int
@@ -191,7 +268,8 @@ class DecodeStats(_message.Message):
     num_prefix_hit_tokens: int
     num_local_prefills: int
     num_preempted_waiting: int
-    def __init__(self, num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens_generated: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_leases_expired: _Optional[int] = ..., num_cancelled: _Optional[int] = ..., block_size: _Optional[int] = ..., num_spec_proposed: _Optional[int] = ..., num_spec_accepted: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., batch_capacity: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_prefix_query_tokens: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_preempted_waiting: _Optional[int] = ...) -> None: ...
+    num_fenced_blocks: int
+    def __init__(self, num_blocks_total: _Optional[int] = ..., num_blocks_free: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_running: _Optional[int] = ..., num_steps: _Optional[int] = ..., num_tokens_generated: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., num_leases_expired: _Optional[int] = ..., num_cancelled: _Optional[int] = ..., block_size: _Optional[int] = ..., num_spec_proposed: _Optional[int] = ..., num_spec_accepted: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., batch_capacity: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_prefix_query_tokens: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_preempted_waiting: _Optional[int] = ..., num_fenced_blocks: _Optional[int] = ...) -> None: ...
 
 class ExpertLoad(_message.Message):
     __slots__ = ("layer", "tokens_per_expert")

@@ -53,6 +53,11 @@ class DecodeStub:
                 request_serializer=pdserve_dot_v1_dot_decode__pb2.KvChunk.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_decode__pb2.PushKvResponse.FromString,
                 _registered_method=True)
+        self.WriteKv = channel.stream_stream(
+                '/pdserve.v1.Decode/WriteKv',
+                request_serializer=pdserve_dot_v1_dot_decode__pb2.KvWriteRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_decode__pb2.KvWriteReply.FromString,
+                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdserve.v1.Decode/Decode',
                 request_serializer=pdserve_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
@@ -97,7 +102,20 @@ class DecodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushKv(self, request_iterator, context):
-        """Receives a prompt's KV pages as a stream of chunks (per layer and token range).
+        """Receives a prompt's KV pages as a stream of chunks (per layer and token range). --kv-transport grpc only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteKv(self, request_iterator, context):
+        """--kv-transport nixl: the prefill tier writes a prompt's KV straight into the reservation's blocks with
+        one-sided NIXL WRITEs; this stream is their control plane. The writer opens it naming the reservation,
+        hears where the blocks lie (and this instance's NIXL agent), writes each layer as it is computed, reports
+        progress (each report renews the lease), and commits once every write is in this instance's memory; the
+        KV is checked and the sequence admitted then. While the stream is open the reservation's blocks are never
+        reused: a lease that ends or a Release is answered with a revoke, and the blocks are freed when the writer
+        says it stopped (or, if the stream breaks first, after --nixl-fence-ms).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +167,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.PushKv,
                     request_deserializer=pdserve_dot_v1_dot_decode__pb2.KvChunk.FromString,
                     response_serializer=pdserve_dot_v1_dot_decode__pb2.PushKvResponse.SerializeToString,
+            ),
+            'WriteKv': grpc.stream_stream_rpc_method_handler(
+                    servicer.WriteKv,
+                    request_deserializer=pdserve_dot_v1_dot_decode__pb2.KvWriteRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_decode__pb2.KvWriteReply.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
@@ -255,6 +278,33 @@ class Decode:
             '/pdserve.v1.Decode/PushKv',
             pdserve_dot_v1_dot_decode__pb2.KvChunk.SerializeToString,
             pdserve_dot_v1_dot_decode__pb2.PushKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteKv(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.Decode/WriteKv',
+            pdserve_dot_v1_dot_decode__pb2.KvWriteRequest.SerializeToString,
+            pdserve_dot_v1_dot_decode__pb2.KvWriteReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,3 +95,12 @@ def test_invalid_gateway_config_raises(overrides):
 def test_default_model_dir_follows_xdg_cache_home():
     assert default_model_dir("/xdg", "/home/u") == Path("/xdg/pdserve/models/SmolLM2-135M-Instruct")
     assert default_model_dir(None, "/home/u") == Path("/home/u/.cache/pdserve/models/SmolLM2-135M-Instruct")
+
+
+def test_nixl_transport_without_nixl_installed_is_refused_saying_how_to_add_it(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match=r"--kv-transport nixl needs NIXL.*pip install 'pdserve\[nixl\]'"):
+        DecodeConfig(model_dir=MODEL, kv_transport="nixl")
+    assert DecodeConfig(model_dir=MODEL, kv_transport="grpc").kv_transport == "grpc"  # gRPC serves without it
