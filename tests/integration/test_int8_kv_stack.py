@@ -1,15 +1,18 @@
-"""A stack whose tiers both keep an int8 KV cache (`pdserve up --kv-dtype int8`): greedy output equals Hugging
-Face transformers' wherever an int8 cache keeps the same choices, the KV pushed from prefill to decode is about a quarter of float32's
-(codes plus one float32 scale per token and KV head), malformed scales are refused, and an int8 prefill
-tier refuses an fp8 decode instance with the usual layout-mismatch error."""
+"""A stack whose tiers both keep an int8 KV cache (`pdserve up --kv-dtype int8`): greedy output equals Hugging Face
+transformers' wherever an int8 cache keeps the same choices (and over --kv-transport nixl, which writes the codes
+and scales as stored, int8 and fp8 stacks answer token for token as over gRPC), the KV pushed from prefill to decode
+is about a quarter of float32's (codes plus one float32 scale per token and KV head), malformed scales are refused,
+and an int8 prefill tier refuses an fp8 decode instance with the usual layout-mismatch error."""
 
+import contextlib
 import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
 import torch
 from bounds import greedy_margins
-from helpers import collect, hf_greedy, request
+from helpers import collect, hf_greedy, request, require_nixl
 from stack import internal_channel, launch_stack, stop_stack
 
 from common.basics.config import DecodeConfig, GatewayConfig, PrefillConfig
@@ -45,6 +48,32 @@ def int8_stack(model_dir):
     stop_stack(process)
 
 
+@contextmanager
+def _gateway(model_dir, *flags: str):
+    process, addresses = launch_stack(model_dir, *flags)
+    channel = grpc.insecure_channel(addresses["gateway"])
+    try:
+        yield gateway_pb2_grpc.GatewayStub(channel)
+    finally:
+        channel.close()
+        stop_stack(process)
+
+
+@pytest.fixture(scope="module", params=["int8", "fp8"])
+def by_transport(request, model_dir, int8_stack):
+    """{transport: gateway} of two stacks keeping `param` KV, one per --kv-transport (int8's gRPC one is
+    int8_stack)."""
+    require_nixl()
+    with contextlib.ExitStack() as stacks:
+        gateways = {"nixl": stacks.enter_context(_gateway(model_dir, "--kv-dtype", request.param, "--kv-transport",
+                                                          "nixl"))}
+        if request.param == "int8":
+            gateways["grpc"] = gateway_pb2_grpc.GatewayStub(int8_stack[2]["gateway"])
+        else:
+            gateways["grpc"] = stacks.enter_context(_gateway(model_dir, "--kv-dtype", request.param))
+        yield gateways
+
+
 def _free_blocks(decode) -> int:
     return decode.Stats(decode_pb2.StatsRequest(), timeout=10).num_blocks_free
 
@@ -57,10 +86,10 @@ def _margins(logits: torch.Tensor, chosen: list[int]) -> torch.Tensor:
     return picked - others.max(-1).values
 
 
-def _int8_margin_shift(model_dir, paths: list[tuple[list[int], list[int]]]) -> float:
-    """How far an int8 KV cache moves a top-2 margin: the largest change, over every position of these
+def _margin_shift(model_dir, paths: list[tuple[list[int], list[int]]], dtype: torch.dtype) -> float:
+    """How far a quantised KV cache moves a top-2 margin: the largest change, over every position of these
     (prompt, transformers' greedy tokens) paths fed in process, of the margin of transformers' token, between
-    a float32 and an int8 pool. Codes that the tiers' float32 rounding puts on the other side of a rounding
+    a float32 and a `dtype` pool. Codes that the tiers' float32 rounding puts on the other side of a rounding
     boundary move it again, by no more than requantising: so a choice whose margin exceeds twice this is kept."""
     from common.model.llama import LlamaModel
     from common.model.runner import DecodeItem, ModelRunner, PrefillChunk
@@ -69,9 +98,9 @@ def _int8_margin_shift(model_dir, paths: list[tuple[list[int], list[int]]]) -> f
     c = model.config
     for prompt_ids, tokens in paths:
         margins = []
-        for dtype in (torch.float32, torch.int8):
+        for pool_dtype in (torch.float32, dtype):
             runner = ModelRunner(model, KvPool(num_layers=c.num_layers, num_blocks=4, block_size=16,
-                                               num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=dtype))
+                                               num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=pool_dtype))
             rows = [runner.run_prefill([PrefillChunk(prompt_ids, 0, [0, 1, 2, 3])])[0]]
             rows += [runner.run_decode([DecodeItem(t, len(prompt_ids) + i, [0, 1, 2, 3])])[0]
                      for i, t in enumerate(tokens[:-1])]
@@ -88,7 +117,7 @@ def test_int8_kv_greedy_output_equals_transformers_up_to_its_near_ties(int8_stac
     gateway = gateway_pb2_grpc.GatewayStub(channels["gateway"])
     prompts = {prompt: hf_model[1](prompt).input_ids for prompt in DECISIVE_PROMPTS + OPEN_PROMPTS}
     expected = {prompt: hf_greedy(hf_model, ids, MAX_NEW_TOKENS) for prompt, ids in prompts.items()}
-    allowance = 2 * _int8_margin_shift(model_dir, [(prompts[p], expected[p]) for p in prompts])
+    allowance = 2 * _margin_shift(model_dir, [(prompts[p], expected[p]) for p in prompts], torch.int8)
     for prompt, ids in prompts.items():
         margins = greedy_margins(hf_model, ids, expected[prompt])
         kept = next((i for i, margin in enumerate(margins) if margin <= allowance), len(margins))
@@ -96,6 +125,15 @@ def test_int8_kv_greedy_output_equals_transformers_up_to_its_near_ties(int8_stac
             assert kept == MAX_NEW_TOKENS, f"{prompt!r} has a margin within int8's allowance {allowance:.2f}"
         token_ids, _, _ = collect(gateway, request(prompt, max_new_tokens=MAX_NEW_TOKENS), timeout=120)
         assert token_ids[:kept] == expected[prompt][:kept], (prompt, kept, allowance, token_ids, expected[prompt])
+
+
+def test_quantised_kv_over_nixl_answers_as_over_grpc(by_transport):
+    """The same codes and scales land in decode's pool either way, so every greedy token is the same (int8 over
+    gRPC is checked against transformers above)."""
+    for prompt in (DECISIVE_PROMPTS[0], OPEN_PROMPTS[1]):
+        got = {transport: collect(gateway, request(prompt, max_new_tokens=MAX_NEW_TOKENS), timeout=120)[0]
+               for transport, gateway in by_transport.items()}
+        assert got["nixl"] == got["grpc"] and len(got["nixl"]) == MAX_NEW_TOKENS, (prompt, got)
 
 
 def test_int8_kv_transfer_is_under_30_percent_of_float32(int8_stack, hf_model):

@@ -1,7 +1,8 @@
 """Mixed tiers: an fp32 prefill tier hands its KV to an int4-AWQ decode tier, and the service streams
 exactly what those two models compute, as transformers computes them in float64 (fp32 weights over the
-prompt, then int4-AWQ greedy decoding over that KV);
-`pdserve up --prefill-weights/--decode-weights` reach the tiers."""
+prompt, then int4-AWQ greedy decoding over that KV); `pdserve up --prefill-weights/--decode-weights` reach the
+tiers. The stack moves its KV over --kv-transport nixl where NIXL is installed (`make test` installs it; the float32
+and int8 stacks of the other modules cover gRPC), so mixed weights are checked over the NIXL path too."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import DynamicCache
 
 from common.basics.model_config import ModelConfig
 from common.basics.tokenizer import TextTokenizer
+from common.kv.nixl_transport import nixl_installed
 from common.model.packed import PackedWeight
 from common.model.weights import prepare_weights
 from pdserve.cli import build_parser
@@ -81,7 +83,9 @@ def _mixed_greedy(prefill, decode, ids: list[int], config: ModelConfig) -> tuple
 @pytest.fixture(scope="module")
 def mixed_stack(model_dir):
     prepare_weights(model_dir, DECODE_WEIGHTS)  # calibrate once, outside the stack's start-up timeout
-    process, addresses = launch_stack(model_dir, "--prefill-weights", "fp32", "--decode-weights", DECODE_WEIGHTS)
+    transport = "nixl" if nixl_installed() else "grpc"
+    process, addresses = launch_stack(model_dir, "--prefill-weights", "fp32", "--decode-weights", DECODE_WEIGHTS,
+                                      "--kv-transport", transport)
     import grpc
 
     from pdserve.v1 import gateway_pb2_grpc
