@@ -12,8 +12,8 @@ from pdserve.distill.cli import default_draft_dir
 
 PEER_NAMES = ("hf-static", "pdserve-colocated", "pdserve-unified", "pdserve", "pdserve-fp16", "pdserve-bf16",
               "pdserve-spec", "pdserve-draft",
-              "pdserve-no-prefix-cache", "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d",
-              "llama.cpp", "llama-server")
+              "pdserve-no-prefix-cache", "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-nixl", "pdserve-1p2d",
+              "pdserve-2p1d", "llama.cpp", "llama-server")
 WORKLOAD_NAMES = ("chat", "long", "mixed", "batch1", "extractive", "open-chat", "long-budget", "multi-turn-chat",
                   "document-qa", "smoke")
 

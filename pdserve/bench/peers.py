@@ -11,6 +11,7 @@
   pdserve-no-prefix-cache   `pdserve up --no-prefix-caching`: the same stack, no KV reused across requests
   pdserve-no-local-prefill  `pdserve up --local-prefill-tokens 0`: every prompt prefilled by the prefill tier
   pdserve-upfront    `pdserve up --kv-growth upfront`: decode reserves prompt + max_new_tokens of KV at once
+  pdserve-nixl       `pdserve up --kv-transport nixl`: KV written into decode's blocks by NIXL, not pushed over gRPC
   pdserve-1p2d       `pdserve up --decode-replicas 2`: one prefill and two decode instances (decode cores shared)
   pdserve-2p1d       `pdserve up --prefill-replicas 2`: two prefill instances (prefill cores shared), one decode
   pdserve-unified    one engine, one step loop on every core: the decode tier prefills every prompt itself, in
@@ -46,7 +47,8 @@ from pdserve.launcher import free_port
 # pdserve peers whose decode tier runs apart, on the decode cores alone.
 DISAGGREGATED = frozenset({"pdserve", "pdserve-fp16", "pdserve-bf16", "pdserve-spec", "pdserve-draft",
                            "pdserve-no-prefix-cache",
-                           "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-1p2d", "pdserve-2p1d"})
+                           "pdserve-no-local-prefill", "pdserve-upfront", "pdserve-nixl", "pdserve-1p2d",
+                           "pdserve-2p1d"})
 
 # Peers whose Generate takes prompt_token_ids only (no tokenizer, no chat template): text workloads skip them.
 TOKEN_IDS_ONLY = frozenset({"hf-static", "llama.cpp", "llama-server"})
@@ -131,6 +133,7 @@ def start_pdserve_draft(options: PeerOptions) -> RunningPeer:
 NO_PREFIX_CACHE_FLAGS = ("--no-prefix-caching",)
 NO_LOCAL_PREFILL_FLAGS = ("--local-prefill-tokens", "0")
 UPFRONT_FLAGS = ("--kv-growth", "upfront")
+NIXL_FLAGS = ("--kv-transport", "nixl")
 # The prefill:decode ratio: every replica of a tier on that tier's cores (--prefill-cpus / --decode-cpus).
 RATIO_FLAGS = {"pdserve-1p2d": ("--decode-replicas", "2"), "pdserve-2p1d": ("--prefill-replicas", "2")}
 
@@ -145,6 +148,14 @@ def start_pdserve_no_local_prefill(options: PeerOptions) -> RunningPeer:
 
 def start_pdserve_upfront(options: PeerOptions) -> RunningPeer:
     return start_stack("pdserve-upfront", options, colocated=False, extra=UPFRONT_FLAGS)
+
+
+def start_pdserve_nixl(options: PeerOptions) -> RunningPeer:
+    from common.kv.nixl_transport import INSTALL_HINT, nixl_installed
+
+    if not nixl_installed():
+        raise PeerUnavailable(f"NIXL is not installed: {INSTALL_HINT}. Skipped.")
+    return start_stack("pdserve-nixl", options, colocated=False, extra=NIXL_FLAGS)
 
 
 def start_ratio(name: str) -> Callable[[PeerOptions], RunningPeer]:
@@ -221,6 +232,7 @@ PEERS: dict[str, Callable[[PeerOptions], RunningPeer]] = {
     "pdserve-no-prefix-cache": start_pdserve_no_prefix_cache,
     "pdserve-no-local-prefill": start_pdserve_no_local_prefill,
     "pdserve-upfront": start_pdserve_upfront,
+    "pdserve-nixl": start_pdserve_nixl,
     "pdserve-1p2d": start_ratio("pdserve-1p2d"),
     "pdserve-2p1d": start_ratio("pdserve-2p1d"),
     "llama.cpp": start_llama_cpp,

@@ -1,8 +1,9 @@
 """Raw KV transport across two processes on this host: GB/s moving 1, 16 and 256 MiB of the default model's KV
 (30 layers, 3 KV heads, head_dim 64, float32, blocks of 16 tokens) from a prefill-side pool into a decode-side pool.
 
-  nixl    one-sided NIXL WRITEs (UCX), one per layer, into the decode pool's reserved blocks, then the completion
-          notification (common/kv/nixl_transport.py); timed until the decode process has seen the notification.
+  nixl    one-sided NIXL WRITEs (UCX), one per layer, into the decode pool's blocks from prepared descriptor lists
+          (common/kv/nixl_transport.py, as --kv-transport nixl posts them); timed until every WRITE is DONE (flushed
+          into the decode process's memory). The decode process checks the bytes once at the end.
   grpc    pdserve's own path: GrpcKvSender (Decode.PushKv, one chunk per layer and 256-token prefill chunk,
           raw bytes + CRC-32) into receive_chunks on a loopback gRPC server in the decode process, which checks each
           chunk and writes it into its pool (the real Decode service is not started; no TLS). Timed until the ack.
@@ -76,15 +77,11 @@ def decode_process(conn, num_tokens: int, repeats: int, ucx_params: dict[str, st
     decode_pb2_grpc.add_DecodeServicer_to_server(Servicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    # The receiver polls notifications itself, without NIXL's progress thread: with one, they reach it 8-15 ms late.
-    agent = NixlKvAgent("decode", pool_tensors(pool), BLOCK_SIZE, ucx_params, progress_thread=False)
-    conn.send((port, agent.metadata(), agent.block_descs(range(num_blocks)).to_bytes()))
-    # Polled from the start: with UCX's default (peer) error handling, the writer's first connection and every WRITE's
-    # completion wait for this side to progress.
-    for i in range(repeats + 1):
-        while not agent.notified("prefill", f"bench {i}".encode()):
-            time.sleep(20e-6)
-        conn.send(time.monotonic())
+    agent = NixlKvAgent("decode", pool_tensors(pool), BLOCK_SIZE, ucx_params)
+    conn.send((port, agent.metadata(), agent.pool_layout))
+    expected = conn.recv()  # the writer's bytes, once its WRITEs are DONE
+    conn.send(all(torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
+                  for mine, theirs in zip(pool_tensors(pool), expected)))
     conn.recv()
     server.stop(0)
 
@@ -99,23 +96,26 @@ def bench_memcpy(num_bytes: int, repeats: int) -> list[float]:
     return times
 
 
-def bench_nixl(conn, pool, metadata: bytes, descs: bytes, num_blocks: int, repeats: int, ucx_params) -> list[float]:
-    from common.kv.nixl_transport import BlockDescs, KvBlockWriter, NixlKvAgent, pool_tensors
+def bench_nixl(conn, pool, metadata: bytes, layout, num_blocks: int, repeats: int, ucx_params) -> list[float]:
+    from common.kv.nixl_transport import NixlKvAgent, pool_tensors
     agent = NixlKvAgent("prefill", pool_tensors(pool), BLOCK_SIZE, ucx_params)
-    remote = agent.connect(metadata)
-    target = BlockDescs.from_bytes(descs)
-    times = []
+    remote = agent.remote("decode", metadata, layout)  # the descriptors of the decode pool, prepared once
+    blocks, times = list(range(num_blocks)), []
     for i in range(repeats + 1):  # the first connects: not timed
-        message = f"bench {i}".encode()
         start = time.monotonic()
-        writer = KvBlockWriter(agent, remote, target)
-        for layer in range(LAYERS):
-            writer.write([layer], range(num_blocks))
-        writer.finish(message)
+        handles = [agent.write(remote, layer, blocks, blocks) for layer in range(LAYERS)]
+        for handle in handles:
+            while (state := agent.state(handle)) == "PROC":
+                time.sleep(20e-6)
+            agent.release(handle)
+            if state != "DONE":
+                raise RuntimeError(f"a NIXL WRITE ended {state}")
         if i:
-            times.append(conn.recv() - start)
-        else:
-            conn.recv()
+            times.append(time.monotonic() - start)
+    conn.send(pool_tensors(pool))
+    if not conn.recv():
+        raise RuntimeError("the decode pool does not hold the bytes NIXL reported written")
+    agent.close()
     return times
 
 
@@ -149,12 +149,12 @@ def run_size(size_mib: float, repeats: int, ucx_params: dict[str, str]) -> dict[
     decode = ctx.Process(target=decode_process, args=(there, num_tokens, repeats, ucx_params), daemon=True)
     decode.start()
     try:
-        port, metadata, descs = here.recv()
+        port, metadata, layout = here.recv()
         pool = make_pool(num_blocks)
         for tensor in (pool.key, pool.value):
             tensor.copy_(torch.randn(tensor.shape))
         results = {"memcpy": bench_memcpy(num_bytes, repeats),
-                   "nixl": bench_nixl(here, pool, metadata, descs, num_blocks, repeats, ucx_params),
+                   "nixl": bench_nixl(here, pool, metadata, layout, num_blocks, repeats, ucx_params),
                    "grpc": bench_grpc(port, pool, num_tokens, repeats)}
         here.send(None)
         decode.join(10)
