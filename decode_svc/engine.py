@@ -16,7 +16,7 @@ A reservation nobody decodes is freed by release(), or by the lease running out 
 naming a lease that ran out hears so (ABORTED), not that the reservation never existed.
 
 KV written over NIXL (--kv-transport nixl; common/kv/nixl_stream.py): open_write() hands the writer the
-reservation's blocks, renew_write() is its progress, commit_write() checks the KV and completes the transfer
+reservation's blocks, check_written() checks its progress, commit_write() checks the rest and completes the transfer
 (the sequence is then admitted as after a push), close_write() ends the writer's stream. A reservation that ends
 while its writer may still write is fenced, not freed (decode_svc/kv_writes.py).
 
@@ -212,32 +212,42 @@ class DecodeEngine:
             self.blocks.renew(handle, time.monotonic())
             return list(transfer.block_ids), transfer.num_prompt_tokens
 
-    def renew_write(self, handle: str) -> None:
+    def check_written(self, handle: str, start: int, end: int) -> None:
+        """Tokens [start, end) of every layer are written: checked (finite values), outside the lock (the blocks
+        are the writer's until it commits: never reused meanwhile), and the lease renewed."""
         with self._cond:
-            if handle in self.transfers:
-                self.blocks.renew(handle, time.monotonic())
+            transfer = self.transfers.get(handle)
+            if transfer is None:
+                return  # the reservation ended: its writer hears the revocation
+            block_ids = list(transfer.block_ids)
+            self.blocks.renew(handle, time.monotonic())
+        self._check_finite(handle, block_ids, start, end)
 
     def write_revoked(self, handle: str) -> str | None:
         """Why the reservation being written ended, or None while it lives."""
         with self._cond:
             return self.writes.revoked(handle)
 
-    def commit_write(self, handle: str) -> None:
-        """Every WRITE is in this pool: the KV is checked (finite) and the transfer complete."""
+    def commit_write(self, handle: str, checked: int) -> None:
+        """Every WRITE is in this pool: the KV from `checked` on (check_written covered the rest) is checked and
+        the transfer complete."""
         with self._cond:
             transfer = self._transfer(handle)
             if handle not in self.writes.writers:
                 raise FailedPrecondition(f"no KV write into {handle!r} is open")
-            start, end = transfer.num_cached_tokens, transfer.num_prompt_tokens
-            for layer in range(len(transfer.received)):
-                if not self.runner.read_kv(layer, transfer.block_ids, start, end).all_finite():
-                    raise InvalidArgument(f"the KV written into {handle!r} holds NaN or infinite values in layer "
-                                          f"{layer}, tokens [{start}, {end})")
+            start, end = max(transfer.num_cached_tokens, checked), transfer.num_prompt_tokens
+            self._check_finite(handle, transfer.block_ids, start, end)
             transfer.received = [end] * len(transfer.received)
             del self.writes.writers[handle]
             self.blocks.renew(handle, time.monotonic())
             self.blocks.register(transfer.block_ids, transfer.prompt_ids)
             self._cond.notify()
+
+    def _check_finite(self, handle: str, block_ids: list[int], start: int, end: int) -> None:
+        for layer in range(self.runner.kv.num_layers) if end > start else ():
+            if not self.runner.read_kv(layer, block_ids, start, end).all_finite():
+                raise InvalidArgument(f"the KV written into {handle!r} holds NaN or infinite values in layer {layer}, "
+                                      f"tokens [{start}, {end})")
 
     def close_write(self, handle: str, confirmed: bool) -> None:
         """The writer's stream ended; confirmed: it committed or stopped, so none of its WRITEs is in flight."""

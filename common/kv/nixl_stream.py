@@ -6,9 +6,11 @@ connection, carries everything else:
                                                                                marks the reservation as written
   decode -> prefill   target (decode's agent metadata, pool layout, the reservation's block ids)
   prefill             WRITEs each layer's whole blocks as the layer is computed (a block cut by a chunk's end
-                      waits for the next chunk: every block is written once); progress after each chunk
-  prefill -> decode   commit once every WRITE is DONE (in decode's memory); decode checks the KV (finite values)
-                      and admits the sequence; ack
+                      waits for the next chunk: every block is written once); progress as the WRITEs of every
+                      layer are DONE up to a token: decode checks that KV (finite values) while the rest
+                      computes, and renews the lease
+  prefill -> decode   commit once every WRITE is DONE (in decode's memory); decode checks what progress did not
+                      cover and admits the sequence; ack
   decode -> prefill   revoke, if the reservation ends first (lease, Release); the writer then stops: it waits
                       until none of its WRITEs is in flight and says stop
 
@@ -74,7 +76,8 @@ class NixlKvSender:
         self._handed = [kv_skip] * num_layers  # per layer: tokens the engine has handed over
         self._posted = [kv_skip] * num_layers  # per layer: tokens whose blocks are posted (whole blocks, or all)
         self._num_prompt_tokens = 0
-        self._pending: list = []  # NIXL handles not yet DONE
+        self._pending: list = []  # (NIXL handle, layer, first token it writes) not yet DONE
+        self._reported = kv_skip  # the progress decode has heard: every layer's WRITEs DONE up to here
         self._num_bytes = self._num_writes = 0
         self._free_source = None  # the engine's callback freeing the local blocks, once no WRITE reads them
         self._error: PdserveError | None = None
@@ -105,8 +108,6 @@ class NixlKvSender:
         with self._lock:
             self._handed[layer] = end
         self._post(layer)
-        if layer == len(self._handed) - 1:
-            self._requests.put(decode_pb2.KvWriteRequest(progress=decode_pb2.KvWriteProgress(token_end=end)))
         self._reap()
 
     def close(self) -> None:
@@ -139,12 +140,15 @@ class NixlKvSender:
             self._fail(DeadlineExceeded(f"the decode tier did not answer the KV write into {self._handle}"))
         for layer in range(len(self._handed)):
             self._post(layer)
+        if self._error is None and min(self._handed) != self._num_prompt_tokens:
+            self._fail(InvalidArgument(f"the reservation {self._handle} is for {self._num_prompt_tokens} prompt "
+                                       f"tokens; this prompt has {min(self._handed)}"))
         if self._error is not None or not self._drain():
             self.abort()
             raise self._error or DeadlineExceeded(f"NIXL writes into {self._handle} did not complete in time")
         self._source_done()
         self._requests.put(decode_pb2.KvWriteRequest(commit=decode_pb2.KvWriteCommit(
-            num_bytes=self._num_bytes, num_writes=self._num_writes)))
+            num_bytes=self._num_bytes, num_writes=self._num_writes, token_end=min(self._handed))))
         self._requests.put(_END)
         self._replied.wait(max(self._deadline - time.monotonic(), 0))
         if self._ack is None:
@@ -175,7 +179,7 @@ class NixlKvSender:
                 failed = error
             else:
                 failed = None
-                self._pending.append(handle)
+                self._pending.append((handle, layer, first * size))
                 self._num_writes += 1
                 self._num_bytes += (last - first) * sum(self._remote.layout.block_bytes())
                 self._posted[layer] = last * size
@@ -226,20 +230,29 @@ class NixlKvSender:
                 self._post(layer)
 
     def _reap(self) -> bool:
-        """Polls the WRITEs in flight, releasing those DONE; False on a failed one (the send fails)."""
+        """Polls the WRITEs in flight, releasing those DONE, and tells decode how far every layer's WRITEs are DONE
+        (it checks that KV while the rest computes, and renews the lease); False on a failed WRITE."""
         with self._lock:
             pending, self._pending = self._pending, []
         still = []
-        for handle in pending:
-            state = self._agent.state(handle)
+        for item in pending:
+            state = self._agent.state(item[0])
             if state == "PROC":
-                still.append(handle)
+                still.append(item)
                 continue
-            self._agent.release(handle)
+            self._agent.release(item[0])
             if state != "DONE":
                 self._fail(Internal(f"a NIXL WRITE into {self._handle} failed ({state})"))
         with self._lock:
             self._pending = still + self._pending
+            in_flight = {}
+            for _, layer, first in self._pending:
+                in_flight[layer] = min(first, in_flight.get(layer, first))
+            done = min(min(in_flight.get(layer, posted), posted, self._num_prompt_tokens or posted)
+                       for layer, posted in enumerate(self._posted))
+            report, self._reported = done > self._reported, max(done, self._reported)
+        if report and self.state is not SenderState.ABORTED:
+            self._requests.put(decode_pb2.KvWriteRequest(progress=decode_pb2.KvWriteProgress(token_end=done)))
         return self._error is None
 
     def _drain(self) -> bool:
@@ -301,9 +314,9 @@ class KvWriteReceiver(Protocol):
     """The decode engine's side of a NIXL write (decode_svc/engine.py)."""
 
     def open_write(self, handle: str, writer: str, token_start: int) -> tuple[list[int], int]: ...
-    def renew_write(self, handle: str) -> None: ...
+    def check_written(self, handle: str, start: int, end: int) -> None: ...
     def write_revoked(self, handle: str) -> str | None: ...
-    def commit_write(self, handle: str) -> None: ...
+    def commit_write(self, handle: str, checked: int) -> None: ...
     def close_write(self, handle: str, confirmed: bool) -> None: ...
 
 
@@ -324,7 +337,7 @@ def serve_writes(requests: Iterator[decode_pb2.KvWriteRequest], context: grpc.Se
         raise InvalidArgument(f"writer_agent must name the writer's NIXL agent (1 to {MAX_AGENT_NAME} characters)")
     handle, started = opened.handle, time.monotonic()
     block_ids, num_prompt_tokens = receiver.open_write(handle, opened.writer_agent, opened.token_start)
-    confirmed = False
+    confirmed, checked = False, opened.token_start
     try:
         layout = agent.pool_layout
         yield decode_pb2.KvWriteReply(target=decode_pb2.KvWriteTarget(
@@ -346,13 +359,19 @@ def serve_writes(requests: Iterator[decode_pb2.KvWriteRequest], context: grpc.Se
                     return
                 continue
             kind = message.WhichOneof("kind") if message is not _END else None
-            if kind == "progress":
-                receiver.renew_write(handle)
+            if kind == "progress":  # the KV up to token_end is in place: checked now, while the rest computes
+                end = min(message.progress.token_end, num_prompt_tokens)
+                if end > checked:
+                    receiver.check_written(handle, checked, end)
+                    checked = end
             elif kind in ("commit", "stop"):
                 confirmed = True  # either way none of the writer's WRITEs is in flight any more
                 if kind == "stop":
                     return
-                receiver.commit_write(handle)
+                if message.commit.token_end != num_prompt_tokens:
+                    raise InvalidArgument(f"the commit covers tokens up to {message.commit.token_end}; the reservation "
+                                          f"holds {num_prompt_tokens} prompt tokens")
+                receiver.commit_write(handle, checked)
                 ack = KvAck(message.commit.num_writes, message.commit.num_bytes, (time.monotonic() - started) * 1000)
                 if on_commit is not None:
                     on_commit(handle, ack)

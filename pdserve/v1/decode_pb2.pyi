@@ -108,12 +108,14 @@ class KvWriteProgress(_message.Message):
     def __init__(self, token_end: _Optional[int] = ...) -> None: ...
 
 class KvWriteCommit(_message.Message):
-    __slots__ = ("num_bytes", "num_writes")
+    __slots__ = ("num_bytes", "num_writes", "token_end")
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_WRITES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     num_bytes: int
     num_writes: int
-    def __init__(self, num_bytes: _Optional[int] = ..., num_writes: _Optional[int] = ...) -> None: ...
+    token_end: int
+    def __init__(self, num_bytes: _Optional[int] = ..., num_writes: _Optional[int] = ..., token_end: _Optional[int] = ...) -> None: ...
 
 class KvWriteStop(_message.Message):
     __slots__ = ()

@@ -30,7 +30,7 @@ from common.kv.pool import KvPool
 from common.kv.quant import KvRows
 from decode_svc.server import start_decode
 from pdserve.certs import ensure_certs
-from pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 from prefill_svc.server import DecodePeers
 
 FENCE_MS = 1500
@@ -94,6 +94,24 @@ def test_mismatched_transports_are_refused_naming_the_flag(nixl_stack):
     with pytest.raises(FailedPrecondition, match="receives KV over nixl, this prefill tier sends it over grpc; "
                                                  "start prefill and decode with the same --kv-transport"):
         peers.stub_for(nixl_stack.decode_address)
+
+
+def test_the_prefill_tier_reports_what_it_wrote(nixl_stack, hf_model):
+    """Prefill's reply (and its kv.transfer span) counts the bytes NIXL moved: whole blocks of every layer, keys and
+    values, and one transfer per layer per chunk that completed blocks; its first token is transformers'."""
+    ids = hf_model[1]("Report: " + LONG_PROMPT[:300]).input_ids  # not in either prefix cache
+    reserved = nixl_stack.decode.Reserve(decode_pb2.ReserveRequest(num_prompt_tokens=len(ids), max_new_tokens=1),
+                                         timeout=10)
+    reply = nixl_stack.prefill.Prefill(prefill_pb2.PrefillRequest(
+        prompt_token_ids=ids, sampling=common_pb2.SamplingParams(), decode_address=nixl_stack.decode_address,
+        kv_handle=reserved.handle), timeout=60)
+    assert nixl_stack.decode.Release(decode_pb2.ReleaseRequest(handle=reserved.handle), timeout=10).released
+    c = reserved.compat
+    blocks = -(-len(ids) // STACK_BLOCK_SIZE)
+    assert reply.kv_bytes == blocks * STACK_BLOCK_SIZE * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4
+    assert reply.kv_chunks == c.num_layers * reply.num_chunks  # every chunk here completes a block (32 = 2 x 16)
+    assert reply.first_token_id == hf_greedy(hf_model, ids, 1)[0] and reply.kv_transfer_ms >= 0
+    _wait(lambda: _all_free(nixl_stack), 10, "every block free")
 
 
 def _held_mid_transfer(stack, prompt: str):
@@ -319,13 +337,16 @@ def test_a_write_stream_is_checked_before_anything_is_written(decode_instance):
         with pytest.raises(grpc.RpcError) as raised:
             list(stub.WriteKv(iter([decode_pb2.KvWriteRequest(open=decode_pb2.KvWriteOpen(**fields))]), timeout=10))
         assert (raised.value.code().name, message in raised.value.details()) == (code, True), raised.value.details()
-    # Committing KV that holds NaN is refused, and the reservation is not admitted.
-    writer = RawWriter(stub, agent, reserved.handle, info.fingerprint)
-    _fill(pool, 0xFF)  # every float32 is NaN
-    writer.write_all()
-    writer.send(commit=decode_pb2.KvWriteCommit(num_bytes=1, num_writes=1))
-    _wait(writer.call.done, 10, "the stream ended")
-    assert writer.call.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in writer.call.details()
-    writer.end()
+    # A commit short of the prompt, or of KV that holds NaN, is refused, and the reservation is not admitted.
+    for token_end, fill, message in ((16, 0x00, "covers tokens up to 16; the reservation holds 20"),
+                                     (20, 0xFF, "NaN")):  # 0xFF bytes: every float32 a NaN
+        writer = RawWriter(stub, agent, reserved.handle, info.fingerprint)
+        _fill(pool, fill)
+        writer.write_all()
+        writer.send(commit=decode_pb2.KvWriteCommit(num_bytes=1, num_writes=1, token_end=token_end))
+        _wait(writer.call.done, 10, "the stream ended")
+        assert writer.call.code() == grpc.StatusCode.INVALID_ARGUMENT and message in writer.call.details()
+        writer.end()
+    assert _stats(stub).num_reserved == 1 and _stats(stub).num_fenced_blocks == 0
     assert stub.Release(decode_pb2.ReleaseRequest(handle=reserved.handle), timeout=10).released
     _wait(lambda: _stats(stub).num_blocks_free == NUM_BLOCKS, 5, "every block free")
