@@ -212,42 +212,43 @@ class DecodeEngine:
             self.blocks.renew(handle, time.monotonic())
             return list(transfer.block_ids), transfer.num_prompt_tokens
 
-    def check_written(self, handle: str, start: int, end: int) -> None:
-        """Tokens [start, end) of every layer are written: checked (finite values), outside the lock (the blocks
-        are the writer's until it commits: never reused meanwhile), and the lease renewed."""
+    def check_written(self, handle: str, layers: range, start: int, end: int) -> None:
+        """Tokens [start, end) of `layers` are written: checked (finite values), outside the lock (the blocks are
+        the writer's until it commits: never reused meanwhile), and the lease renewed."""
         with self._cond:
             transfer = self.transfers.get(handle)
             if transfer is None:
                 return  # the reservation ended: its writer hears the revocation
             block_ids = list(transfer.block_ids)
             self.blocks.renew(handle, time.monotonic())
-        self._check_finite(handle, block_ids, start, end)
+        for layer in layers:
+            self._check_finite(handle, block_ids, layer, start, end)
 
     def write_revoked(self, handle: str) -> str | None:
         """Why the reservation being written ended, or None while it lives."""
         with self._cond:
             return self.writes.revoked(handle)
 
-    def commit_write(self, handle: str, checked: int) -> None:
-        """Every WRITE is in this pool: the KV from `checked` on (check_written covered the rest) is checked and
-        the transfer complete."""
+    def commit_write(self, handle: str, checked: list[int]) -> None:
+        """Every WRITE is in this pool: each layer's KV from checked[layer] on (check_written covered the rest) is
+        checked and the transfer complete."""
         with self._cond:
             transfer = self._transfer(handle)
             if handle not in self.writes.writers:
                 raise FailedPrecondition(f"no KV write into {handle!r} is open")
-            start, end = max(transfer.num_cached_tokens, checked), transfer.num_prompt_tokens
-            self._check_finite(handle, transfer.block_ids, start, end)
+            end = transfer.num_prompt_tokens
+            for layer, start in enumerate(checked):
+                self._check_finite(handle, transfer.block_ids, layer, max(transfer.num_cached_tokens, start), end)
             transfer.received = [end] * len(transfer.received)
             del self.writes.writers[handle]
             self.blocks.renew(handle, time.monotonic())
             self.blocks.register(transfer.block_ids, transfer.prompt_ids)
             self._cond.notify()
 
-    def _check_finite(self, handle: str, block_ids: list[int], start: int, end: int) -> None:
-        for layer in range(self.runner.kv.num_layers) if end > start else ():
-            if not self.runner.read_kv(layer, block_ids, start, end).all_finite():
-                raise InvalidArgument(f"the KV written into {handle!r} holds NaN or infinite values in layer {layer}, "
-                                      f"tokens [{start}, {end})")
+    def _check_finite(self, handle: str, block_ids: list[int], layer: int, start: int, end: int) -> None:
+        if end > start and not self.runner.kv.rows_in_place(layer, block_ids, start, end).all_finite():
+            raise InvalidArgument(f"the KV written into {handle!r} holds NaN or infinite values in layer {layer}, "
+                                  f"tokens [{start}, {end})")
 
     def close_write(self, handle: str, confirmed: bool) -> None:
         """The writer's stream ended; confirmed: it committed or stopped, so none of its WRITEs is in flight."""

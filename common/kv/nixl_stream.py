@@ -6,9 +6,9 @@ connection, carries everything else:
                                                                                marks the reservation as written
   decode -> prefill   target (decode's agent metadata, pool layout, the reservation's block ids)
   prefill             WRITEs each layer's whole blocks as the layer is computed (a block cut by a chunk's end
-                      waits for the next chunk: every block is written once); progress as the WRITEs of every
-                      layer are DONE up to a token: decode checks that KV (finite values) while the rest
-                      computes, and renews the lease
+                      waits for the next chunk: every block is written once); progress as a layer's WRITEs
+                      are DONE up to a token: decode checks that KV (finite values) while the rest computes,
+                      and renews the lease
   prefill -> decode   commit once every WRITE is DONE (in decode's memory); decode checks what progress did not
                       cover and admits the sequence; ack
   decode -> prefill   revoke, if the reservation ends first (lease, Release); the writer then stops: it waits
@@ -77,7 +77,7 @@ class NixlKvSender:
         self._posted = [kv_skip] * num_layers  # per layer: tokens whose blocks are posted (whole blocks, or all)
         self._num_prompt_tokens = 0
         self._pending: list = []  # (NIXL handle, layer, first token it writes) not yet DONE
-        self._reported = kv_skip  # the progress decode has heard: every layer's WRITEs DONE up to here
+        self._reported = [kv_skip] * num_layers  # per layer, the progress decode has heard: WRITEs DONE up to here
         self._num_bytes = self._num_writes = 0
         self._free_source = None  # the engine's callback freeing the local blocks, once no WRITE reads them
         self._error: PdserveError | None = None
@@ -248,11 +248,15 @@ class NixlKvSender:
             in_flight = {}
             for _, layer, first in self._pending:
                 in_flight[layer] = min(first, in_flight.get(layer, first))
-            done = min(min(in_flight.get(layer, posted), posted, self._num_prompt_tokens or posted)
-                       for layer, posted in enumerate(self._posted))
-            report, self._reported = done > self._reported, max(done, self._reported)
-        if report and self.state is not SenderState.ABORTED:
-            self._requests.put(decode_pb2.KvWriteRequest(progress=decode_pb2.KvWriteProgress(token_end=done)))
+            reports = []
+            for layer, posted in enumerate(self._posted):
+                done = min(in_flight.get(layer, posted), posted, self._num_prompt_tokens or posted)
+                if done > self._reported[layer]:
+                    self._reported[layer] = done
+                    reports.append((layer, done))
+        for layer, done in reports if self.state is not SenderState.ABORTED else ():
+            self._requests.put(decode_pb2.KvWriteRequest(progress=decode_pb2.KvWriteProgress(token_end=done,
+                                                                                             layer=layer)))
         return self._error is None
 
     def _drain(self) -> bool:
@@ -314,9 +318,9 @@ class KvWriteReceiver(Protocol):
     """The decode engine's side of a NIXL write (decode_svc/engine.py)."""
 
     def open_write(self, handle: str, writer: str, token_start: int) -> tuple[list[int], int]: ...
-    def check_written(self, handle: str, start: int, end: int) -> None: ...
+    def check_written(self, handle: str, layers: range, start: int, end: int) -> None: ...
     def write_revoked(self, handle: str) -> str | None: ...
-    def commit_write(self, handle: str, checked: int) -> None: ...
+    def commit_write(self, handle: str, checked: list[int]) -> None: ...
     def close_write(self, handle: str, confirmed: bool) -> None: ...
 
 
@@ -337,7 +341,7 @@ def serve_writes(requests: Iterator[decode_pb2.KvWriteRequest], context: grpc.Se
         raise InvalidArgument(f"writer_agent must name the writer's NIXL agent (1 to {MAX_AGENT_NAME} characters)")
     handle, started = opened.handle, time.monotonic()
     block_ids, num_prompt_tokens = receiver.open_write(handle, opened.writer_agent, opened.token_start)
-    confirmed, checked = False, opened.token_start
+    confirmed, checked = False, [opened.token_start] * agent.pool_layout.num_layers  # per layer
     try:
         layout = agent.pool_layout
         yield decode_pb2.KvWriteReply(target=decode_pb2.KvWriteTarget(
@@ -359,11 +363,13 @@ def serve_writes(requests: Iterator[decode_pb2.KvWriteRequest], context: grpc.Se
                     return
                 continue
             kind = message.WhichOneof("kind") if message is not _END else None
-            if kind == "progress":  # the KV up to token_end is in place: checked now, while the rest computes
-                end = min(message.progress.token_end, num_prompt_tokens)
-                if end > checked:
-                    receiver.check_written(handle, checked, end)
-                    checked = end
+            if kind == "progress":  # a layer's KV up to token_end is in place: checked now, while the rest computes
+                layer, end = message.progress.layer, min(message.progress.token_end, num_prompt_tokens)
+                if layer >= len(checked):
+                    raise InvalidArgument(f"progress names layer {layer}; the model has {len(checked)}")
+                if end > checked[layer]:
+                    receiver.check_written(handle, range(layer, layer + 1), checked[layer], end)
+                    checked[layer] = end
             elif kind in ("commit", "stop"):
                 confirmed = True  # either way none of the writer's WRITEs is in flight any more
                 if kind == "stop":

@@ -90,6 +90,18 @@ class KvPool:
         return KvRows(self._gather(self.key[layer], slots), self._gather(self.value[layer], slots),
                       self.key_scale[layer].index_select(0, slots), self.value_scale[layer].index_select(0, slots))
 
+    def rows_in_place(self, layer: int, block_table: list[int], start: int, end: int) -> KvRows:
+        """The stored rows of positions [start, end) of a sequence whose blocks are block_table: views of the pool
+        where those positions' blocks are one run (no copy), else gathered."""
+        first, last = start // self.block_size, (end - 1) // self.block_size
+        run = block_table[first:last + 1]
+        if run != list(range(run[0], run[0] + len(run))):
+            return self.read_rows(layer, self.slots(block_table, start, end))
+        rows = slice(run[0] * self.block_size + start % self.block_size,
+                     run[0] * self.block_size + start % self.block_size + end - start)
+        scales = (self.key_scale[layer, rows], self.value_scale[layer, rows]) if self.quantised else (None, None)
+        return KvRows(self.key[layer, rows], self.value[layer, rows], *scales)
+
     def read_slots(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(slots), kv_heads, head_dim) each, in the compute dtype."""
         if not self.quantised:

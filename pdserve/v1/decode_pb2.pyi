@@ -102,10 +102,12 @@ class KvWriteOpen(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., fingerprint: _Optional[str] = ..., writer_agent: _Optional[str] = ..., token_start: _Optional[int] = ...) -> None: ...
 
 class KvWriteProgress(_message.Message):
-    __slots__ = ("token_end",)
+    __slots__ = ("token_end", "layer")
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     token_end: int
-    def __init__(self, token_end: _Optional[int] = ...) -> None: ...
+    layer: int
+    def __init__(self, token_end: _Optional[int] = ..., layer: _Optional[int] = ...) -> None: ...
 
 class KvWriteCommit(_message.Message):
     __slots__ = ("num_bytes", "num_writes", "token_end")

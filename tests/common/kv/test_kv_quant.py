@@ -141,3 +141,21 @@ def test_bench_reports_the_bytes_per_token_the_pool_holds(dtype_name):
     assert kv_bytes_per_token_of(dtype_name, 30, 3, 64) == per_token
     assert per_token == {"float32": 46_080, "float16": 23_040, "bfloat16": 23_040, "int8": 12_240,
                          "fp8": 12_240}[dtype_name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("table", [[3, 4, 5, 6], [6, 2, 4, 0]], ids=["run", "scattered"])
+def test_rows_in_place_are_the_rows_read_back(dtype, table):
+    """Views of the pool where a sequence's blocks are a run, gathered otherwise: the same rows either way, and
+    a NaN written anywhere in the range is seen (what decode checks NIXL writes with)."""
+    pool = KvPool(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8, dtype=dtype)
+    for layer in range(2):
+        pool.write(layer, pool.slots(list(range(8)), 0, 32), torch.randn(32, 2, 8), torch.randn(32, 2, 8))
+    for start, end in ((0, 16), (3, 13), (5, 6)):
+        got, want = pool.rows_in_place(1, table, start, end), pool.read_rows(1, pool.slots(table, start, end))
+        for a, b in zip((got.key, got.value, got.key_scale, got.value_scale),
+                        (want.key, want.value, want.key_scale, want.value_scale)):
+            assert (a is None and b is None) or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    if dtype == torch.float32:
+        pool.value[1, table[2] * 4 + 1, 1, 5] = float("nan")
+        assert not pool.rows_in_place(1, table, 3, 13).all_finite() and pool.rows_in_place(1, table, 0, 8).all_finite()
