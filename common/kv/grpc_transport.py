@@ -101,15 +101,7 @@ class GrpcKvSender:
     def _end_span(self, status: Status, ack: KvAck | None = None) -> None:
         with self._lock:
             span, self._span = self._span, None
-        if span is None:
-            return
-        if ack is not None:
-            seconds = max(time.monotonic() - self.log.first_sent_at, 1e-9)
-            span.set_attributes({"pdserve.kv.bytes": ack.num_bytes, "pdserve.kv.pages": ack.num_chunks,
-                                 "pdserve.kv.mb_per_s": ack.num_bytes / 1e6 / seconds,
-                                 "pdserve.kv.receive_ms": ack.receive_ms})
-        span.set_status(status)
-        span.end()
+        end_transfer_span(span, status, self.log, ack)
 
     def _chunks(self):
         while (item := self._pending.get()) is not None:
@@ -121,6 +113,19 @@ class GrpcKvSender:
                 key=payload.key, value=payload.value, key_scale=payload.key_scale, value_scale=payload.value_scale,
                 crc32=payload.crc32,
             )
+
+
+def end_transfer_span(span: Span | None, status: Status, log: SendLog, ack: KvAck | None = None) -> None:
+    """Ends a sender's `kv.transfer` span (either transport), with the acknowledged transfer's size and rate."""
+    if span is None:
+        return
+    if ack is not None:
+        seconds = max(time.monotonic() - (log.first_sent_at or time.monotonic()), 1e-9)
+        span.set_attributes({"pdserve.kv.bytes": ack.num_bytes, "pdserve.kv.pages": ack.num_chunks,
+                             "pdserve.kv.mb_per_s": ack.num_bytes / 1e6 / seconds,
+                             "pdserve.kv.receive_ms": ack.receive_ms})
+    span.set_status(status)
+    span.end()
 
 
 def receive_chunks(chunks: Iterable[decode_pb2.KvChunk], receiver: KvReceiver, compat: Compat) -> tuple[str, KvAck]:

@@ -43,6 +43,7 @@ from common.basics.errors import (
 )
 from common.edge.errors import upstream
 from common.edge.tracing import outgoing_metadata, tracer
+from common.kv.grpc_transport import end_transfer_span
 from common.kv.nixl_transport import NixlKvAgent, PoolLayout, RemotePool
 from common.kv.quant import KvRows
 from common.kv.transport import KvAck, SenderState, SendLog
@@ -303,15 +304,7 @@ class NixlKvSender:
     def _end_span(self, status: Status, ack: KvAck | None = None) -> None:
         with self._lock:
             span, self._span = self._span, None
-        if span is None:
-            return
-        if ack is not None:
-            seconds = max(time.monotonic() - (self.log.first_sent_at or time.monotonic()), 1e-9)
-            span.set_attributes({"pdserve.kv.bytes": ack.num_bytes, "pdserve.kv.pages": ack.num_chunks,
-                                 "pdserve.kv.mb_per_s": ack.num_bytes / 1e6 / seconds,
-                                 "pdserve.kv.receive_ms": ack.receive_ms})
-        span.set_status(status)
-        span.end()
+        end_transfer_span(span, status, self.log, ack)
 
 
 class KvWriteReceiver(Protocol):
