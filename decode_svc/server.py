@@ -23,7 +23,7 @@ from common.kv.grpc_transport import (
     max_push_message_bytes,
     receive_chunks,
 )
-from common.kv.nixl_stream import serve_writes
+from common.kv.nixl_serve import serve_writes
 from common.kv.nixl_transport import NixlKvAgent, pool_tensors
 from common.runtime.tier import TierRuntime, build_runtime
 from decode_svc.convert import (

@@ -19,24 +19,21 @@ with an open stream is never reused: its blocks are fenced (held) past its end u
 or --nixl-fence-ms after the stream broke without either (decode_svc/engine.py). NIXL's data plane (UCX) is not
 authenticated: see the README's security section.
 
-NixlKvSender is the prefill side (common/kv/transport.py's KvSender); serve_writes the decode side.
+NixlKvSender here is the prefill side (common/kv/transport.py's KvSender); common/kv/nixl_serve.py's
+serve_writes the decode side.
 """
 
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from typing import Protocol
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from common.basics.compat import Compat
 from common.basics.errors import (
     Aborted,
     DeadlineExceeded,
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     PdserveError,
@@ -49,8 +46,7 @@ from common.kv.quant import KvRows
 from common.kv.transport import KvAck, SenderState, SendLog
 from pdserve.v1 import decode_pb2, decode_pb2_grpc
 
-_END = None  # ends the request stream
-_POLL_S = 0.05  # how often the decode side looks for a revocation while the writer is quiet
+END = None  # ends the request stream
 _DEFAULT_TIMEOUT_S = 60.0  # a transfer with no deadline of its own still ends
 STOP_WAIT_S = 10.0  # how long an aborted writer waits for its WRITEs in flight before ending without a stop
 MAX_AGENT_NAME = 256
@@ -90,7 +86,7 @@ class NixlKvSender:
         self._requests: queue.Queue = queue.Queue()
         self._requests.put(decode_pb2.KvWriteRequest(open=decode_pb2.KvWriteOpen(
             handle=handle, fingerprint=fingerprint, writer_agent=agent.name, token_start=kv_skip)))
-        self._call = stub.WriteKv(iter(self._requests.get, _END), timeout=max(self._deadline - time.monotonic(), 0),
+        self._call = stub.WriteKv(iter(self._requests.get, END), timeout=max(self._deadline - time.monotonic(), 0),
                                   metadata=outgoing_metadata(request_id, self._span))
         threading.Thread(target=self._read, name=f"nixl-kv-{handle}", daemon=True).start()
 
@@ -150,7 +146,7 @@ class NixlKvSender:
         self._source_done()
         self._requests.put(decode_pb2.KvWriteRequest(commit=decode_pb2.KvWriteCommit(
             num_bytes=self._num_bytes, num_writes=self._num_writes, token_end=min(self._handed))))
-        self._requests.put(_END)
+        self._requests.put(END)
         self._replied.wait(max(self._deadline - time.monotonic(), 0))
         if self._ack is None:
             error = self._error or DeadlineExceeded(f"the decode tier did not acknowledge the KV of {self._handle}")
@@ -289,7 +285,7 @@ class NixlKvSender:
             time.sleep(50e-6)
         if not pending:
             self._requests.put(decode_pb2.KvWriteRequest(stop=decode_pb2.KvWriteStop()))
-        self._requests.put(_END)
+        self._requests.put(END)
         self._end_span(Status(StatusCode.ERROR, str(self._error or "the transfer was aborted")))
         self._stopped.set()
         # Freed even with WRITEs still in flight: they only read the local blocks, into a reservation that ended.
@@ -305,90 +301,3 @@ class NixlKvSender:
         with self._lock:
             span, self._span = self._span, None
         end_transfer_span(span, status, self.log, ack)
-
-
-class KvWriteReceiver(Protocol):
-    """The decode engine's side of a NIXL write (decode_svc/engine.py)."""
-
-    def open_write(self, handle: str, writer: str, token_start: int) -> tuple[list[int], int]: ...
-    def check_written(self, handle: str, layers: range, start: int, end: int) -> None: ...
-    def write_revoked(self, handle: str) -> str | None: ...
-    def commit_write(self, handle: str, checked: list[int]) -> None: ...
-    def close_write(self, handle: str, confirmed: bool) -> None: ...
-
-
-def serve_writes(requests: Iterator[decode_pb2.KvWriteRequest], context: grpc.ServicerContext,
-                 receiver: KvWriteReceiver, agent: NixlKvAgent, metadata: bytes, compat: Compat,
-                 on_commit=None) -> Iterator[decode_pb2.KvWriteReply]:
-    """The decode side of one WriteKv stream. on_commit(handle, ack) is told of each committed transfer."""
-    first = next(requests, None)
-    if first is None or first.WhichOneof("kind") != "open":
-        raise InvalidArgument("a KV write stream starts with open (handle, fingerprint, writer agent)")
-    opened = first.open
-    if opened.fingerprint != compat.fingerprint:
-        raise FailedPrecondition(
-            "KV layout mismatch: the writer's compatibility fingerprint differs from this decode instance's "
-            f"(model {compat.model_id}, kv_dtype {compat.kv_dtype}, block_size {compat.block_size}); "
-            "run prefill and decode with the same model, --kv-dtype and --block-size")
-    if not opened.writer_agent or len(opened.writer_agent) > MAX_AGENT_NAME:
-        raise InvalidArgument(f"writer_agent must name the writer's NIXL agent (1 to {MAX_AGENT_NAME} characters)")
-    handle, started = opened.handle, time.monotonic()
-    block_ids, num_prompt_tokens = receiver.open_write(handle, opened.writer_agent, opened.token_start)
-    confirmed, checked = False, [opened.token_start] * agent.pool_layout.num_layers  # per layer
-    try:
-        layout = agent.pool_layout
-        yield decode_pb2.KvWriteReply(target=decode_pb2.KvWriteTarget(
-            agent_name=agent.name, agent_metadata=metadata, block_ids=block_ids,
-            tensor_addresses=layout.addresses, layer_bytes=layout.layer_bytes, num_blocks=layout.num_blocks,
-            num_prompt_tokens=num_prompt_tokens))
-        inbox: queue.Queue = queue.Queue()
-        threading.Thread(target=_forward, args=(requests, inbox), name=f"kv-write-{handle}", daemon=True).start()
-        revoked = False
-        while True:
-            try:
-                message = inbox.get(timeout=_POLL_S)
-            except queue.Empty:
-                reason = None if revoked else receiver.write_revoked(handle)
-                if reason is not None:
-                    revoked = True
-                    yield decode_pb2.KvWriteReply(revoke=decode_pb2.KvWriteRevoke(reason=reason))
-                if not context.is_active():
-                    return
-                continue
-            kind = message.WhichOneof("kind") if message is not _END else None
-            if kind == "progress":  # a layer's KV up to token_end is in place: checked now, while the rest computes
-                layer, end = message.progress.layer, min(message.progress.token_end, num_prompt_tokens)
-                if layer >= len(checked):
-                    raise InvalidArgument(f"progress names layer {layer}; the model has {len(checked)}")
-                if end > checked[layer]:
-                    receiver.check_written(handle, range(layer, layer + 1), checked[layer], end)
-                    checked[layer] = end
-            elif kind in ("commit", "stop"):
-                confirmed = True  # either way none of the writer's WRITEs is in flight any more
-                if kind == "stop":
-                    return
-                if message.commit.token_end != num_prompt_tokens:
-                    raise InvalidArgument(f"the commit covers tokens up to {message.commit.token_end}; the reservation "
-                                          f"holds {num_prompt_tokens} prompt tokens")
-                receiver.commit_write(handle, checked)
-                ack = KvAck(message.commit.num_writes, message.commit.num_bytes, (time.monotonic() - started) * 1000)
-                if on_commit is not None:
-                    on_commit(handle, ack)
-                yield decode_pb2.KvWriteReply(ack=decode_pb2.PushKvResponse(
-                    num_chunks=ack.num_chunks, num_bytes=ack.num_bytes, receive_ms=ack.receive_ms))
-                return
-            else:  # the stream ended (or broke) with neither: the writer may still have WRITEs in flight
-                if message is not _END:
-                    raise InvalidArgument(f"a KV write stream carries progress, commit or stop after open; got {kind}")
-                return
-    finally:
-        receiver.close_write(handle, confirmed)
-
-
-def _forward(requests: Iterator, inbox: queue.Queue) -> None:
-    try:
-        for message in requests:
-            inbox.put(message)
-    except Exception:  # noqa: BLE001 - a broken stream ends like a closed one; the caller fences the blocks
-        pass
-    inbox.put(_END)

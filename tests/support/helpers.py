@@ -1,6 +1,7 @@
 """Client helpers for the integration tests."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,15 @@ def run_bench(stack, out, *args: str) -> tuple:
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     return code, out, summary, records, before, after
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    """condition()'s first truthy value, polled every 50 ms; fails the test naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+    return value
 
 
 def require_nixl() -> None:
